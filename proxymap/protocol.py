@@ -1,0 +1,247 @@
+"""The proxymap attribute codec: Postfix's NUL-delimited attribute lists.
+
+A message is a sequence of `name NUL value NUL` pairs closed by a lone NUL
+(attr_print0/attr_scan0 in Postfix). The server greets first with
+`protocol=proxymap_protocol`; then each client request gets one reply.
+
+`Decoder` turns a byte stream into complete attribute lists incrementally
+(partial reads, several requests in one read) and enforces limits on the
+number of attributes and on the size of one list. `encode` builds a reply.
+`parse_request` checks a decoded list against the request layouts of
+Postfix 3.6-3.10 and of 3.11+ (which adds `instance_flags`), detected per
+request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OK, NOKEY, RETRY, BAD, DENY, CONFIG = range(6)
+STATUS_NAMES = {OK: "OK", NOKEY: "NOKEY", RETRY: "RETRY", BAD: "BAD",
+                DENY: "DENY", CONFIG: "CONFIG"}
+
+SEQ_FIRST, SEQ_NEXT = 0, 1
+
+GREETING = b"protocol\0proxymap_protocol\0\0"
+
+# Request attributes after `request`, in the mandatory order (3.7 layout).
+LAYOUT_37 = {
+    "open": ("table", "flags"),
+    "lookup": ("table", "flags", "key"),
+    "update": ("table", "flags", "key", "value"),
+    "delete": ("table", "flags", "key"),
+    "sequence": ("table", "flags", "function"),
+}
+# The 3.11+ layout inserts instance_flags after table (open: replaces flags).
+LAYOUT_311 = {
+    "open": ("table", "instance_flags"),
+    "lookup": ("table", "instance_flags", "flags", "key"),
+    "update": ("table", "instance_flags", "flags", "key", "value"),
+    "delete": ("table", "instance_flags", "flags", "key"),
+    "sequence": ("table", "instance_flags", "flags", "function"),
+}
+# Reply attributes after `status`, in order (3.7 layout); 3.11+ puts
+# `flags` right after status in every reply.
+REPLY_37 = {
+    "open": ("flags",),
+    "lookup": ("value",),
+    "update": (),
+    "delete": (),
+    "sequence": ("key", "value"),
+}
+INTEGER_ATTRS = frozenset({"flags", "instance_flags", "function"})
+
+DEFAULT_MAX_ATTRS = 32            # far above the 6 a request can carry
+DEFAULT_MAX_MESSAGE = 1024 * 1024  # bytes in one attribute list
+
+
+class ProtocolError(Exception):
+    """The byte stream cannot be framed any more: close the connection."""
+
+
+class Decoder:
+    """Incremental decoder of NUL-encoded attribute lists.
+
+    feed() takes whatever bytes arrived and returns the complete lists found
+    so far, each a list of (name, value) byte pairs, in order. Bytes of an
+    unfinished list stay buffered. A list with too many attributes or too
+    many bytes raises ProtocolError: framing is then lost for good.
+    """
+
+    __slots__ = ("buf", "max_attrs", "max_message", "_scan")
+
+    def __init__(self, max_attrs: int = DEFAULT_MAX_ATTRS,
+                 max_message: int = DEFAULT_MAX_MESSAGE):
+        self.buf = b""
+        self.max_attrs = max_attrs
+        self.max_message = max_message
+        self._scan = 0  # bytes of buf already known not to end a list
+
+    def feed(self, data: bytes) -> list[list[tuple[bytes, bytes]]]:
+        buf = self.buf + data if self.buf else data
+        out = []
+        start = 0
+        while True:
+            end = _find_end(buf, start, max(start, self._scan))
+            if end < 0:
+                break
+            out.append(_split(buf, start, end, self.max_attrs))
+            start = end + 1
+            self._scan = 0
+        self.buf = buf[start:]
+        if len(self.buf) > self.max_message:
+            raise ProtocolError(f"request larger than {self.max_message} bytes")
+        # Remember how far we looked so a slow trickle is not rescanned.
+        self._scan = _safe_rescan_point(self.buf)
+        if self.buf.count(b"\0") > 2 * self.max_attrs:
+            raise ProtocolError(f"more than {self.max_attrs} attributes in one request")
+        return out
+
+    @property
+    def pending(self) -> int:
+        return len(self.buf)
+
+
+def _find_end(buf: bytes, start: int, scan: int) -> int:
+    """Index of the NUL that terminates the list beginning at start, or -1.
+
+    The terminator is a NUL where a name would begin: at the list start or
+    right after a value's NUL. Names and values alternate, so we walk NULs.
+    """
+    pos = start
+    n = len(buf)
+    while pos < n:
+        if buf[pos] == 0:          # empty name: end of list
+            return pos
+        name_end = buf.find(b"\0", pos)
+        if name_end < 0:
+            return -1
+        value_end = buf.find(b"\0", name_end + 1)
+        if value_end < 0:
+            return -1
+        pos = value_end + 1
+    return -1
+
+
+def _safe_rescan_point(buf: bytes) -> int:
+    return 0  # lists are short; rescanning from the list start is cheap
+
+
+def _split(buf: bytes, start: int, end: int, max_attrs: int):
+    if end == start:
+        return []
+    parts = buf[start:end - 1].split(b"\0") if end > start else []
+    # buf[start:end] is "n\0v\0n\0v\0"; dropping the last NUL gives n,v,n,v
+    if len(parts) % 2:
+        raise ProtocolError("attribute list is not name/value pairs")
+    if len(parts) // 2 > max_attrs:
+        raise ProtocolError(f"more than {max_attrs} attributes in one request")
+    it = iter(parts)
+    return list(zip(it, it))
+
+
+def encode(pairs) -> bytes:
+    """Encode (name, value) pairs, values str/bytes/int, as one list."""
+    out = bytearray()
+    for name, value in pairs:
+        out += name.encode() if isinstance(name, str) else name
+        out += b"\0"
+        if isinstance(value, int):
+            out += str(value & 0xFFFFFFFF).encode()
+        elif isinstance(value, str):
+            out += value.encode()
+        else:
+            out += value
+        out += b"\0"
+    out += b"\0"
+    return bytes(out)
+
+
+@dataclass(slots=True)
+class Request:
+    """One well-formed request. `layout` is 37 or 311."""
+
+    name: str
+    table: str = ""
+    flags: int = 0
+    instance_flags: int | None = None
+    key: bytes = b""
+    value: bytes = b""
+    function: int = 0
+    layout: int = 37
+
+
+class BadRequest(Exception):
+    """A request that is answered with BAD. `name` is the request name if
+    known (it decides the reply's attributes), `layout` the layout seen."""
+
+    def __init__(self, reason: str, name: str | None = None, layout: int = 37):
+        super().__init__(reason)
+        self.reason = reason
+        self.name = name
+        self.layout = layout
+
+
+def parse_uint(text: bytes) -> int:
+    """Postfix reads integers with sscanf("%u"): leading blanks and a sign
+    are accepted and the result wraps to 32 bits. Anything else is BAD."""
+    s = text.strip(b" \t\n\r\f\v")
+    body = s[1:] if s[:1] in (b"+", b"-") else s
+    digits = len(body) - len(body.lstrip(b"0123456789"))
+    if not digits:
+        raise ValueError(f"malformed numerical data {text!r}")
+    value = int(body[:digits]) & 0xFFFFFFFF
+    if s[:1] == b"-":
+        value = (-value) & 0xFFFFFFFF
+    return value
+
+
+def parse_request(attrs: list[tuple[bytes, bytes]]) -> Request:
+    """Check one decoded list against the request layouts; raise BadRequest."""
+    if not attrs or attrs[0][0] != b"request":
+        raise BadRequest("unexpected attribute %r (expecting: request)"
+                         % (attrs[0][0].decode("latin-1") if attrs else ""))
+    name = attrs[0][1].decode("latin-1")
+    if name not in LAYOUT_37:
+        raise BadRequest(f"unrecognized request: {name!r}")
+    rest = attrs[1:]
+    layout = 311 if len(rest) > 1 and rest[1][0] == b"instance_flags" else 37
+    expected = (LAYOUT_311 if layout == 311 else LAYOUT_37)[name]
+    if len(rest) < len(expected):
+        missing = expected[len(rest)] if all(
+            n.decode("latin-1") == e for (n, _), e in zip(rest, expected)) else None
+        raise BadRequest(f"missing attribute {missing or expected[-1]} in {name} request",
+                         name, layout)
+    if len(rest) > len(expected):
+        raise BadRequest(f"unexpected attribute {rest[len(expected)][0].decode('latin-1')!r}"
+                         f" in {name} request", name, layout)
+    req = Request(name, layout=layout)
+    for (attr, value), want in zip(rest, expected):
+        if attr.decode("latin-1") != want:
+            raise BadRequest(f"unexpected attribute {attr.decode('latin-1')!r}"
+                             f" (expecting: {want})", name, layout)
+        if want in INTEGER_ATTRS:
+            try:
+                setattr(req, want, parse_uint(value))
+            except ValueError as exc:
+                raise BadRequest(f"{want}: {exc}", name, layout) from None
+        elif want == "table":
+            req.table = value.decode("utf-8", "surrogateescape")
+        else:
+            setattr(req, want, value)
+    if layout == 311 and name == "open":
+        req.flags = req.instance_flags
+    return req
+
+
+def encode_reply(name: str | None, status: int, layout: int = 37,
+                 flags: int = 0, key: bytes = b"", value: bytes = b"") -> bytes:
+    """The reply list for request `name` (None: unknown request, status only)."""
+    pairs = [("status", status)]
+    if name is None:
+        return encode(pairs)
+    if layout == 311 and name != "open":
+        pairs.append(("flags", flags))
+    for attr in REPLY_37[name]:
+        pairs.append((attr, {"flags": flags, "key": key, "value": value}[attr]))
+    return encode(pairs)

@@ -1,0 +1,67 @@
+"""The registry of lookup-table types: one module per type in this package.
+
+`open_table("hash:/etc/postfix/aliases", flags, writable, params)` splits the
+name, imports the module that implements the type and returns an open Table.
+It mirrors Postfix's dict_open(): unknown types and open failures raise
+TableOpenError, which the dispatcher turns into a surrogate (RETRY).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from proxymap.tables.base import Table, TableError, TableOpenError, Unsupported
+
+# type name -> "module:class"; modules are imported on first use.
+TABLE_TYPES = {
+    "hash": "proxymap.tables.berkeleydb:HashTable",
+    "btree": "proxymap.tables.berkeleydb:BtreeTable",
+    "lmdb": "proxymap.tables.lmdb:LmdbTable",
+    "cdb": "proxymap.tables.cdb:CdbTable",
+    "texthash": "proxymap.tables.texthash:TexthashTable",
+    "inline": "proxymap.tables.inline:InlineTable",
+    "static": "proxymap.tables.static:StaticTable",
+    "fail": "proxymap.tables.fail:FailTable",
+    "environ": "proxymap.tables.environ:EnvironTable",
+    "unix": "proxymap.tables.unix:UnixTable",
+    "cidr": "proxymap.tables.cidr:CidrTable",
+    "regexp": "proxymap.tables.regexp:RegexpTable",
+    "pcre": "proxymap.tables.pcre:PcreTable",
+    "unionmap": "proxymap.tables.composite:UnionTable",
+    "pipemap": "proxymap.tables.composite:PipeTable",
+}
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """'type:name' -> (type, name); raises ValueError without a colon."""
+    type_name, sep, name = spec.partition(":")
+    if not sep or not type_name:
+        raise ValueError(f"need dictionary type:name, got {spec!r}")
+    return type_name, name
+
+
+def table_class(type_name: str) -> type[Table]:
+    target = TABLE_TYPES.get(type_name)
+    if target is None:
+        raise TableOpenError(f"unsupported dictionary type: {type_name}")
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TableOpenError(f"dictionary type {type_name} is not available: {exc}") from None
+    return getattr(module, class_name)
+
+
+def open_table(spec: str, flags: int, writable: bool, params) -> Table:
+    """Open `type:name`. `params` maps main.cf parameter names to values
+    (strings; e.g. lmdb_map_size) and may be a plain dict."""
+    try:
+        type_name, name = split_spec(spec)
+    except ValueError as exc:
+        raise TableOpenError(str(exc)) from None
+    cls = table_class(type_name)
+    return cls(type_name, name, flags, writable, params)
+
+
+__all__ = ["Table", "TableError", "TableOpenError", "Unsupported", "TABLE_TYPES",
+           "open_table", "split_spec", "table_class"]

@@ -1,0 +1,99 @@
+"""The interface every lookup-table type implements, and its errors.
+
+It plays the part of Postfix's DICT structure: one object per open table
+instance, shared by every client of a worker process, with one flags word
+(`self.flags`) that the dispatcher refreshes with each request's bits before
+calling an operation, exactly as proxymap(8) does with dict->flags.
+"""
+
+from __future__ import annotations
+
+import os
+
+from proxymap import dictflags as F
+from proxymap.protocol import CONFIG, RETRY
+
+
+class TableError(Exception):
+    """A table operation failed; `status` is RETRY (temporary) or CONFIG."""
+
+    def __init__(self, reason: str, status: int = RETRY):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class TableOpenError(Exception):
+    """The table cannot be opened; the dispatcher installs a surrogate."""
+
+
+class Unsupported(TableError):
+    """The table type does not implement this operation (answered CONFIG)."""
+
+    def __init__(self, table: str, operation: str):
+        super().__init__(f"table {table}: operation {operation} is not supported", CONFIG)
+
+
+class Table:
+    """Base class: a read-only table with no sequence support.
+
+    Subclasses set `impl_flags` (FIXED or PATTERN, plus MULTI_WRITER) and
+    override what they support. `lookup` returns the value or None,
+    `update`/`delete` return True when done and False for "not done / not
+    found", `sequence(first)` returns (key, value) or None at the end.
+    Failures raise TableError. Keys and values are bytes without NUL.
+    """
+
+    impl_flags = F.FIXED
+    #: file whose change on disk means the instance must be reopened
+    path: str | None = None
+
+    def __init__(self, type_name: str, name: str, flags: int, writable: bool, params):
+        self.type_name = type_name
+        self.name = name
+        self.flags = (flags & ~F.IMPL_MASK) | self.impl_flags
+        self.writable = writable
+        self.params = params
+        self._stamp = None
+
+    @property
+    def spec(self) -> str:
+        return f"{self.type_name}:{self.name}"
+
+    def fold(self, key: bytes) -> bytes:
+        """Apply FOLD_FIX (fixed tables) or FOLD_MUL (pattern tables)."""
+        if self.flags & (F.FOLD_FIX if self.impl_flags & F.FIXED else F.FOLD_MUL):
+            return F.fold_ascii(key)
+        return key
+
+    def lookup(self, key: bytes) -> bytes | None:
+        raise Unsupported(self.spec, "lookup")
+
+    def update(self, key: bytes, value: bytes) -> bool:
+        raise Unsupported(self.spec, "update")
+
+    def delete(self, key: bytes) -> bool:
+        raise Unsupported(self.spec, "delete")
+
+    def sequence(self, first: bool) -> tuple[bytes, bytes] | None:
+        raise Unsupported(self.spec, "sequence")
+
+    def close(self) -> None:
+        pass
+
+    # Change detection: file-based tables record the file's identity at open
+    # and the dispatcher reopens the instance when it differs.
+    def remember_file(self, path: str) -> None:
+        self.path = path
+        self._stamp = file_stamp(path)
+
+    def changed(self) -> bool:
+        return self.path is not None and file_stamp(self.path) != self._stamp
+
+
+def file_stamp(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)

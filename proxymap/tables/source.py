@@ -1,0 +1,85 @@
+"""Readers for the text sources of lookup tables.
+
+`logical_lines` is Postfix's readllines(): comments and blank lines are
+dropped (also inside a continued entry), a line that starts with whitespace
+continues the previous one. `parse_entry` splits a postmap(1)/texthash line
+into key and value, keeping quotes and backslashes in the key as Postfix
+does. Both report the line number so errors can name file:line.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+_BLANKS = b" \t\r\n\v\f"
+
+
+def logical_lines(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """Yield (first line number, logical line) from raw lines (with or
+    without their newlines). A continuation with nothing to continue is
+    yielded on its own with leading whitespace kept, for the caller to warn."""
+    current: bytearray | None = None
+    start = 0
+    for number, raw in enumerate(lines, 1):
+        line = raw.rstrip(b"\r\n")
+        stripped = line.lstrip(_BLANKS)
+        if not stripped or stripped.startswith(b"#"):
+            continue
+        if line[:1] in (b" ", b"\t") and current is not None:
+            current += line
+            continue
+        if current is not None:
+            yield start, bytes(current)
+        current, start = bytearray(line), number
+    if current is not None:
+        yield start, bytes(current)
+
+
+class EntryError(ValueError):
+    """A source line that cannot be turned into key and value."""
+
+
+def parse_entry(line: bytes) -> tuple[bytes, bytes]:
+    """Split `key value` the way postmap does: the key ends at the first
+    whitespace outside double quotes, `\\` escapes one byte, quotes and
+    backslashes stay in the key; the value is the rest, trimmed."""
+    if line[:1] in (b" ", b"\t"):
+        raise EntryError("logical line must not start with whitespace")
+    in_quote = False
+    i = 0
+    n = len(line)
+    while i < n:
+        c = line[i]
+        if c == 0x5C:  # backslash
+            i += 2
+            continue
+        if c == 0x22:  # double quote
+            in_quote = not in_quote
+        elif not in_quote and c in _BLANKS:
+            break
+        i += 1
+    if in_quote:
+        raise EntryError("unbalanced quotes")
+    key = line[:min(i, n)]
+    value = line[i:].strip(_BLANKS)
+    if not key:
+        raise EntryError("no key")
+    if not value:
+        raise EntryError(f"expected format: key whitespace value")
+    return key, value
+
+
+def read_entries(path: str, warn) -> Iterator[tuple[bytes, bytes]]:
+    """Yield (key, value) from a postmap-format file; bad lines are passed
+    to warn(message) with file:line and skipped. Raises OSError."""
+    with open(path, "rb") as f:
+        for number, line in logical_lines(f):
+            try:
+                key, value = parse_entry(line)
+            except EntryError as exc:
+                warn(f"{path}, line {number}: {exc}: skipping this entry")
+                continue
+            if key.endswith(b":"):
+                warn(f"{path}, line {number}: record is in \"key: value\" format;"
+                     f" is this an alias file?")
+            yield key, value
