@@ -68,31 +68,29 @@ class Decoder:
     many bytes raises ProtocolError: framing is then lost for good.
     """
 
-    __slots__ = ("buf", "max_attrs", "max_message", "_scan")
+    __slots__ = ("buf", "max_attrs", "max_message")
 
     def __init__(self, max_attrs: int = DEFAULT_MAX_ATTRS,
                  max_message: int = DEFAULT_MAX_MESSAGE):
         self.buf = b""
         self.max_attrs = max_attrs
         self.max_message = max_message
-        self._scan = 0  # bytes of buf already known not to end a list
 
     def feed(self, data: bytes) -> list[list[tuple[bytes, bytes]]]:
         buf = self.buf + data if self.buf else data
         out = []
         start = 0
         while True:
-            end = _find_end(buf, start, max(start, self._scan))
+            end = _find_end(buf, start)
             if end < 0:
                 break
+            if end - start > self.max_message:
+                raise ProtocolError(f"request larger than {self.max_message} bytes")
             out.append(_split(buf, start, end, self.max_attrs))
             start = end + 1
-            self._scan = 0
         self.buf = buf[start:]
         if len(self.buf) > self.max_message:
             raise ProtocolError(f"request larger than {self.max_message} bytes")
-        # Remember how far we looked so a slow trickle is not rescanned.
-        self._scan = _safe_rescan_point(self.buf)
         if self.buf.count(b"\0") > 2 * self.max_attrs:
             raise ProtocolError(f"more than {self.max_attrs} attributes in one request")
         return out
@@ -102,7 +100,7 @@ class Decoder:
         return len(self.buf)
 
 
-def _find_end(buf: bytes, start: int, scan: int) -> int:
+def _find_end(buf: bytes, start: int) -> int:
     """Index of the NUL that terminates the list beginning at start, or -1.
 
     The terminator is a NUL where a name would begin: at the list start or
@@ -123,17 +121,11 @@ def _find_end(buf: bytes, start: int, scan: int) -> int:
     return -1
 
 
-def _safe_rescan_point(buf: bytes) -> int:
-    return 0  # lists are short; rescanning from the list start is cheap
-
-
 def _split(buf: bytes, start: int, end: int, max_attrs: int):
     if end == start:
         return []
-    parts = buf[start:end - 1].split(b"\0") if end > start else []
     # buf[start:end] is "n\0v\0n\0v\0"; dropping the last NUL gives n,v,n,v
-    if len(parts) % 2:
-        raise ProtocolError("attribute list is not name/value pairs")
+    parts = buf[start:end - 1].split(b"\0")
     if len(parts) // 2 > max_attrs:
         raise ProtocolError(f"more than {max_attrs} attributes in one request")
     it = iter(parts)

@@ -1,0 +1,56 @@
+# Two entry points for a fresh Debian machine (as root):
+#   make run   - install what is missing, start the master on the sample configuration
+#   make test  - install what is missing, run the test suite
+# Plus: make stop, make status, make bench.
+
+PY      := .venv/bin/python
+TOP     := $(CURDIR)
+RUN     := $(TOP)/run
+APT_PKGS := postfix postfix-lmdb postfix-pcre postfix-cdb libdb-dev db5.3-util
+
+.PHONY: run stop status test bench deps clean
+
+deps: .venv/.installed
+
+# Debian packages first (berkeleydb compiles against libdb-dev; tests drive
+# real Postfix), installed without questions and without starting Postfix.
+.apt-done:
+	@if ! command -v postmap >/dev/null || ! dpkg -s libdb-dev db5.3-util postfix-lmdb postfix-pcre postfix-cdb >/dev/null 2>&1; then \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; fi; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PKGS); \
+	fi
+	@touch $@
+
+.venv/.installed: .apt-done setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+run: deps
+	mkdir -p $(RUN)/etc $(RUN)/queue $(RUN)/data
+	sed 's|@RUN@|$(RUN)|g' etc/postfix/main.cf > $(RUN)/etc/main.cf
+	cp etc/postfix/master.cf etc/postfix/virtual $(RUN)/etc/
+	chmod 755 $(RUN) $(RUN)/etc
+	/usr/sbin/postmap -c $(RUN)/etc hash:$(RUN)/etc/virtual
+	-.venv/bin/proxymap-master -c $(RUN)/etc stop >/dev/null 2>&1
+	.venv/bin/proxymap-master -c $(RUN)/etc start
+	/usr/sbin/postmap -c $(RUN)/etc -q postmaster@example.com proxy:hash:$(RUN)/etc/virtual
+	@echo "running; try: postmap -c $(RUN)/etc -q info@example.com proxy:hash:$(RUN)/etc/virtual"
+	@echo "stop with: make stop"
+
+stop:
+	.venv/bin/proxymap-master -c $(RUN)/etc stop
+
+status:
+	.venv/bin/proxymap-master -c $(RUN)/etc status
+
+test: deps
+	$(PY) -m pytest -q tests
+
+bench: deps
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf .venv .apt-done run

@@ -1,0 +1,372 @@
+"""The proxymap worker: one process serving many client connections.
+
+This is the counterpart of Postfix's proxymap(8) under the multi-server
+skeleton: a single-threaded event loop (`selectors`) reads requests from
+every connected client, answers them in order through a `Dispatcher`, and
+never lets a slow, silent or hostile client hold up the others. Clients
+arrive either by accepting on a listening socket (`--listen`, for
+development and tests) or as descriptors passed by our master over a
+control channel (`--master-fd`, see master/handoff.py).
+
+The service name decides the role: `proxymap` is read-only, `proxywrite`
+is read-write (and runs in its own session, so a signal to the process
+group cannot interrupt an update).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+
+from master import maillog
+from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
+from proxymap.protocol import GREETING, Decoder, ProtocolError
+
+READ_CHUNK = 65536
+
+
+class Connection:
+    """One client: its socket, request decoder and unsent reply bytes."""
+
+    __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events")
+
+    def __init__(self, sock: socket.socket, decoder: Decoder, peer: str):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.decoder = decoder
+        self.out = bytearray(GREETING)
+        self.peer = peer
+        # monotonic time since which the client owes us request bytes or we
+        # owe it reply bytes; None when the connection is idle between requests
+        self.since: float | None = None
+        self.events = 0
+
+
+class Worker:
+    """The event loop of one worker process.
+
+    Other code (the master hand-off) plugs in through add_client(),
+    watch()/unwatch() for extra descriptors, the `on_change` callback and
+    shutdown(). Counters: `clients` open now, `requests` answered,
+    `accepted` connections taken in total.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, *, ipc_timeout: float = 3600,
+                 max_attrs: int = 32, max_message: int = 1 << 20):
+        self.dispatcher = dispatcher
+        self.ipc_timeout = ipc_timeout
+        self.max_attrs = max_attrs
+        self.max_message = max_message
+        self.selector = selectors.DefaultSelector()
+        self.conns: dict[int, Connection] = {}
+        self.requests = 0
+        self.accepted = 0
+        self.stopping = False
+        self.on_change = None
+        self.idle_since = time.monotonic()
+        self._callbacks: dict[int, object] = {}
+
+    @property
+    def clients(self) -> int:
+        return len(self.conns)
+
+    # -- plugging in -----------------------------------------------------------
+
+    def watch(self, fileobj, callback) -> None:
+        """Call callback(fileobj) whenever fileobj is readable."""
+        self.selector.register(fileobj, selectors.EVENT_READ, callback)
+
+    def unwatch(self, fileobj) -> None:
+        try:
+            self.selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    def add_client(self, sock: socket.socket, peer: str = "") -> None:
+        """Start serving a connected client: greet it and read its requests."""
+        if self.stopping:
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = Connection(sock, Decoder(self.max_attrs, self.max_message),
+                          peer or f"fd {sock.fileno()}")
+        self.conns[conn.fd] = conn
+        self.accepted += 1
+        self.selector.register(sock, selectors.EVENT_READ, conn)
+        conn.events = selectors.EVENT_READ
+        self._flush(conn)
+        self._changed()
+
+    def listen_on(self, listener: socket.socket) -> None:
+        listener.setblocking(False)
+        self.watch(listener, self._accept)
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                sock, _addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    maillog.warning(f"accept: {exc.strerror}")
+                    return
+                raise
+            self.add_client(sock)
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until shutdown() has been called and every client is gone."""
+        while not (self.stopping and not self.conns):
+            for key, events in self.selector.select(timeout=self._tick()):
+                data = key.data
+                if isinstance(data, Connection):
+                    if events & selectors.EVENT_WRITE:
+                        self._flush(data)
+                    if events & selectors.EVENT_READ and data.fd in self.conns:
+                        self._read(data)
+                else:
+                    data(key.fileobj)
+            self._expire()
+        self.dispatcher.close_all()
+
+    def _tick(self) -> float:
+        return 1.0
+
+    def shutdown(self) -> None:
+        """Take no new clients; close idle ones now, busy ones after their reply."""
+        self.stopping = True
+        for conn in list(self.conns.values()):
+            if not conn.out and not conn.decoder.pending:
+                self._close(conn)
+
+    # -- per-connection I/O ---------------------------------------------------------
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._close(conn, f"read: {exc.strerror}")
+            return
+        if not data:
+            if conn.decoder.pending:
+                maillog.warning(f"premature end-of-input from {conn.peer}"
+                                f" ({conn.decoder.pending} bytes of an unfinished request)")
+            self._close(conn)
+            return
+        try:
+            lists = conn.decoder.feed(data)
+        except ProtocolError as exc:
+            maillog.warning(f"{exc} from {conn.peer}: closing the connection")
+            self._close(conn)
+            return
+        for attrs in lists:
+            conn.out += self.dispatcher.handle(attrs)
+            self.requests += 1
+        conn.since = time.monotonic() if conn.decoder.pending else None
+        if conn.out:
+            self._flush(conn)
+        if lists:
+            self._changed()
+
+    def _flush(self, conn: Connection) -> None:
+        if conn.out:
+            try:
+                sent = conn.sock.send(conn.out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._close(conn, None if exc.errno in (errno.EPIPE, errno.ECONNRESET)
+                            else f"write: {exc.strerror}")
+                return
+            del conn.out[:sent]
+        # Back-pressure: while a reply is unsent, read nothing more from this
+        # client, so one that never reads cannot make us buffer without bound.
+        want = selectors.EVENT_WRITE if conn.out else selectors.EVENT_READ
+        if want != conn.events:
+            self.selector.modify(conn.sock, want, conn)
+            conn.events = want
+        if conn.out:
+            if conn.since is None:
+                conn.since = time.monotonic()
+        else:
+            conn.since = time.monotonic() if conn.decoder.pending else None
+            if self.stopping and not conn.decoder.pending:
+                self._close(conn)
+
+    def _expire(self) -> None:
+        """Close connections that kept a request or a reply unfinished for
+        longer than ipc_timeout."""
+        now = time.monotonic()
+        for conn in list(self.conns.values()):
+            if conn.since is not None and now - conn.since > self.ipc_timeout:
+                what = "reply unread" if conn.out else "request unfinished"
+                self._close(conn, f"timeout ({what} after {self.ipc_timeout:g}s)")
+
+    def _close(self, conn: Connection, why: str | None = None) -> None:
+        if why:
+            maillog.warning(f"{conn.peer}: {why}: closing the connection")
+        self.conns.pop(conn.fd, None)
+        self.unwatch(conn.sock)
+        conn.sock.close()
+        if not self.conns:
+            self.idle_since = time.monotonic()
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
+
+
+# -- building a worker from main.cf --------------------------------------------------
+
+def make_dispatcher(config, service: str) -> Dispatcher:
+    """The dispatcher for `service` with its allow-list from main.cf."""
+    from master.config import proxy_allow_set
+    role = WRITE_SERVICE if service == config.get("proxywrite_service_name") or \
+        service == WRITE_SERVICE else READ_SERVICE
+    param = "proxy_write_maps" if role == WRITE_SERVICE else "proxy_read_maps"
+    allowed = proxy_allow_set(config.get(param))
+    return Dispatcher(role, allowed, ParamView(config),
+                      smtputf8=config.get_bool("smtputf8_enable"))
+
+
+def make_worker(config, service: str) -> Worker:
+    return Worker(make_dispatcher(config, service),
+                  ipc_timeout=config.get_time("ipc_timeout"),
+                  max_attrs=config.get_int("proxymap_max_attributes"),
+                  max_message=config.get_int("proxymap_max_request_size"))
+
+
+class ParamView:
+    """Read-only mapping view of main.cf for tables (expanded values)."""
+
+    def __init__(self, config):
+        self._config = config
+
+    def get(self, name, default=None):
+        value = self._config.get(name)
+        return value if value != "" else default
+
+    def __getitem__(self, name):
+        return self._config.get(name)
+
+
+def role_of(service: str, config) -> str | None:
+    if service in (WRITE_SERVICE, config.get("proxywrite_service_name")):
+        return WRITE_SERVICE
+    if service in (READ_SERVICE, config.get("proxymap_service_name")):
+        return READ_SERVICE
+    return None
+
+
+def bind_listener(path: str) -> socket.socket:
+    """A listening UNIX socket at path, replacing a stale one (mode 0666,
+    as Postfix's private sockets are: the directory guards access)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o111)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(128)
+    return sock
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="proxymap", description=
+                                "Postfix-compatible proxymap/proxywrite worker")
+    p.add_argument("-c", dest="config_dir", default=os.environ.get("MAIL_CONFIG", "/etc/postfix"))
+    p.add_argument("-n", dest="service", default=None, help="service name: proxymap or proxywrite")
+    p.add_argument("-o", dest="overrides", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("-v", dest="verbose", action="count", default=0)
+    p.add_argument("--listen", nargs="?", const="", default=None, metavar="PATH",
+                   help="accept on PATH (default $queue_directory/private/SERVICE)")
+    p.add_argument("--master-fd", type=int, default=None,
+                   help="control channel to our master (descriptor number)")
+    p.add_argument("--stderr", action="store_true", help="log to stderr")
+    # Flags a Postfix master passes to its children; accepted and ignored.
+    for flag in ("-t",):
+        p.add_argument(flag, dest="transport", default="unix")
+    for flag in ("-u", "-l", "-z", "-d", "-s", "-S"):
+        p.add_argument(flag, action="store_true", dest="ignored_" + flag[1])
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from master.config import ConfigError, load_main_cf
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    service = args.service or "proxymap"
+    overrides = {}
+    for item in args.overrides:
+        name, sep, value = item.partition("=")
+        if not sep:
+            print(f"proxymap: fatal: bad -o option {item!r}: need name=value", file=sys.stderr)
+            return 1
+        overrides[name.strip()] = value.strip()
+    try:
+        config = load_main_cf(os.path.abspath(args.config_dir), overrides)
+    except ConfigError as exc:
+        print(f"proxymap: fatal: {exc}", file=sys.stderr)
+        return 1
+    maillog.setup(f"{config.get('syslog_name')}/{service}", config.get("maillog_file"),
+                  stderr=args.stderr, verbose=args.verbose)
+    role = role_of(service, config)
+    if role is None:
+        maillog.fatal(f"service name must be one of {READ_SERVICE} or {WRITE_SERVICE}, not {service!r}")
+    if role == WRITE_SERVICE:
+        try:
+            os.setsid()
+        except OSError:
+            pass  # already a session leader
+    try:
+        worker = make_worker(config, service)
+    except ConfigError as exc:
+        maillog.fatal(str(exc))
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    os.set_blocking(wake_r, False)
+    signal.set_wakeup_fd(wake_w)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda *_: None)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def on_signal(_fd):
+        try:
+            data = os.read(wake_r, 64)
+        except BlockingIOError:
+            return
+        if any(b in (signal.SIGTERM, signal.SIGINT) for b in data):
+            worker.shutdown()
+
+    worker.watch(wake_r, on_signal)
+    if args.master_fd is not None:
+        from master.handoff import attach_worker
+        attach_worker(worker, args.master_fd)
+    else:
+        path = args.listen or os.path.join(config.get("queue_directory"), "private", service)
+        try:
+            listener = bind_listener(path)
+        except OSError as exc:
+            maillog.fatal(f"bind {path}: {exc.strerror}")
+        worker.listen_on(listener)
+        maillog.info(f"listening on {path}")
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
