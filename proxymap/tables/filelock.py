@@ -4,7 +4,8 @@ Postfix's myflock() offers two styles with one interface: `flock(2)` (the
 "internal" lock Linux builds use on `.db` and `.cdb` files) and POSIX
 `fcntl(2)` record locks (what the lmdb client uses on `.lmdb` files, because
 LMDB itself runs with its lock file disabled). Each takes shared, exclusive
-or no lock, blocking or not. `held()` wraps one table operation in a lock.
+or no lock, blocking or not. `TableLock` applies Postfix's per-table policy
+(LOCK around each operation, OPEN_LOCK for the table's life).
 
 Mind the fcntl pitfall: POSIX locks belong to the process, and closing *any*
 descriptor of the file drops them all, so fcntl locks only exclude other
@@ -16,6 +17,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+
+from proxymap import dictflags as F
+from proxymap.tables.base import TableError, TableOpenError
 
 FLOCK = "flock"
 FCNTL = "fcntl"
@@ -49,14 +53,47 @@ def lock(fd: int, style: str, op: str, wait: bool = True) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def held(fd: int | None, style: str, op: str):
-    """Hold lock `op` on `fd` for the body (no-op when fd is None)."""
-    if fd is None:
-        yield
-        return
-    lock(fd, style, op)
-    try:
-        yield
-    finally:
-        lock(fd, style, UNLOCK)
+class TableLock:
+    """The locking policy of one open table, on descriptor `fd`.
+
+    OPEN_LOCK takes an exclusive non-blocking lock at open, kept until
+    close; operations then need no further locking (re-locking the same
+    flock descriptor would convert, then drop, the lifetime lock). Tables
+    that allow several writers (lmdb) turn OPEN_LOCK into per-operation
+    locking instead, independent of the request's LOCK bit. Otherwise
+    `access()` locks only when the request carries LOCK.
+    """
+
+    def __init__(self, fd: int, style: str, spec: str, flags: int, multi_writer: bool):
+        self.fd = fd
+        self.style = style
+        self.spec = spec
+        self.always = False
+        self.open_locked = False
+        if flags & F.OPEN_LOCK:
+            if multi_writer:
+                self.always = True
+            elif not lock(fd, style, EXCLUSIVE, wait=False):
+                raise TableOpenError(f"{spec}: unable to get exclusive lock: "
+                                     "Resource temporarily unavailable")
+            else:
+                self.open_locked = True
+
+    @contextlib.contextmanager
+    def access(self, op: str, flags: int):
+        """Context manager around one operation under `flags`; a failing
+        lock call becomes TableError (a temporary error for the client)."""
+        if self.open_locked or not (self.always or flags & F.LOCK):
+            yield
+            return
+        self._call(op)
+        try:
+            yield
+        finally:
+            self._call(UNLOCK)
+
+    def _call(self, op: str) -> None:
+        try:
+            lock(self.fd, self.style, op)
+        except OSError as exc:
+            raise TableError(f"{self.spec}: {op} lock: {exc.strerror or exc}") from None

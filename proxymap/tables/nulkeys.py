@@ -7,13 +7,22 @@ the convention for the rest of the instance's life. A writer that is still
 undecided picks the platform default (Linux: with NUL, except cdb which
 postmap writes without). Values come back cut at the first NUL.
 
-These helpers are pure functions on the flags word; the table classes
-(hash, btree, lmdb, cdb) keep the narrowed flags in `self.flags`.
+The helpers are pure functions on the flags word; `NulKeyTable` builds
+lookup/update/delete of the four file types (hash, btree, lmdb, cdb) on
+them and keeps the narrowed flags in `self.flags`.
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Iterable
+
+from master import maillog
 from proxymap import dictflags as F
+from proxymap.protocol import CONFIG
+from proxymap.tables import filelock
+from proxymap.tables.base import Table, TableError
+from proxymap.tables.filelock import TableLock
 
 NUL_BITS = F.TRY0NULL | F.TRY1NULL
 
@@ -66,3 +75,136 @@ def cut_value(stored: bytes) -> bytes:
 def decode_key(stored: bytes) -> bytes:
     """A stored key as returned by sequence: up to its first NUL."""
     return cut_value(stored)
+
+
+# --- duplicates -----------------------------------------------------------
+
+def duplicate_message(label: str, key: bytes) -> str:
+    """Postfix's wording for a refused duplicate insert."""
+    return f'{label}: duplicate entry: "{key.decode("utf-8", "replace")}"'
+
+
+def prepare_records(entries: Iterable[tuple[bytes, bytes]], flags: int, default_bit: int,
+                    warn: Callable[[str], None], label: str) -> dict[bytes, bytes]:
+    """Turn source entries into the records a freshly built table holds:
+    keys folded under FOLD_FIX, key and value in the NUL convention chosen
+    by `flags` (or `default_bit`), duplicates resolved by DUP_REPLACE
+    (last wins), DUP_IGNORE (first wins), DUP_WARN (first wins, warn) or
+    else refused with TableError, as postmap's bulk load does."""
+    bit = write_bit(flags, default_bit)
+    fold = bool(flags & F.FOLD_FIX)
+    records: dict[bytes, bytes] = {}
+    for key, value in entries:
+        if fold:
+            key = F.fold_ascii(key)
+        stored = encode(bit, key)
+        if stored in records and not flags & F.DUP_REPLACE:
+            if flags & F.DUP_IGNORE:
+                continue
+            if flags & F.DUP_WARN:
+                warn(duplicate_message(label, key))
+                continue
+            raise TableError(duplicate_message(label, key))
+        records[stored] = encode(bit, value)
+    return records
+
+
+# --- the shared table logic ----------------------------------------------
+
+NEW, REPLACED, REFUSED = "new", "replaced", "refused"
+
+
+class NulKeyTable(Table):
+    """Lookup, update and delete for a file table of exact-match keys that
+    follows the NUL convention, on top of four storage hooks:
+
+    * `_get(stored_key)` -> stored value or None
+    * `_put(stored_key, stored_value, replace)` -> NEW / REPLACED / REFUSED
+    * `_remove(stored_key)` -> True when a record was removed
+    * `_commit()` -> make the last change durable (sync)
+
+    Subclasses set `self.lock` (a filelock.TableLock) and `self.label` (the
+    name Postfix uses in duplicate warnings), and translate their storage
+    library's exceptions into TableError inside the hooks.
+    """
+
+    #: convention used by an undecided writer (Linux default: with NUL)
+    default_write = F.TRY1NULL
+    lock: TableLock | None = None
+    label = ""
+
+    def __init__(self, type_name, name, flags, writable, params):
+        super().__init__(type_name, name, flags, writable, params)
+        self.flags = open_flags(self.flags)
+
+    def _access(self, op: str):
+        if self.lock is None:
+            return contextlib.nullcontext()
+        return self.lock.access(op, self.flags)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        key = self.fold(key)
+        with self._access(filelock.SHARED):
+            for bit, stored in probes(self.flags, key):
+                value = self._get(stored)
+                if value is not None:
+                    self.flags = narrow(self.flags, bit)
+                    return cut_value(value)
+        return None
+
+    def _require_writable(self, operation: str) -> None:
+        if not self.writable:
+            raise TableError(f"table {self.spec}: {operation} on a table opened read-only",
+                             CONFIG)
+
+    def update(self, key: bytes, value: bytes) -> bool:
+        self._require_writable("update")
+        key = self.fold(key)
+        bit = write_bit(self.flags, self.default_write)
+        self.flags = narrow(self.flags, bit)
+        with self._access(filelock.EXCLUSIVE):
+            outcome = self._put(encode(bit, key), encode(bit, value),
+                                bool(self.flags & F.DUP_REPLACE))
+            if outcome != REFUSED:
+                self._commit()
+                self.remember_file(self.path)
+        if outcome == REFUSED:
+            if self.flags & F.DUP_WARN and not self.flags & F.DUP_IGNORE:
+                maillog.warning(duplicate_message(self.label, key))
+            return False
+        return True
+
+    def delete(self, key: bytes) -> bool:
+        self._require_writable("delete")
+        key = self.fold(key)
+        with self._access(filelock.EXCLUSIVE):
+            for bit, stored in probes(self.flags, key):
+                if self._remove(stored):
+                    self.flags = narrow(self.flags, bit)
+                    self._commit()
+                    self.remember_file(self.path)
+                    return True
+        return False
+
+    # storage hooks
+    def _get(self, stored_key: bytes) -> bytes | None:
+        raise NotImplementedError
+
+    def _put(self, stored_key: bytes, stored_value: bytes, replace: bool) -> str:
+        raise NotImplementedError
+
+    def _remove(self, stored_key: bytes) -> bool:
+        raise NotImplementedError
+
+    def _commit(self) -> None:
+        raise NotImplementedError
+
+
+def param_int(params, name: str, default: int) -> int:
+    """An integer main.cf parameter from `params`, or Postfix's default when
+    it is missing or not a number."""
+    try:
+        value = int(str(params.get(name, default)).strip())
+    except (TypeError, ValueError, AttributeError):
+        return default
+    return value if value > 0 else default

@@ -1,0 +1,200 @@
+"""`hash:` and `btree:` tables: Berkeley DB 5.3 files, as Postfix 3.7 uses them.
+
+`hash:/p/name` and `btree:/p/name` live in the single file `/p/name.db`,
+readable and writable by the libdb 5.3 that Debian's Postfix links. Like
+Postfix's dict_db we open each file on its own (private cache, no shared
+environment files), size the cache from `berkeley_db_read_buffer_size`
+(`berkeley_db_create_buffer_size` while building), create hash tables for
+4096 elements, flock(2) the file for LOCK/OPEN_LOCK, store keys and values
+with a trailing NUL unless told otherwise, sync after every change, and
+keep one sequence cursor per instance. `build()` is postmap's rebuild:
+exclusive lock, truncate in place (same inode), bulk load.
+
+Sequence choice: NEXT before any FIRST starts at the first record (Postfix
+3.7 aborts there); after the end every NEXT answers "end" until a FIRST.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from berkeleydb import db as bdb
+
+from proxymap import dictflags as F
+from proxymap.tables import filelock, nulkeys
+from proxymap.tables.base import TableError, TableOpenError
+from proxymap.tables.filelock import TableLock
+from proxymap.tables.nulkeys import NEW, REFUSED, REPLACED
+
+DEFAULT_READ_BUFFER = 131072
+DEFAULT_CREATE_BUFFER = 16777216
+HASH_NELEM = 4096
+
+
+@contextlib.contextmanager
+def _db_errors(path: str, action: str):
+    """Turn any Berkeley DB exception into TableError naming the file."""
+    try:
+        yield
+    except bdb.DBError as exc:
+        raise TableError(f"{action} database {path}: {_reason(exc)}") from None
+    except OSError as exc:
+        raise TableError(f"{action} database {path}: {exc.strerror or exc}") from None
+
+
+def _reason(exc: bdb.DBError) -> str:
+    args = exc.args
+    if len(args) >= 2:
+        return str(args[1])
+    return str(exc)
+
+
+def _open_db(path: str, dbtype: int, flags: int, cache_size: int):
+    """A DB handle for `path`; raises bdb.DBError."""
+    handle = bdb.DB()
+    try:
+        handle.set_cachesize(0, cache_size, 0)
+        if dbtype == bdb.DB_HASH:
+            handle.set_h_nelem(HASH_NELEM)
+        handle.set_get_returns_none(2)  # cursor ends answer None, not raise
+        handle.open(path, None, dbtype, flags, 0o644)
+    except bdb.DBError:
+        handle.close()
+        raise
+    return handle
+
+
+class _BerkeleyTable(nulkeys.NulKeyTable):
+    impl_flags = F.FIXED
+    dbtype = bdb.DB_HASH
+
+    def __init__(self, type_name, name, flags, writable, params):
+        super().__init__(type_name, name, flags, writable, params)
+        path = name + ".db"
+        self.label = path
+        self._db = None
+        self._cursor = None
+        self._seq_ended = False
+        mode = os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY
+        try:
+            fd = os.open(path, mode | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise TableOpenError(f"open database {path}: {exc.strerror}") from None
+        try:
+            self.lock = TableLock(fd, filelock.FLOCK, self.spec, self.flags, False)
+            cache = nulkeys.param_int(params, "berkeley_db_read_buffer_size",
+                                      DEFAULT_READ_BUFFER)
+            db_flags = bdb.DB_CREATE if writable else bdb.DB_RDONLY
+            with self.lock.access(filelock.SHARED, self.flags):
+                self._db = _open_db(path, self.dbtype, db_flags, cache)
+        except bdb.DBError as exc:
+            os.close(fd)
+            raise TableOpenError(f"open database {path}: {_reason(exc)}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self.remember_file(path)
+
+    # storage hooks
+    def _get(self, stored_key):
+        with _db_errors(self.path, "read"):
+            return self._db.get(stored_key)
+
+    def _put(self, stored_key, stored_value, replace):
+        with _db_errors(self.path, "write"):
+            if not replace:
+                try:
+                    self._db.put(stored_key, stored_value, flags=bdb.DB_NOOVERWRITE)
+                except bdb.DBKeyExistError:
+                    return REFUSED
+                return NEW
+            existed = self._db.exists(stored_key)
+            self._db.put(stored_key, stored_value)
+            return REPLACED if existed else NEW
+
+    def _remove(self, stored_key):
+        with _db_errors(self.path, "write"):
+            try:
+                self._db.delete(stored_key)
+            except bdb.DBNotFoundError:
+                return False
+            return True
+
+    def _commit(self):
+        with _db_errors(self.path, "sync"):
+            self._db.sync()
+
+    def sequence(self, first: bool):
+        if not first and self._seq_ended:
+            return None
+        with self._access(filelock.SHARED), _db_errors(self.path, "read"):
+            if self._cursor is None:
+                self._cursor = self._db.cursor()
+                first = True
+            record = self._cursor.first() if first else self._cursor.next()
+        if record is None:
+            self._seq_ended = True
+            return None
+        self._seq_ended = False
+        key, value = record
+        return nulkeys.decode_key(key), nulkeys.cut_value(value)
+
+    def close(self) -> None:
+        try:
+            if self._cursor is not None:
+                self._cursor.close()
+            if self._db is not None:
+                self._db.close()
+        except bdb.DBError:
+            pass
+        finally:
+            self._cursor = self._db = None
+            if self.lock is not None:
+                os.close(self.lock.fd)
+                self.lock = None
+
+    @classmethod
+    def build(cls, type_name, name, entries, flags, params, warn) -> int:
+        """Rebuild `name.db` from `entries` the way postmap does; returns the
+        number of records stored. Open failures raise TableOpenError, write
+        failures and refused duplicates TableError."""
+        path = name + ".db"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise TableOpenError(f"open database {path}: {exc.strerror}") from None
+        try:
+            filelock.lock(fd, filelock.FLOCK, filelock.EXCLUSIVE)
+            records = nulkeys.prepare_records(entries, flags, F.TRY1NULL, warn, path)
+            cache = nulkeys.param_int(params, "berkeley_db_create_buffer_size",
+                                      DEFAULT_CREATE_BUFFER)
+            # An empty file is a fresh database for libdb; anything else is
+            # truncated in place by libdb so the inode stays the same.
+            db_flags = bdb.DB_CREATE if os.fstat(fd).st_size == 0 else bdb.DB_CREATE | bdb.DB_TRUNCATE
+            try:
+                handle = _open_db(path, cls.dbtype, db_flags, cache)
+            except bdb.DBError as exc:
+                raise TableOpenError(f"open database {path}: {_reason(exc)}") from None
+            try:
+                with _db_errors(path, "write"):
+                    for key, value in records.items():
+                        handle.put(key, value)
+                    handle.sync()
+            finally:
+                handle.close()
+        finally:
+            os.close(fd)
+        return len(records)
+
+
+class HashTable(_BerkeleyTable):
+    """`hash:` — Berkeley DB DB_HASH; sequence order is libdb's bucket order."""
+
+    dbtype = bdb.DB_HASH
+
+
+class BtreeTable(_BerkeleyTable):
+    """`btree:` — Berkeley DB DB_BTREE; sequence order is byte-wise by stored key."""
+
+    dbtype = bdb.DB_BTREE
