@@ -9,6 +9,7 @@ calling an operation, exactly as proxymap(8) does with dict->flags.
 from __future__ import annotations
 
 import os
+import time
 
 from proxymap import dictflags as F
 from proxymap.protocol import CONFIG, RETRY
@@ -82,13 +83,26 @@ class Table:
         pass
 
     # Change detection: file-based tables record the file's identity at open
-    # and the dispatcher reopens the instance when it differs.
-    def remember_file(self, path: str) -> None:
+    # and the dispatcher reopens the instance when it differs. File times
+    # are coarse (a few milliseconds), so a stamp taken while the file was
+    # still being written may equal the stamp after a later write: such an
+    # "unsettled" stamp counts as changed until a settled one is taken
+    # (Postfix applies the same caution to files modified in the last second).
+    def remember_file(self, path: str, own_write: bool = False) -> None:
+        """Record path's identity; own_write: we just wrote it ourselves,
+        so the stamp is current by definition."""
         self.path = path
         self._stamp = file_stamp(path)
+        self._settled = own_write or stamp_is_settled(self._stamp)
 
     def changed(self) -> bool:
-        return self.path is not None and file_stamp(self.path) != self._stamp
+        if self.path is None:
+            return False
+        return not self._settled or file_stamp(self.path) != self._stamp
+
+
+#: a file modified longer ago than this has a trustworthy modification time
+SETTLE_NS = 50_000_000
 
 
 def file_stamp(path: str):
@@ -97,3 +111,7 @@ def file_stamp(path: str):
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def stamp_is_settled(stamp) -> bool:
+    return stamp is None or time.time_ns() - stamp[2] > SETTLE_NS

@@ -167,7 +167,7 @@ class NulKeyTable(Table):
                                 bool(self.flags & F.DUP_REPLACE))
             if outcome != REFUSED:
                 self._commit()
-                self.remember_file(self.path)
+                self.remember_file(self.path, own_write=True)
         if outcome == REFUSED:
             if self.flags & F.DUP_WARN and not self.flags & F.DUP_IGNORE:
                 maillog.warning(duplicate_message(self.label, key))
@@ -182,7 +182,7 @@ class NulKeyTable(Table):
                 if self._remove(stored):
                     self.flags = narrow(self.flags, bit)
                     self._commit()
-                    self.remember_file(self.path)
+                    self.remember_file(self.path, own_write=True)
                     return True
         return False
 
