@@ -28,13 +28,14 @@ import socket
 import time
 
 from proxymap import dictflags as F
-from proxymap.dispatch import strip_proxy  # the same prefix rule on both sides
+from proxymap.tables import strip_proxy  # the same prefix rule on both sides
+from proxymap.utf8 import is_utf8, utf8_key
 from proxymap.protocol import (BAD, CONFIG, DENY, GREETING, NOKEY, OK, REPLY_37, RETRY,
                                SEQ_FIRST, SEQ_NEXT, STATUS_NAMES, Decoder, ProtocolError,
                                encode, parse_uint)
 
-__all__ = ["ProxyClient", "ProxyError", "ProxyRefused", "ProxyTable", "is_utf8",
-           "service_path", "strip_proxy", "utf8_key", "OK", "NOKEY", "RETRY", "BAD", "DENY", "CONFIG"]
+__all__ = ["ProxyClient", "ProxyError", "ProxyRefused", "ProxyTable",
+           "service_path", "OK", "NOKEY", "RETRY", "BAD", "DENY", "CONFIG"]
 
 READ_CHUNK = 65536
 
@@ -206,25 +207,6 @@ class ProxyClient:
             ("table", table), ("flags", flags),
             ("function", SEQ_FIRST if first else SEQ_NEXT)])
         return self._status(status), key, value
-
-
-def utf8_key(key: bytes, fold: bool) -> bytes | None:
-    """The key as Postfix's UTF-8 layer passes it on: None when it is not
-    valid UTF-8 (lookups then find nothing, updates are skipped), else the
-    key, case-folded with full Unicode folding when `fold` is true."""
-    try:
-        text = key.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return text.casefold().encode("utf-8") if fold else key
-
-
-def is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 class ProxyTable:

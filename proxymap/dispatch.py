@@ -18,7 +18,8 @@ from master import maillog
 from proxymap import dictflags as F
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                BadRequest, Request, encode_reply, parse_request)
-from proxymap.tables import Table, TableError, TableOpenError, open_table
+from proxymap.tables import Table, TableError, TableOpenError, open_table, strip_proxy
+from proxymap.utf8 import is_utf8, utf8_key
 
 #: seconds before a table that failed to open is tried again
 OPEN_RETRY_INTERVAL = 1.0
@@ -45,12 +46,6 @@ class SurrogateTable(Table):
 
     def sequence(self, first):
         self._fail()
-
-
-def strip_proxy(table: str) -> str:
-    while table.startswith("proxy:"):
-        table = table[len("proxy:"):]
-    return table
 
 
 class Dispatcher:
@@ -118,18 +113,15 @@ class Dispatcher:
         key = req.key
         try:
             if utf8 and name != "sequence":
-                try:
-                    text = key.decode("utf-8")
-                except UnicodeDecodeError:  # Postfix's UTF-8 layer: not found / not done
+                key = utf8_key(key, bool(table.flags & F.FOLD_FIX and table.flags & F.FIXED))
+                if key is None:  # Postfix's UTF-8 layer: not found / not done
                     return encode_reply(name, NOKEY if name == "lookup" else OK, layout,
                                         flags=table.flags)
-                if table.flags & F.FOLD_FIX and table.flags & F.FIXED:
-                    key = text.casefold().encode("utf-8")
             if name == "lookup":
                 value = table.lookup(key)
                 if value is None:
                     return encode_reply(name, NOKEY, layout, flags=table.flags)
-                if utf8 and not _is_utf8(value):
+                if utf8 and not is_utf8(value):
                     return encode_reply(name, CONFIG, layout, flags=0)
                 return encode_reply(name, OK, layout, flags=table.flags, value=value)
             if name == "update":
@@ -194,10 +186,3 @@ class Dispatcher:
             self._close(table)
         self.tables.clear()
 
-
-def _is_utf8(value: bytes) -> bool:
-    try:
-        value.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from proxymap import dictflags as F
-from proxymap.client import (ProxyClient, ProxyError, ProxyRefused, ProxyTable, is_utf8,
-                             service_path, utf8_key)
+from proxymap.client import ProxyClient, ProxyError, ProxyRefused, ProxyTable, service_path
+from proxymap.utf8 import is_utf8, utf8_key
 from proxymap.protocol import CONFIG, NOKEY, OK
 from proxymap.tables import (TableError, TableOpenError, Unsupported, open_table, split_spec,
                              table_class)

@@ -40,6 +40,14 @@ def split_spec(spec: str) -> tuple[str, str]:
     return type_name, name
 
 
+def strip_proxy(table: str) -> str:
+    """Drop any number of leading `proxy:` prefixes, as both the client and
+    the server of the proxy do."""
+    while table.startswith("proxy:"):
+        table = table[len("proxy:"):]
+    return table
+
+
 def table_class(type_name: str) -> type[Table]:
     target = TABLE_TYPES.get(type_name)
     if target is None:
@@ -64,4 +72,4 @@ def open_table(spec: str, flags: int, writable: bool, params) -> Table:
 
 
 __all__ = ["Table", "TableError", "TableOpenError", "Unsupported", "TABLE_TYPES",
-           "open_table", "split_spec", "table_class"]
+           "open_table", "split_spec", "strip_proxy", "table_class"]

@@ -1,0 +1,150 @@
+"""`texthash:/path`: a postmap(1)-format text file held in memory.
+
+Mirrors Postfix 3.7's dict_thash: the whole file is read at open with the
+common line reader (comments, continuation lines, quoted keys kept as
+written) and never written to. Keys are folded at load time only when the
+open flags carry FOLD_FIX, so an instance created by a proxymap `open`
+(flags 0) keeps upper-case keys that a folding client can never reach
+(spec section 7.4); with UTF8_REQUEST and smtputf8_enable=yes, lines that
+are not UTF-8 are skipped and folding is Unicode case folding, as in
+Postfix. Duplicates: DUP_IGNORE keeps the first silently, DUP_REPLACE keeps
+the last, otherwise the first wins with a warning (Postfix would abort
+without DUP_WARN). A file changed while it was read is read again.
+
+Improvement over Postfix: the file is remembered, so the dispatcher reloads
+the table when the file changes instead of serving stale data forever.
+Opening for writing fails, like Postfix's "requires O_RDONLY access mode".
+
+`MemoryTable` is the in-memory dict with lookup and first/next shared
+with inline:.
+"""
+
+from __future__ import annotations
+
+from master import maillog
+from proxymap import dictflags as F
+from proxymap.tables.base import Table, TableOpenError, file_stamp
+from proxymap.tables.source import EntryError, logical_lines, parse_entry
+
+#: how often a file that keeps changing during the load is read again
+MAX_LOAD_ATTEMPTS = 3
+
+
+def utf8_enabled(flags: int, params) -> bool:
+    """True when Postfix would run this table in UTF-8 mode: the opener
+    asked for it (UTF8_REQUEST) and smtputf8_enable is not `no`."""
+    if not flags & F.UTF8_REQUEST:
+        return False
+    value = (params or {}).get("smtputf8_enable", "yes")
+    return str(value).strip().lower() not in ("no", "false", "0")
+
+
+def fold_source_key(key: bytes, flags: int, utf8: bool) -> bytes:
+    """Fold a key read from a table source as Postfix does at load time:
+    not at all without FOLD_FIX, Unicode case folding in UTF-8 mode (for
+    valid UTF-8), otherwise ASCII lower-casing."""
+    if not flags & F.FOLD_FIX:
+        return key
+    if utf8:
+        try:
+            return key.decode("utf-8").casefold().encode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return F.fold_ascii(key)
+
+
+def printable(text: bytes) -> str:
+    """Text for a log line: bytes outside printable ASCII become `?`."""
+    return "".join(chr(c) if 0x20 <= c < 0x7F else "?" for c in text)
+
+
+def _is_utf8(text: bytes) -> bool:
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def load_source(lines, path: str, flags: int, utf8: bool, warn) -> dict[bytes, bytes]:
+    """Build the key -> value dict from the raw lines of a texthash file,
+    reporting skipped lines and duplicates through warn(message)."""
+    entries: dict[bytes, bytes] = {}
+    for number, line in logical_lines(lines):
+        if line[:1] in (b" ", b"\t"):
+            warn(f'{path}: logical line must not start with whitespace: "{printable(line)}"')
+            continue
+        if utf8 and not _is_utf8(line):
+            warn(f'{path}, line {number}: non-UTF-8 input "{printable(line)}"'
+                 " -- ignoring this line")
+            continue
+        try:
+            key, value = parse_entry(line)
+        except EntryError as exc:
+            if "quote" in str(exc):
+                warn(f"{path}, line {number}: unbalanced '\"' in '{printable(line)}'"
+                     " -- ignoring this line")
+            else:
+                warn(f"{path}, line {number}: expected format: key whitespace value"
+                     " -- ignoring this line")
+            continue
+        if key.endswith(b":"):
+            warn(f'{path}, line {number}: record is in "key: value" format;'
+                 " is this an alias file?")
+        key = fold_source_key(key, flags, utf8)
+        if key in entries:
+            if flags & F.DUP_IGNORE:
+                continue
+            if flags & F.DUP_REPLACE:
+                entries[key] = value
+                continue
+            warn(f'{path}, line {number}: duplicate entry: "{printable(key)}"')
+            continue
+        entries[key] = value
+    return entries
+
+
+class MemoryTable(Table):
+    """A fixed-string table whose records live in `self.entries`, with the
+    single shared first/next cursor of a Postfix dictionary. Lookups fold
+    the key with the current request flags."""
+
+    def __init__(self, type_name, name, flags, writable, params):
+        super().__init__(type_name, name, flags, writable, params)
+        self.entries: dict[bytes, bytes] = {}
+        self._cursor: list[tuple[bytes, bytes]] | None = None
+        self._position = 0
+
+    def lookup(self, key: bytes) -> bytes | None:
+        return self.entries.get(self.fold(key))
+
+    def sequence(self, first: bool) -> tuple[bytes, bytes] | None:
+        """FIRST takes a snapshot in dict order; NEXT before any FIRST, and
+        every call after the last record, answer "no more" (None)."""
+        if first:
+            self._cursor = list(self.entries.items())
+            self._position = 0
+        if self._cursor is None or self._position >= len(self._cursor):
+            return None
+        record = self._cursor[self._position]
+        self._position += 1
+        return record
+
+
+class TexthashTable(MemoryTable):
+    """texthash:/path, loaded once at open."""
+
+    def __init__(self, type_name, name, flags, writable, params):
+        super().__init__(type_name, name, flags, writable, params)
+        if writable:
+            raise TableOpenError(f"{self.spec} map requires O_RDONLY access mode")
+        utf8 = utf8_enabled(flags, params)
+        for _ in range(MAX_LOAD_ATTEMPTS):
+            self.remember_file(name)  # stamp taken before reading
+            try:
+                with open(name, "rb") as f:
+                    self.entries = load_source(f, name, flags, utf8, maillog.warning)
+            except OSError as exc:
+                raise TableOpenError(f"open database {name}: {exc.strerror}") from None
+            if file_stamp(name) == self._stamp:
+                break
