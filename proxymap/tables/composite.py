@@ -22,11 +22,9 @@ O_RDONLY). The composite counts as changed when any member changed.
 from __future__ import annotations
 
 from proxymap import dictflags as F
+from proxymap.tables import open_table, strip_proxy
 from proxymap.tables.base import Table, TableOpenError
 from proxymap.tables.inline import BraceError, split_braced, strip_braces
-
-PROXY_PREFIX = "proxy:"
-
 
 def member_specs(name: str) -> list[str]:
     """The member `type:name` strings of a composite name `{a, b}`, with
@@ -40,10 +38,7 @@ def member_specs(name: str) -> list[str]:
         raise ValueError("bad syntax") from None
     members = []
     for token in split_braced(body):
-        spec = token.decode("utf-8", "surrogateescape")
-        while spec.startswith(PROXY_PREFIX):
-            spec = spec[len(PROXY_PREFIX):]
-        members.append(spec)
+        members.append(strip_proxy(token.decode("utf-8", "surrogateescape")))
     if not members:
         raise ValueError("bad syntax")
     return members
@@ -53,8 +48,6 @@ class CompositeTable(Table):
     """Opens the members and keeps their flags in step with ours."""
 
     def __init__(self, type_name, name, flags, writable, params):
-        from proxymap.tables import open_table  # the registry imports us lazily
-
         if writable:
             raise TableOpenError(f"{type_name}:{name} map requires O_RDONLY access mode")
         try:
@@ -65,7 +58,7 @@ class CompositeTable(Table):
         try:
             for spec in specs:
                 self.members.append(open_table(spec, flags, writable, params))
-        except TableOpenError:
+        except Exception:  # close what was opened, then report the failure
             self.close()
             raise
         self.impl_flags = self.members[0].impl_flags & (F.FIXED | F.PATTERN)

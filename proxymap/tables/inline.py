@@ -18,7 +18,7 @@ and mystrtokq() behaviour and are shared with static: and the composites.
 from __future__ import annotations
 
 from proxymap.tables.base import TableOpenError
-from proxymap.tables.texthash import MemoryTable, fold_source_key, utf8_enabled
+from proxymap.tables.texthash import MemoryTable, fold_source_key, log_text, utf8_enabled
 
 #: separators between entries (and between unionmap/pipemap members)
 SEPARATORS = b", \t\r\n"
@@ -43,9 +43,9 @@ def strip_braces(text: bytes) -> bytes:
             depth -= 1
             if depth == 0:
                 if text[i + 1:]:
-                    raise BraceError(f"syntax error after '}}' in \"{_show(text)}\"")
+                    raise BraceError(f"syntax error after '}}' in \"{log_text(text)}\"")
                 return text[1:i].strip(_BLANKS)
-    raise BraceError(f"missing '}}' in \"{_show(text)}\"")
+    raise BraceError(f"missing '}}' in \"{log_text(text)}\"")
 
 
 def split_braced(text: bytes, separators: bytes = SEPARATORS) -> list[bytes]:
@@ -132,7 +132,3 @@ class InlineTable(MemoryTable):
         utf8 = utf8_enabled(flags, params)
         for key, value in entries:
             self.entries[fold_source_key(key, flags, utf8)] = value
-
-
-def _show(text: bytes) -> str:
-    return text.decode("utf-8", "replace")

@@ -25,6 +25,7 @@ from master import maillog
 from proxymap import dictflags as F
 from proxymap.tables.base import Table, TableOpenError, file_stamp
 from proxymap.tables.source import EntryError, logical_lines, parse_entry
+from proxymap.utf8 import is_utf8, utf8_key
 
 #: how often a file that keeps changing during the load is read again
 MAX_LOAD_ATTEMPTS = 3
@@ -45,12 +46,8 @@ def fold_source_key(key: bytes, flags: int, utf8: bool) -> bytes:
     valid UTF-8), otherwise ASCII lower-casing."""
     if not flags & F.FOLD_FIX:
         return key
-    if utf8:
-        try:
-            return key.decode("utf-8").casefold().encode("utf-8")
-        except UnicodeDecodeError:
-            pass
-    return F.fold_ascii(key)
+    folded = utf8_key(key, fold=True) if utf8 else None
+    return F.fold_ascii(key) if folded is None else folded
 
 
 def printable(text: bytes) -> str:
@@ -58,12 +55,9 @@ def printable(text: bytes) -> str:
     return "".join(chr(c) if 0x20 <= c < 0x7F else "?" for c in text)
 
 
-def _is_utf8(text: bytes) -> bool:
-    try:
-        text.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+def log_text(text: bytes) -> str:
+    """Bytes shown as written (UTF-8; undecodable bytes replaced)."""
+    return text.decode("utf-8", "replace")
 
 
 def load_source(lines, path: str, flags: int, utf8: bool, warn) -> dict[bytes, bytes]:
@@ -72,9 +66,9 @@ def load_source(lines, path: str, flags: int, utf8: bool, warn) -> dict[bytes, b
     entries: dict[bytes, bytes] = {}
     for number, line in logical_lines(lines):
         if line[:1] in (b" ", b"\t"):
-            warn(f'{path}: logical line must not start with whitespace: "{printable(line)}"')
+            warn(f'{path}: logical line must not start with whitespace: "{log_text(line)}"')
             continue
-        if utf8 and not _is_utf8(line):
+        if utf8 and not is_utf8(line):
             warn(f'{path}, line {number}: non-UTF-8 input "{printable(line)}"'
                  " -- ignoring this line")
             continue
@@ -82,7 +76,7 @@ def load_source(lines, path: str, flags: int, utf8: bool, warn) -> dict[bytes, b
             key, value = parse_entry(line)
         except EntryError as exc:
             if "quote" in str(exc):
-                warn(f"{path}, line {number}: unbalanced '\"' in '{printable(line)}'"
+                warn(f"{path}, line {number}: unbalanced '\"' in '{log_text(line)}'"
                      " -- ignoring this line")
             else:
                 warn(f"{path}, line {number}: expected format: key whitespace value"
@@ -98,7 +92,7 @@ def load_source(lines, path: str, flags: int, utf8: bool, warn) -> dict[bytes, b
             if flags & F.DUP_REPLACE:
                 entries[key] = value
                 continue
-            warn(f'{path}, line {number}: duplicate entry: "{printable(key)}"')
+            warn(f'{path}, line {number}: duplicate entry: "{log_text(key)}"')
             continue
         entries[key] = value
     return entries
