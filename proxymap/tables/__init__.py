@@ -35,8 +35,8 @@ TABLE_TYPES = {
 def split_spec(spec: str) -> tuple[str, str]:
     """'type:name' -> (type, name); raises ValueError without a colon."""
     type_name, sep, name = spec.partition(":")
-    if not sep or not type_name:
-        raise ValueError(f"need dictionary type:name, got {spec!r}")
+    if not sep or not type_name or not name:
+        raise ValueError(f'open dictionary: expecting "type:name" form instead of "{spec}"')
     return type_name, name
 
 
