@@ -1,0 +1,261 @@
+"""The control channel between our master and one worker process.
+
+Postfix's master never touches client connections: its children accept on
+an inherited listening socket and report TAKEN/AVAILABLE over a status
+pipe. Our master accepts itself and hands each connection to the
+least-loaded worker, so the channel carries descriptors one way and load
+reports the other way. It is one SOCK_SEQPACKET socketpair per worker (one
+record per message, never merged or split):
+
+    master -> worker   b"C" + one descriptor (SCM_RIGHTS)   serve this client
+                       b"R"                                   retire: exit once no client is left
+                       b"T"                                   stop: close idle clients, exit soon
+                       b"P"                                   ping: report now
+    worker -> master   b"S" + STATUS_FORMAT                   load report
+
+As with Postfix's status pipe, end-of-file on the channel means "the master
+is gone": the worker stops taking clients, finishes the ones it has within
+a few seconds and exits.
+
+`attach_worker()` is the worker half (called by proxymap/server.py);
+`send_client()`, `send_command()` and `read_messages()` are used by both.
+"""
+
+from __future__ import annotations
+
+import array
+import importlib
+import os
+import pwd
+import socket
+import struct
+from dataclasses import dataclass
+
+from master import maillog
+
+CLIENT, RETIRE, STOP, PING, STATUS = b"C", b"R", b"T", b"P", b"S"
+
+#: busy connections, open connections, connections accepted, requests answered
+STATUS_FORMAT = "!IIQQ"
+STATUS_SIZE = struct.calcsize(STATUS_FORMAT)
+
+#: at most this many descriptors are accepted in one message (extras are closed)
+MAX_FDS = 4
+MAX_RECORD = 64
+
+#: set by the master in a worker's environment: the account (mail_owner)
+#: to switch to once the worker has read its configuration
+OWNER_ENV = "PROXYMAP_MAIL_OWNER"
+
+#: per-request deadline imposed on the remaining clients of a worker whose
+#: master went away or which was told to retire
+DRAIN_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class Status:
+    """One load report from a worker."""
+    busy: int = 0       # connections with a request or reply in progress
+    clients: int = 0    # connections open
+    accepted: int = 0   # connections received in total
+    requests: int = 0   # requests answered in total
+
+
+def encode_status(status: Status) -> bytes:
+    return STATUS + struct.pack(STATUS_FORMAT, status.busy, status.clients,
+                                status.accepted, status.requests)
+
+
+def decode_status(record: bytes) -> Status:
+    """Parse a b"S" record; ValueError when it has the wrong size or kind."""
+    if record[:1] != STATUS or len(record) != 1 + STATUS_SIZE:
+        raise ValueError(f"bad status record ({len(record)} bytes)")
+    return Status(*struct.unpack(STATUS_FORMAT, record[1:]))
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """(master end, worker end); both close-on-exec, the master end non-blocking."""
+    master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    master_end.setblocking(False)
+    return master_end, worker_end
+
+
+def send_client(chan: socket.socket, client: socket.socket) -> None:
+    """Pass `client` over `chan`. The caller closes its own copy afterwards.
+    Raises BlockingIOError when the channel is full, OSError when it is dead."""
+    fds = array.array("i", [client.fileno()])
+    chan.sendmsg([CLIENT], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+
+
+def send_command(chan: socket.socket, command: bytes) -> None:
+    chan.send(command)
+
+
+def _take_fds(ancdata) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(array.array("i", data[:usable]))
+    return fds
+
+
+def read_messages(chan: socket.socket):
+    """Read every record waiting on non-blocking `chan`.
+
+    Returns (records, eof) where records is a list of (payload bytes,
+    [fds]). Descriptors arrive close-on-exec; a truncated control message
+    is reported and its descriptors closed.
+    """
+    records = []
+    while True:
+        try:
+            data, ancdata, flags, _ = chan.recvmsg(
+                MAX_RECORD, socket.CMSG_SPACE(4 * MAX_FDS), socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return records, False
+        except (ConnectionResetError, BrokenPipeError):
+            return records, True
+        fds = _take_fds(ancdata)
+        if flags & socket.MSG_CTRUNC:
+            maillog.warning("control channel: descriptor message truncated")
+            for fd in fds:
+                _close_fd(fd)
+            continue
+        if not data and not fds:
+            return records, True
+        records.append((data, fds))
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        socket.socket(fileno=fd).close()
+    except OSError:
+        pass
+
+
+# -- the worker half ---------------------------------------------------------------
+
+class WorkerChannel:
+    """Connects a proxymap `Worker` to our master over descriptor `fd`."""
+
+    def __init__(self, worker, fd: int):
+        self.worker = worker
+        self.chan = socket.socket(fileno=fd)
+        self.chan.setblocking(False)
+        self.retiring = False
+        self.closed = False
+        self._last: Status | None = None
+
+    def start(self) -> None:
+        self.worker.watch(self.chan, self._readable)
+        previous = self.worker.on_change
+
+        def on_change(worker):
+            if previous is not None:
+                previous(worker)
+            self.report()
+            if self.retiring and worker.clients == 0:
+                worker.shutdown()
+        self.worker.on_change = on_change
+        self.report(force=True)     # "I am up": the master counts us as ready
+
+    def status(self) -> Status:
+        conns = getattr(self.worker, "conns", {})
+        busy = sum(1 for c in conns.values()
+                   if getattr(c, "since", None) is not None or getattr(c, "out", b""))
+        return Status(busy, self.worker.clients, self.worker.accepted, self.worker.requests)
+
+    def report(self, force: bool = False) -> None:
+        if self.closed:
+            return
+        status = self.status()
+        if status == self._last and not force:
+            return
+        try:
+            self.chan.send(encode_status(status))
+            self._last = status
+        except (BlockingIOError, InterruptedError):
+            pass    # the master is slow; the next change carries the totals
+        except OSError:
+            self._master_gone()
+
+    def _readable(self, _chan) -> None:
+        records, eof = read_messages(self.chan)
+        for data, fds in records:
+            kind = data[:1]
+            if kind == CLIENT and fds:
+                self.worker.add_client(socket.socket(fileno=fds[0]))
+                for extra in fds[1:]:
+                    _close_fd(extra)
+            else:
+                for fd in fds:
+                    _close_fd(fd)
+                if kind == RETIRE:
+                    self.retire()
+                elif kind == STOP:
+                    self.stop()
+                elif kind == PING:
+                    self.report(force=True)
+                else:
+                    maillog.warning(f"control channel: unexpected record {data[:8]!r}")
+        if eof:
+            self._master_gone()
+
+    def retire(self) -> None:
+        """Stop once the current clients have left (at once if there are none)."""
+        self.retiring = True
+        if self.worker.clients == 0:
+            self.worker.shutdown()
+
+    def stop(self) -> None:
+        """Stop now: idle clients are closed, busy ones after their reply, and
+        an unfinished request gets DRAIN_TIMEOUT seconds."""
+        self.retiring = True
+        self.worker.ipc_timeout = min(self.worker.ipc_timeout, DRAIN_TIMEOUT)
+        self.worker.shutdown()
+
+    def _master_gone(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.worker.unwatch(self.chan)
+        self.chan.close()
+        self.stop()
+
+
+def preload_table_modules() -> None:
+    """Import every table implementation while the interpreter's files are
+    still readable (the interpreter may live where mail_owner cannot go)."""
+    from proxymap.tables import TABLE_TYPES
+    for target in TABLE_TYPES.values():
+        try:
+            importlib.import_module(target.partition(":")[0])
+        except Exception:   # noqa: BLE001 - a missing optional type is reported on use
+            pass
+
+
+def drop_privileges(user: str) -> None:
+    """setgid, initgroups, setuid to `user` (Postfix's chroot_uid step for
+    unprivileged services). Raises OSError/KeyError on failure."""
+    pw = pwd.getpwnam(user)
+    os.setgid(pw.pw_gid)
+    os.initgroups(user, pw.pw_gid)
+    os.setuid(pw.pw_uid)
+
+
+def attach_worker(worker, fd: int) -> WorkerChannel:
+    """Serve the clients our master passes over descriptor `fd`; report load
+    back; retire on request; stop when the master goes away. When the
+    master asks for it ($PROXYMAP_MAIL_OWNER) and we run as root, switch to
+    that account first."""
+    user = os.environ.pop(OWNER_ENV, "")
+    if user and os.geteuid() == 0:
+        preload_table_modules()
+        try:
+            drop_privileges(user)
+        except (OSError, KeyError) as exc:
+            maillog.fatal(f"cannot switch to user {user}: {exc}")
+    channel = WorkerChannel(worker, fd)
+    channel.start()
+    return channel

@@ -1,0 +1,793 @@
+"""The pre-forking master: listening sockets, worker processes, signals.
+
+This plays the role of Postfix's master(8) for the proxymap services of a
+master.cf, with one deliberate difference (documented in
+docs/architecture.md): the master accepts every connection itself and
+hands it to the least-loaded worker over that worker's control channel
+(master/handoff.py), instead of letting children race for accept().
+
+What it mirrors from Postfix:
+* socket paths `$queue_directory/{private,public}/NAME`, mode 0666, kept
+  open (same inode) across reloads, left on disk at exit;
+* workers drop privileges to mail_owner after reading their configuration
+  (unprivileged services); exit statuses and the
+  "bad command startup -- throttling" rule with service_throttle_time;
+* max_use / max_idle / daemon_timeout / ipc_timeout semantics, enforced
+  here from the workers' load reports;
+* signals: SIGHUP reload, SIGTERM/SIGINT/SIGQUIT stop, handled in the main
+  loop only (the handlers just wake the selector via set_wakeup_fd).
+
+Where it differs: a bad configuration at reload is rejected and the old
+one keeps running (Postfix's master would die); workers are pre-forked
+(at least one per service) and respawned when they die.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import json
+import os
+import pwd
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from master import handoff, maillog, pidfile, sdnotify
+from master.config import ConfigError, MainConfig, Service, load_main_cf, load_master_cf
+from master.workerslot import READY, RETIRING, STARTING, WorkerSlot, pick_worker
+
+PROGRAM = "proxymap-master"
+WORKER_COMMAND = "proxymap"
+STATUS_NAME = "proxymap-master.status"
+
+#: a worker with this many open connections counts as busy: when every
+#: worker of a service is busy the master starts another (up to maxproc)
+BUSY_CLIENTS = 4
+#: workers kept per service even when idle
+MIN_WORKERS = 1
+#: seconds a retiring worker may wait for its clients to leave on their own
+RETIRE_GRACE = 5.0
+#: seconds a stopping master waits for workers before SIGKILL
+STOP_GRACE = 5.0
+#: seconds a new worker may take to send its first report
+STARTUP_TIMEOUT = 60.0
+#: fd number of the control channel in the worker
+WORKER_FD = 3
+LOOP_TICK = 0.5
+STATUS_INTERVAL = 0.1
+
+
+def status_path(queue_directory: str) -> str:
+    return os.path.join(queue_directory, "pid", STATUS_NAME)
+
+
+def worker_executable() -> list[str]:
+    """argv prefix that starts our worker program: the `proxymap` console
+    script installed next to this interpreter, else `python -m`."""
+    script = os.path.join(os.path.dirname(sys.executable), WORKER_COMMAND)
+    if os.access(script, os.X_OK):
+        return [script]
+    return [sys.executable, "-m", "proxymap.server"]
+
+
+def describe_exit(status: int) -> str | None:
+    """Postfix's wording for an abnormal wait status, None for exit 0."""
+    if os.WIFEXITED(status):
+        code = os.WEXITSTATUS(status)
+        return None if code == 0 else f"exit status {code}"
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"wait status {status}"
+
+
+def is_proxymap_command(service: Service) -> bool:
+    return os.path.basename(service.command) == WORKER_COMMAND
+
+
+@dataclass
+class Credentials:
+    user: str
+    uid: int
+    gid: int
+
+
+def mail_owner_credentials(main: MainConfig) -> Credentials:
+    """Validate mail_owner as Postfix does (known, not root, unique uid)."""
+    name = main.get("mail_owner")
+    where = f"file {main.path}: parameter mail_owner"
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(f"{where}: unknown user name value: {name}") from None
+    if pw.pw_uid == 0:
+        raise ConfigError(f"{where}: user {name} has privileged user ID")
+    if pw.pw_gid == 0:
+        raise ConfigError(f"{where}: user {name} has privileged group ID")
+    return Credentials(name, pw.pw_uid, pw.pw_gid)
+
+
+@dataclass
+class Configuration:
+    """Everything read from main.cf + master.cf, validated."""
+    main: MainConfig
+    services: list[Service]
+    owner: Credentials | None
+    skipped: list[Service] = field(default_factory=list)
+
+
+def load_configuration(config_dir: str, warn=None) -> Configuration:
+    """Read and check both files; ConfigError (one line, file and line) on
+    any problem, including the numbers the master itself needs."""
+    main = load_main_cf(config_dir, warn=warn)
+    services = load_master_cf(config_dir, main, warn=warn)
+    owner = mail_owner_credentials(main) if os.geteuid() == 0 else None
+    for name in ("queue_directory",):
+        if not main.get(name).startswith("/"):
+            raise ConfigError(f"file {main.path}: parameter {name}: not an absolute path: "
+                              f"{main.get(name)}")
+    main.get_int("default_process_limit")
+    main.get_time("service_throttle_time")
+    used, skipped = [], []
+    for service in services:
+        if service.type == "unix" and is_proxymap_command(service):
+            service_settings(main, service)       # raises on bad -o values
+            used.append(service)
+        else:
+            skipped.append(service)
+    return Configuration(main, used, owner, skipped)
+
+
+@dataclass
+class Settings:
+    """The per-service limits, after the service's -o overrides."""
+    max_use: int
+    max_idle: int
+    daemon_timeout: int
+    throttle_time: int
+    maxproc: int
+
+
+def service_settings(main: MainConfig, service: Service) -> Settings:
+    cfg = main.with_overrides(service.overrides)
+    maxproc = service.maxproc
+    if service.name == main.get("proxywrite_service_name") and maxproc != 1:
+        maxproc = 1                                 # the single updater
+    return Settings(cfg.get_int("max_use"), cfg.get_time("max_idle"),
+                    cfg.get_time("daemon_timeout"), cfg.get_time("service_throttle_time"),
+                    maxproc)
+
+
+def same_definition(a: Service, b: Service) -> bool:
+    """Whether two master.cf entries start identical workers (the line
+    number may differ)."""
+    return all(getattr(a, name) == getattr(b, name)
+               for name in ("type", "private", "unpriv", "chroot", "maxproc", "command", "args"))
+
+
+class ServiceState:
+    """One listening socket and its workers."""
+
+    def __init__(self, service: Service, settings: Settings, path: str, generation: int):
+        self.service = service
+        self.settings = settings
+        self.path = path
+        self.generation = generation
+        self.listener: socket.socket | None = None
+        self.listening = False
+        self.slots: list[WorkerSlot] = []
+        self.pending: deque[socket.socket] = deque()
+        self.throttled_until = 0.0
+        self.removed = False
+
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    def alive(self) -> list[WorkerSlot]:
+        return [s for s in self.slots if s.alive]
+
+    def current(self) -> list[WorkerSlot]:
+        """Workers of the current generation that are not on their way out."""
+        return [s for s in self.slots
+                if s.generation == self.generation and s.state in (STARTING, READY)]
+
+    def under_limit(self) -> bool:
+        limit = self.settings.maxproc
+        return limit == 0 or len(self.alive()) < limit
+
+    def throttled(self, now: float) -> bool:
+        return now < self.throttled_until
+
+
+class Master:
+    def __init__(self, config_dir: str, stderr: bool = False, verbose: int = 0):
+        self.config_dir = os.path.abspath(config_dir)
+        self.stderr = stderr
+        self.verbose = verbose
+        self.services: dict[tuple[str, str], ServiceState] = {}
+        self.by_pid: dict[int, WorkerSlot] = {}
+        self.selector = selectors.DefaultSelector()
+        self.generation = 0
+        self.forks = 0
+        self.reloads = 0
+        self.reload_error = ""
+        self.started = time.time()
+        self.lock_fd: int | None = None
+        self.stopping = False
+        self.ready_sent = False
+        self.on_ready = None            # callback(error or None), once
+        self.status_dirty = True
+        self.status_written = 0.0
+        self.config: Configuration | None = None
+        self.queue_directory = ""
+
+    # -- configuration ----------------------------------------------------------
+
+    def setup_logging(self, main: MainConfig) -> None:
+        maillog.setup(f"{main.get('syslog_name')}/{PROGRAM}", main.get("maillog_file"),
+                      stderr=self.stderr, verbose=self.verbose)
+
+    def log_skipped(self, config: Configuration) -> None:
+        for service in config.skipped:
+            maillog.warning(f"{service.filename}: line {service.line}: service "
+                            f"{service.name}/{service.type}: command {service.command} is not "
+                            f"served by {PROGRAM} -- skipped")
+
+    # -- start-up -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Read the configuration, lock, bind and spawn. Raises ConfigError or
+        OSError (callers turn them into one-line fatals)."""
+        config = load_configuration(self.config_dir)
+        self.config = config
+        main = config.main
+        self.setup_logging(main)
+        self.queue_directory = main.get("queue_directory")
+        prepare_directories(main, config.owner)
+        try:
+            self.lock_fd = pidfile.acquire(pidfile.pid_path(self.queue_directory))
+        except pidfile.LockBusy:
+            raise OSError(f"open lock file {pidfile.pid_path(self.queue_directory)}: "
+                          f"unable to set exclusive lock: the {PROGRAM} is already running") \
+                from None
+        os.environ["MAIL_CONFIG"] = self.config_dir
+        self.install_signals()
+        self.log_skipped(config)
+        for service in config.services:
+            self.add_service(service, main)
+        maillog.info(f"daemon started -- configuration {self.config_dir}")
+        self.manage(time.monotonic())
+
+    def install_signals(self) -> None:
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                       signal.SIGCHLD):
+            signal.signal(signum, _note_signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, ("signal", None))
+
+    def socket_path(self, service: Service) -> str:
+        area = "private" if service.private else "public"
+        return os.path.join(self.queue_directory, area, service.name)
+
+    def add_service(self, service: Service, main: MainConfig) -> ServiceState:
+        state = ServiceState(service, service_settings(main, service),
+                             self.socket_path(service), self.generation)
+        state.listener = bind_socket(state.path, main, self.config.owner)
+        self.services[service.identity()] = state
+        return state
+
+    # -- the loop -------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped; returns the exit status."""
+        while not self.stopping:
+            timeout = STATUS_INTERVAL if self.status_dirty else LOOP_TICK
+            for key, _ in self.selector.select(timeout):
+                kind, obj = key.data
+                if kind == "signal":
+                    self.handle_signals()
+                elif kind == "listener":
+                    self.accept(obj)
+                elif kind == "worker":
+                    self.worker_readable(obj)
+                if self.stopping:
+                    break
+            if self.stopping:
+                break
+            now = time.monotonic()
+            self.reap()
+            self.manage(now)
+            self.write_status(now)
+        return self.shutdown()
+
+    def handle_signals(self) -> None:
+        try:
+            data = os.read(self.wake_r, 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                maillog.info(f"terminating on signal {signum}")
+                self.stopping = True
+                return
+        if signal.SIGHUP in data:
+            self.reload()
+
+    # -- connections ------------------------------------------------------------------
+
+    def accept(self, state: ServiceState) -> None:
+        for _ in range(64):
+            if state.listener is None or not state.listening:
+                return
+            try:
+                client, _ = state.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                maillog.warning(f"accept connection: {exc.strerror}")
+                return
+            self.dispatch(state, client)
+
+    def dispatch(self, state: ServiceState, client: socket.socket) -> bool:
+        """Hand `client` to the least-loaded ready worker, or queue it."""
+        now = time.monotonic()
+        tried: set[int] = set()
+        while True:
+            slot = pick_worker([s for s in state.slots if s.pid not in tried],
+                               state.generation)
+            if slot is None:
+                state.pending.append(client)
+                self.set_listening(state, False)
+                return False
+            tried.add(slot.pid)
+            try:
+                handoff.send_client(slot.chan, client)
+            except BlockingIOError:
+                continue
+            except OSError:
+                self.channel_lost(slot)
+                continue
+            client.close()
+            slot.on_handed(now)
+            self.status_dirty = True
+            if slot.handed >= state.settings.max_use:
+                self.retire(slot, now, "max_use reached")
+            self.maybe_grow(state, now)
+            return True
+
+    def maybe_grow(self, state: ServiceState, now: float) -> None:
+        """Start one more worker when every current one is busy."""
+        current = state.current()
+        if any(s.state == STARTING for s in current):
+            return
+        if current and min(s.load for s in current) < BUSY_CLIENTS:
+            return
+        if state.under_limit() and not state.throttled(now) and not state.removed:
+            self.spawn(state)
+
+    def set_listening(self, state: ServiceState, on: bool) -> None:
+        if state.listener is None or on == state.listening:
+            return
+        if on:
+            self.selector.register(state.listener, selectors.EVENT_READ, ("listener", state))
+        else:
+            self.selector.unregister(state.listener)
+        state.listening = on
+
+    # -- workers ----------------------------------------------------------------------
+
+    def spawn(self, state: ServiceState) -> WorkerSlot | None:
+        service = state.service
+        config = self.config
+        master_end, worker_end = handoff.channel_pair()
+        argv = worker_executable() + ["-c", self.config_dir, "-n", service.name]
+        argv += service.args
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)
+        self.forks += 1
+        env["GENERATION"] = "%o" % self.forks
+        argv += ["--master-fd", str(WORKER_FD)]
+        env.pop(handoff.OWNER_ENV, None)
+        if service.unpriv and config.owner is not None:
+            env[handoff.OWNER_ENV] = config.owner.user
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            maillog.warning(f"master_spawn: fork: {exc.strerror} -- throttling")
+            state.throttled_until = time.monotonic() + state.settings.throttle_time
+            master_end.close()
+            worker_end.close()
+            return None
+        if pid == 0:
+            _exec_worker(argv, env, worker_end.fileno(), self.queue_directory)
+        worker_end.close()
+        slot = WorkerSlot(pid, service.name, state.generation, chan=master_end)
+        state.slots.append(slot)
+        self.by_pid[pid] = slot
+        self.selector.register(master_end, selectors.EVENT_READ, ("worker", slot))
+        self.status_dirty = True
+        maillog.debug(f"service {service.name}: started worker pid {pid}")
+        return slot
+
+    def worker_readable(self, slot: WorkerSlot) -> None:
+        records, eof = handoff.read_messages(slot.chan)
+        now = time.monotonic()
+        for data, fds in records:
+            for fd in fds:
+                os.close(fd)
+            try:
+                status = handoff.decode_status(data)
+            except ValueError as exc:
+                maillog.warning(f"worker pid {slot.pid}: {exc}")
+                continue
+            slot.on_status(status, now)
+            self.status_dirty = True
+        if eof:
+            self.channel_lost(slot)
+
+    def channel_lost(self, slot: WorkerSlot) -> None:
+        if slot.chan is not None:
+            try:
+                self.selector.unregister(slot.chan)
+            except (KeyError, ValueError):
+                pass
+            slot.chan.close()
+            slot.chan = None
+        slot.retire(time.monotonic())
+        slot.stop_sent = True
+
+    def send(self, slot: WorkerSlot, command: bytes) -> None:
+        if slot.chan is None:
+            return
+        try:
+            handoff.send_command(slot.chan, command)
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.channel_lost(slot)
+
+    def retire(self, slot: WorkerSlot, now: float, why: str) -> None:
+        if slot.retire(now):
+            maillog.debug(f"worker pid {slot.pid}: retiring ({why})")
+            self.send(slot, handoff.RETIRE)
+            self.status_dirty = True
+
+    def kill(self, slot: WorkerSlot, signum: int = signal.SIGKILL) -> None:
+        slot.kill()
+        try:
+            os.kill(slot.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = self.by_pid.pop(pid, None)
+            if slot is None:
+                maillog.warning(f"reaped unknown process pid {pid}")
+                continue
+            self.on_exit(slot, status)
+
+    def on_exit(self, slot: WorkerSlot, status: int) -> None:
+        self.channel_lost(slot)
+        slot.on_exit(status)
+        self.status_dirty = True
+        state = self.state_of(slot)
+        if state is not None:
+            state.slots.remove(slot)
+        how = describe_exit(status)
+        if how is None or self.stopping:
+            return
+        command = worker_executable()[0]
+        maillog.warning(f"process {command} pid {slot.pid} {how}")
+        if not slot.reported and state is not None:
+            maillog.warning(f"{command}: bad command startup -- throttling")
+            state.throttled_until = time.monotonic() + state.settings.throttle_time
+            if not self.ready_sent and self.on_ready is not None:
+                self.on_ready(f"service {state.name}: worker pid {slot.pid} {how} at startup")
+                self.on_ready = None
+
+    def state_of(self, slot: WorkerSlot) -> ServiceState | None:
+        for state in self.services.values():
+            if slot in state.slots:
+                return state
+        return None
+
+    # -- policy -----------------------------------------------------------------------
+
+    def manage(self, now: float) -> None:
+        for key, state in list(self.services.items()):
+            self.manage_service(state, now)
+            if state.removed and not state.alive():
+                del self.services[key]
+        if not self.ready_sent and all(
+                any(s.state == READY for s in st.slots) for st in self.services.values()):
+            self.ready_sent = True
+            sdnotify.ready()
+            if self.on_ready is not None:
+                self.on_ready(None)
+                self.on_ready = None
+
+    def manage_service(self, state: ServiceState, now: float) -> None:
+        settings = state.settings
+        ping_every = max(0.2, min(settings.daemon_timeout / 3, 60.0))
+        current_ready = [s for s in state.current() if s.state == READY]
+        for slot in list(state.slots):
+            if not slot.alive:
+                continue
+            if slot.state == STARTING and now - slot.started > STARTUP_TIMEOUT:
+                maillog.warning(f"worker pid {slot.pid}: no report {STARTUP_TIMEOUT:g}s "
+                                f"after start -- killing it")
+                self.kill(slot)
+                continue
+            if slot.state in (READY, RETIRING) and slot.has_work:
+                silent = slot.silent_for(now)
+                if silent > settings.daemon_timeout:
+                    maillog.warning(f"service {state.name}: worker pid {slot.pid} made no "
+                                    f"progress for {silent:.0f}s (daemon_timeout "
+                                    f"{settings.daemon_timeout}s) -- killing it")
+                    self.kill(slot)
+                    continue
+                if silent >= ping_every and slot.ping_sent is None:
+                    slot.ping_sent = now
+                    slot.pings += 1
+                    self.send(slot, handoff.PING)
+            if slot.state == RETIRING:
+                since = now - (slot.retired_at or now)
+                if since > RETIRE_GRACE and not slot.stop_sent:
+                    slot.stop_sent = True
+                    self.send(slot, handoff.STOP)
+                elif since > RETIRE_GRACE + settings.daemon_timeout + STOP_GRACE:
+                    self.kill(slot)
+                continue
+            if slot.generation != state.generation and current_ready:
+                self.retire(slot, now, "configuration reloaded")
+            elif (slot.state == READY and slot.generation == state.generation
+                  and len(current_ready) > MIN_WORKERS
+                  and slot.idle_for(now) > settings.max_idle):
+                self.retire(slot, now, "max_idle reached")
+                current_ready.remove(slot)
+        if state.removed:
+            return
+        if not state.throttled(now):
+            while len(state.current()) < MIN_WORKERS and state.under_limit():
+                if self.spawn(state) is None:
+                    break
+        while state.pending:
+            if pick_worker(state.slots, state.generation) is None:
+                break
+            if not self.dispatch(state, state.pending.popleft()):
+                break
+        ready = pick_worker(state.slots, state.generation) is not None
+        self.set_listening(state, ready and not state.pending)
+
+    # -- reload ---------------------------------------------------------------------
+
+    def reload(self) -> None:
+        maillog.info(f"reload -- configuration {self.config_dir}")
+        sdnotify.reloading()
+        self.reloads += 1
+        try:
+            config = load_configuration(self.config_dir)
+        except ConfigError as exc:
+            self.reload_error = str(exc)
+            maillog.error(f"{exc}")
+            maillog.error("reload rejected -- the running configuration is unchanged")
+        else:
+            self.reload_error = ""
+            self.apply(config)
+        self.status_dirty = True
+        sdnotify.ready()
+
+    def apply(self, config: Configuration) -> None:
+        old = self.config
+        main = config.main
+        main_changed = old is None or old.main.explicit() != main.explicit()
+        if main.get("queue_directory") != self.queue_directory:
+            maillog.warning("ignoring queue_directory parameter value change")
+            maillog.warning(f"old value: \"{self.queue_directory}\", "
+                            f"new value: \"{main.get('queue_directory')}\"")
+            maillog.warning("to change queue_directory, stop and start the proxymap master")
+        if old is not None and (config.owner != old.owner):
+            maillog.warning("mail_owner changed: sockets keep their old owner until restart")
+        self.config = config
+        self.setup_logging(main)
+        self.log_skipped(config)
+        self.generation += 1
+        now = time.monotonic()
+        wanted = {service.identity(): service for service in config.services}
+        for key, state in self.services.items():
+            if key not in wanted and not state.removed:
+                state.removed = True
+                self.set_listening(state, False)
+                state.listener.close()
+                state.listener = None
+                for client in state.pending:
+                    client.close()
+                state.pending.clear()
+                for slot in state.alive():
+                    self.retire(slot, now, "service removed")
+        for key, service in wanted.items():
+            state = self.services.get(key)
+            if state is None or state.removed:
+                if state is not None:      # removed earlier, back again: fresh socket
+                    del self.services[key]
+                self.add_service(service, main)
+                continue
+            unchanged = not main_changed and same_definition(state.service, service)
+            state.service = service
+            state.settings = service_settings(main, service)
+            if unchanged:
+                continue            # nothing a worker reads has changed: keep them
+            state.generation = self.generation
+            if state.settings.maxproc and len(state.alive()) >= state.settings.maxproc:
+                # no room for the new generation next to the old one (proxywrite):
+                # the old worker goes first, connections wait in the backlog
+                for slot in state.alive():
+                    self.retire(slot, now, "configuration reloaded")
+        self.manage(now)
+
+    # -- stop -------------------------------------------------------------------------
+
+    def shutdown(self) -> int:
+        sdnotify.stopping()
+        for state in self.services.values():
+            self.set_listening(state, False)
+            if state.listener is not None:
+                state.listener.close()
+                state.listener = None
+            for client in state.pending:
+                client.close()
+            state.pending.clear()
+        for slot in list(self.by_pid.values()):
+            self.send(slot, handoff.STOP)
+            self.kill(slot, signal.SIGTERM)
+        self.wait_for_workers(STOP_GRACE)
+        for slot in list(self.by_pid.values()):
+            maillog.warning(f"worker pid {slot.pid} still running after {STOP_GRACE:g}s "
+                            f"-- killing it")
+            self.kill(slot, signal.SIGKILL)
+        self.wait_for_workers(STOP_GRACE)
+        self.status_dirty = True
+        self.write_status(time.monotonic(), force=True, running=False)
+        return 0
+
+    def wait_for_workers(self, limit: float) -> None:
+        deadline = time.monotonic() + limit
+        while self.by_pid and time.monotonic() < deadline:
+            self.reap()
+            if not self.by_pid:
+                break
+            self.selector.select(0.05)
+            try:
+                os.read(self.wake_r, 512)
+            except BlockingIOError:
+                pass
+
+    # -- status ---------------------------------------------------------------------
+
+    def snapshot(self, running: bool = True) -> dict:
+        now = time.monotonic()
+        services = {}
+        for state in self.services.values():
+            services[state.name] = {
+                "type": state.service.type, "path": state.path,
+                "maxproc": state.settings.maxproc, "generation": state.generation,
+                "throttled": state.throttled(now), "pending": len(state.pending),
+                "removed": state.removed,
+                "workers": [s.snapshot() for s in state.slots if s.alive]}
+        return {"pid": os.getpid(), "running": running, "started": self.started,
+                "config_directory": self.config_dir,
+                "queue_directory": self.queue_directory, "generation": self.generation,
+                "reloads": self.reloads, "reload_error": self.reload_error,
+                "ready": self.ready_sent, "services": services}
+
+    def write_status(self, now: float, force: bool = False, running: bool = True) -> None:
+        if not self.status_dirty or (not force and now - self.status_written < STATUS_INTERVAL):
+            return
+        path = status_path(self.queue_directory)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.snapshot(running), f)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except OSError as exc:
+            maillog.warning(f"write {path}: {exc.strerror}")
+        self.status_dirty = False
+        self.status_written = now
+
+
+def _note_signal(signum, frame) -> None:
+    """Signal handlers do nothing: set_wakeup_fd already queued the number."""
+
+
+def _exec_worker(argv, env, chan_fd, queue_directory) -> None:
+    """In the forked child: put the channel on WORKER_FD and exec. The worker
+    drops privileges itself once it has read its configuration (as Postfix
+    daemons do), see handoff.drop_privileges()."""
+    try:
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                       signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(signum, signal.SIG_DFL)
+        os.dup2(chan_fd, WORKER_FD)
+        os.set_inheritable(WORKER_FD, True)
+        try:
+            os.chdir(queue_directory)
+        except OSError:
+            pass
+        os.execve(argv[0], argv, env)
+    except BaseException as exc:    # noqa: BLE001 - the child must never return
+        try:
+            os.write(2, f"{PROGRAM}[{os.getpid()}]: fatal: master_spawn: exec {argv[0]}: "
+                        f"{exc}\n".encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(127)
+
+
+# -- directories and sockets ------------------------------------------------------------
+
+def prepare_directories(main: MainConfig, owner: Credentials | None) -> None:
+    """queue_directory with pid/ (root), private/ (0700) and public/ (0710)
+    owned by mail_owner, and data_directory (0700 mail_owner), as
+    `postfix check` would create them."""
+    queue = main.get("queue_directory")
+    os.makedirs(queue, mode=0o755, exist_ok=True)
+    os.makedirs(os.path.join(queue, "pid"), mode=0o755, exist_ok=True)
+    group = owner.gid if owner else -1
+    if owner is not None:
+        try:
+            group = grp.getgrnam(main.get("setgid_group")).gr_gid
+        except KeyError:
+            pass
+    for sub, mode, gid in (("private", 0o700, owner.gid if owner else -1),
+                           ("public", 0o710, group)):
+        path = os.path.join(queue, sub)
+        os.makedirs(path, mode=mode, exist_ok=True)
+        if owner is not None:
+            os.chown(path, owner.uid, gid)
+        os.chmod(path, mode)
+    data = main.get("data_directory")
+    if data:
+        os.makedirs(data, mode=0o700, exist_ok=True)
+        if owner is not None:
+            os.chown(data, owner.uid, owner.gid)
+
+
+def bind_socket(path: str, main: MainConfig, owner: Credentials | None) -> socket.socket:
+    """A non-blocking listening UNIX socket at path (0666, owned by
+    mail_owner), replacing whatever file was there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise OSError(errno.EISDIR, f"bind {path}: Is a directory") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        if owner is not None:
+            os.chown(path, owner.uid, owner.gid)
+        backlog = max(main.get_int("default_process_limit"), 128)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"bind {path}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
