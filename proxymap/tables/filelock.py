@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import time
 
 from proxymap import dictflags as F
 from proxymap.tables.base import TableError, TableOpenError
@@ -27,6 +28,11 @@ FCNTL = "fcntl"
 UNLOCK = "unlock"
 SHARED = "shared"
 EXCLUSIVE = "exclusive"
+
+#: Longest wait for a per-operation lock. Postfix blocks without limit; a
+#: worker serves many clients from one loop, so we wait a bounded time and
+#: then answer RETRY (e.g. while proxywrite holds a cache's OPEN_LOCK).
+LOCK_WAIT_LIMIT = 1.0
 
 _FLOCK_OPS = {UNLOCK: fcntl.LOCK_UN, SHARED: fcntl.LOCK_SH, EXCLUSIVE: fcntl.LOCK_EX}
 
@@ -94,6 +100,18 @@ class TableLock:
 
     def _call(self, op: str) -> None:
         try:
-            lock(self.fd, self.style, op)
+            if op == UNLOCK or lock(self.fd, self.style, op, wait=False):
+                if op == UNLOCK:
+                    lock(self.fd, self.style, op)
+                return
+            deadline = time.monotonic() + LOCK_WAIT_LIMIT
+            pause = 0.001
+            while time.monotonic() < deadline:
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                if lock(self.fd, self.style, op, wait=False):
+                    return
         except OSError as exc:
             raise TableError(f"{self.spec}: {op} lock: {exc.strerror or exc}") from None
+        raise TableError(f"{self.spec}: {op} lock: table is locked by another process"
+                         f" (waited {LOCK_WAIT_LIMIT:g}s)")
