@@ -34,7 +34,7 @@ run: deps
 	cp etc/postfix/master.cf etc/postfix/virtual $(RUN)/etc/
 	chmod 755 $(RUN) $(RUN)/etc
 	/usr/sbin/postmap -c $(RUN)/etc hash:$(RUN)/etc/virtual
-	-.venv/bin/proxymap-master -c $(RUN)/etc stop >/dev/null 2>&1
+	@.venv/bin/proxymap-master -c $(RUN)/etc stop >/dev/null 2>&1 || true
 	.venv/bin/proxymap-master -c $(RUN)/etc start
 	/usr/sbin/postmap -c $(RUN)/etc -q postmaster@example.com proxy:hash:$(RUN)/etc/virtual
 	@echo "running; try: postmap -c $(RUN)/etc -q info@example.com proxy:hash:$(RUN)/etc/virtual"

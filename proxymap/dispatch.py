@@ -26,6 +26,12 @@ OPEN_RETRY_INTERVAL = 1.0
 
 READ_SERVICE, WRITE_SERVICE = "proxymap", "proxywrite"
 
+#: the instance bits that tell shared instances apart. Postfix keys on all
+#: of INST_MASK, but real clients only ever send 0 or OPEN_LOCK there; the
+#: other bits (unused ones included) would let one client make us open a
+#: listed table once per value, until we run out of descriptors.
+INSTANCE_KEY_BITS = F.TRY0NULL | F.TRY1NULL | F.OPEN_LOCK
+
 
 class SurrogateTable(Table):
     """Stands in for a table that could not be opened: every operation
@@ -145,6 +151,7 @@ class Dispatcher:
         """The shared instance for (spec, instance flags), opened on first use,
         reopened when its file changed or when a failed open may now work."""
         inst = req.instance_flags if req.layout == 311 else req.flags & F.INST_MASK
+        inst &= INSTANCE_KEY_BITS
         regkey = (spec, inst)
         table = self.tables.get(regkey)
         if table is not None:
@@ -156,7 +163,11 @@ class Dispatcher:
             else:
                 maillog.info(f"table {spec}: has changed -- reopening")
             self._close(table)
-        table = self._open(spec, req.flags)
+        # OPEN_LOCK holds an exclusive lock for the life of the instance: a
+        # reader has no business with it, and a client of the read service
+        # could otherwise freeze every writer of a listed file for good.
+        flags = req.flags if self.writable else req.flags & ~F.OPEN_LOCK
+        table = self._open(spec, flags)
         self.tables[regkey] = table
         return table
 

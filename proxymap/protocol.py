@@ -175,17 +175,24 @@ class BadRequest(Exception):
 
 
 def parse_uint(text: bytes) -> int:
-    """Postfix reads integers with sscanf("%u"): leading blanks and a sign
-    are accepted and the result wraps to 32 bits. Anything else is BAD."""
-    s = text.strip(b" \t\n\r\f\v")
+    """Postfix reads integers as C's sscanf("%u") does and refuses any byte
+    after the digits (checked against real postmap: `0 ` and `0abc` are
+    malformed). Leading blanks and one sign are accepted; the magnitude
+    saturates at 2**64-1 (strtoul), a minus sign negates modulo 2**64, and
+    the result is cut to 32 bits. Anything else is BAD."""
+    s = text.lstrip(b" \t\n\r\f\v")
     body = s[1:] if s[:1] in (b"+", b"-") else s
     digits = len(body) - len(body.lstrip(b"0123456789"))
-    if not digits:
+    if not digits or digits != len(body):
         raise ValueError(f"malformed numerical data {text!r}")
-    value = int(body[:digits]) & 0xFFFFFFFF
-    if s[:1] == b"-":
-        value = (-value) & 0xFFFFFFFF
-    return value
+    magnitude = int(body)
+    if magnitude > 0xFFFFFFFFFFFFFFFF:
+        value = 0xFFFFFFFFFFFFFFFF
+    elif s[:1] == b"-":
+        value = -magnitude & 0xFFFFFFFFFFFFFFFF
+    else:
+        value = magnitude
+    return value & 0xFFFFFFFF
 
 
 def parse_request(attrs: list[tuple[bytes, bytes]]) -> Request:

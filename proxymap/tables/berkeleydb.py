@@ -86,8 +86,9 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
             cache = nulkeys.param_int(params, "berkeley_db_read_buffer_size",
                                       DEFAULT_READ_BUFFER)
             db_flags = bdb.DB_CREATE if writable else bdb.DB_RDONLY
+            self._open_args = (path, self.dbtype, db_flags, cache)
             with self.lock.access(filelock.SHARED, self.flags):
-                self._db = _open_db(path, self.dbtype, db_flags, cache)
+                self._db = _open_db(*self._open_args)
         except bdb.DBError as exc:
             os.close(fd)
             raise TableOpenError(f"open database {path}: {_reason(exc)}") from None
@@ -97,6 +98,26 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         self.remember_file(path)
 
     # storage hooks
+    def _refresh(self):
+        # libdb caches pages privately: after another writer (postmap -i,
+        # postmap -d) changed the file, writing through the old handle
+        # would put stale pages back and lose that writer's changes. We
+        # hold the exclusive lock here, so a new handle sees a quiet file.
+        # Under OPEN_LOCK nobody else could write since we opened it, and
+        # keeping the handle keeps the sequence cursor (verify's cleanup).
+        if self.lock is not None and self.lock.open_locked or not self.changed():
+            return
+        if self._cursor is not None:
+            with contextlib.suppress(bdb.DBError):
+                self._cursor.close()
+            self._cursor = None
+        old, self._db = self._db, None
+        with contextlib.suppress(bdb.DBError):
+            old.close()
+        with _db_errors(self.path, "reopen"):
+            self._db = _open_db(*self._open_args)
+        self.remember_file(self.path)
+
     def _get(self, stored_key):
         with _db_errors(self.path, "read"):
             return self._db.get(stored_key)

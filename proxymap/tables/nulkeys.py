@@ -15,6 +15,7 @@ them and keeps the narrowed flags in `self.flags`.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterable
 
 from master import maillog
@@ -163,11 +164,12 @@ class NulKeyTable(Table):
         bit = write_bit(self.flags, self.default_write)
         self.flags = narrow(self.flags, bit)
         with self._access(filelock.EXCLUSIVE):
+            self._refresh()
             outcome = self._put(encode(bit, key), encode(bit, value),
                                 bool(self.flags & F.DUP_REPLACE))
             if outcome != REFUSED:
                 self._commit()
-                self.remember_file(self.path, own_write=True)
+                self._remember_own_write()
         if outcome == REFUSED:
             if self.flags & F.DUP_WARN and not self.flags & F.DUP_IGNORE:
                 maillog.warning(duplicate_message(self.label, key))
@@ -178,15 +180,35 @@ class NulKeyTable(Table):
         self._require_writable("delete")
         key = self.fold(key)
         with self._access(filelock.EXCLUSIVE):
+            self._refresh()
             for bit, stored in probes(self.flags, key):
                 if self._remove(stored):
                     self.flags = narrow(self.flags, bit)
                     self._commit()
-                    self.remember_file(self.path, own_write=True)
+                    self._remember_own_write()
                     return True
         return False
 
+    def _remember_own_write(self) -> None:
+        """Record the file's stamp right after our change, still under the
+        write lock. File times are coarse: another writer taking the lock
+        next could leave the very same mtime (and size), and we would keep
+        a stale cache. So our write's mtime is set 1ns back, a value no
+        later write can produce; if that is not permitted, the stamp is
+        left to the settle rule instead (base.Table.changed)."""
+        try:
+            st = os.stat(self.path)
+            os.utime(self.path, ns=(st.st_atime_ns, st.st_mtime_ns - 1))
+        except OSError:
+            self.remember_file(self.path)
+            return
+        self.remember_file(self.path, own_write=True)
+
     # storage hooks
+    def _refresh(self) -> None:
+        """Called under the exclusive lock before a change: a table with a
+        private cache re-reads the file if another writer changed it."""
+
     def _get(self, stored_key: bytes) -> bytes | None:
         raise NotImplementedError
 
