@@ -29,6 +29,7 @@ import os
 import pwd
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from master import maillog
@@ -50,6 +51,8 @@ OWNER_ENV = "PROXYMAP_MAIL_OWNER"
 #: per-request deadline imposed on the remaining clients of a worker whose
 #: master went away or which was told to retire
 DRAIN_TIMEOUT = 2.0
+#: seconds between load reports that only carry new request counts
+REPORT_INTERVAL = 0.5
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,8 @@ class WorkerChannel:
         self.retiring = False
         self.closed = False
         self._last: Status | None = None
+        self._last_clients = -1
+        self._last_sent = 0.0
 
     def start(self) -> None:
         self.worker.watch(self.chan, self._readable)
@@ -154,10 +159,17 @@ class WorkerChannel:
         def on_change(worker):
             if previous is not None:
                 previous(worker)
-            self.report()
+            # A change in the number of clients matters to the master's
+            # choice of worker at once; request counters only show progress
+            # (daemon_timeout), so they travel at most every REPORT_INTERVAL
+            # instead of costing a message per request.
+            if worker.clients != self._last_clients or \
+                    time.monotonic() - self._last_sent >= REPORT_INTERVAL:
+                self.report()
             if self.retiring and worker.clients == 0:
                 worker.shutdown()
         self.worker.on_change = on_change
+        self.worker.on_tick = lambda worker: self.report()
         self.report(force=True)     # "I am up": the master counts us as ready
 
     def status(self) -> Status:
@@ -175,6 +187,8 @@ class WorkerChannel:
         try:
             self.chan.send(encode_status(status))
             self._last = status
+            self._last_clients = status.clients
+            self._last_sent = time.monotonic()
         except (BlockingIOError, InterruptedError):
             pass    # the master is slow; the next change carries the totals
         except OSError:

@@ -68,7 +68,8 @@ class Worker:
         self.requests = 0
         self.accepted = 0
         self.stopping = False
-        self.on_change = None
+        self.on_change = None   # called when clients or requests change
+        self.on_tick = None     # called at least once a second
         self.idle_since = time.monotonic()
         self._callbacks: dict[int, object] = {}
 
@@ -135,6 +136,8 @@ class Worker:
                 else:
                     data(key.fileobj)
             self._expire()
+            if self.on_tick is not None:
+                self.on_tick(self)
         self.dispatcher.close_all()
 
     def _tick(self) -> float:

@@ -1,0 +1,344 @@
+"""Durability of updates through proxywrite.
+
+Postfix clients count an update as stored once proxywrite answers OK: the
+server syncs after every change (SYNC_UPDATE, spec 9.6), so a crash of the
+worker or of the master must not lose it, and the file must stay one that
+real `postmap` and `db5.3_verify` accept. A real `postmap` writing the same
+file with its flock while proxywrite updates must neither be corrupted nor
+lose anything, which needs our table to re-read the file when another
+writer changed it (spec 7.6: libdb keeps a private page cache).
+
+Every test prints its figures (updates attempted / acknowledged / verified,
+kills) so a run shows how much was actually exercised.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+
+import pytest
+
+from proxymap import dictflags as F
+from tests import durability_tools as D
+from tests.worker_fixture import Instance
+
+SEED = int(os.environ.get("DURABILITY_SEED", "20240611"))
+
+
+def report(title: str, ledger: D.Ledger, figures: dict, kills: int | None = None) -> None:
+    extra = "" if kills is None else f", kills {kills}"
+    print(f"\n{title}: attempted {ledger.attempted}, acknowledged {ledger.acked}, "
+          f"sends that failed and were repeated {ledger.unknown}{extra}; keys {figures['keys']} "
+          f"(verified definite {figures['definite']}, present {figures['present']}, "
+          f"records in file {figures['records']})")
+
+
+# -- pure helpers ------------------------------------------------------------------------
+
+def test_possible_states_last_acknowledged_wins():
+    assert D.possible_states([("a", True), ("b", True)]) == {"b"}
+    assert D.possible_states([("a", True), (D.ABSENT, True)]) == {D.ABSENT}
+
+
+def test_possible_states_lost_answer_allows_both():
+    assert D.possible_states([("a", True), ("b", None)]) == {"a", "b"}
+    assert D.possible_states([("a", None)]) == {D.ABSENT, "a"}
+    # a resend that is answered settles it
+    assert D.possible_states([("a", True), ("b", None), ("b", True)]) == {"b"}
+
+
+def test_mismatches_reports_lost_and_stale_keys():
+    states = {"k1": {"v1"}, "k2": {D.ABSENT}, "k3": {"x", "y"}}
+    assert D.mismatches(states, {"k1": "v1", "k3": "y"}) == []
+    bad = D.mismatches(states, {"k2": "zombie", "k3": "y"})
+    assert len(bad) == 2 and bad[0].startswith("k1:") and bad[1].startswith("k2:")
+
+
+def test_parse_listing():
+    assert D.parse_listing("a\tb c\nk\t\n") == {"a": "b c", "k": ""}
+
+
+# -- the standalone worker killed with SIGKILL --------------------------------------------
+
+TABLE_CASES = {
+    # type, instance flags at open, request flags
+    "hash-lock": ("hash", 0, D.LOCKED_WRITE),
+    # verify(8)'s cache: OPEN_LOCK held for the life of the worker
+    "btree-openlock": ("btree", F.OPEN_LOCK, D.LOCKED_WRITE),
+    "lmdb-lock": ("lmdb", 0, D.LOCKED_WRITE),
+}
+
+
+@pytest.fixture
+def worker_setup(tmp_path):
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    specs = {t: f"{t}:{tables}/data-{t}" for t in ("hash", "btree", "lmdb")}
+    inst = Instance(tmp_path, write_maps=" ".join(f"proxy:{s}" for s in specs.values()))
+    try:
+        yield inst, specs
+    finally:
+        inst.stop()
+
+
+def run_with_worker_kills(inst, spec, open_flags, flags, clients, per_client, kills, seed):
+    path = inst.socket_path("proxywrite")
+    current = {"proc": inst.start("proxywrite")}
+
+    def victim():
+        proc = current["proc"]
+        return proc.pid if proc.poll() is None else None
+
+    def revive(_pid):
+        current["proc"].wait(10)
+        current["proc"] = inst.start("proxywrite")
+
+    ledger = D.Ledger()
+    writers = D.run_writers(path, spec, ledger, clients, per_client, seed,
+                            flags=flags, open_flags=open_flags)
+    killer = D.Killer(victim, revive, kills, seed)
+    killer.start()
+    try:
+        D.join_all(writers, 240)
+    finally:
+        killer.stop.set()
+        killer.join(30)
+    assert killer.error is None, killer.error
+    errors = [w.error for w in writers if w.error]
+    assert not errors, errors
+    inst.stop()  # the file is checked with nobody holding it
+    return ledger, killer.kills
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(TABLE_CASES))
+def test_worker_sigkill_loses_no_acknowledged_update(worker_setup, case):
+    inst, specs = worker_setup
+    type_name, open_flags, flags = TABLE_CASES[case]
+    per_client = 2500
+    ledger, kills = run_with_worker_kills(inst, specs[type_name], open_flags, flags,
+                                          clients=4, per_client=per_client, kills=20,
+                                          seed=SEED + len(case))
+    figures = D.check_table(inst.etc, specs[type_name], D.expected_states(ledger))
+    report(f"worker SIGKILL {case}", ledger, figures, kills)
+    assert kills >= 1, "the worker was never killed: the run proves nothing"
+    assert ledger.acked >= 4 * per_client
+
+
+# -- real postmap writing the same file while proxywrite updates ------------------------------
+
+class PostmapWriter(threading.Thread):
+    """Real Postfix writing the table, as an administrator would: `postmap
+    -i` adding a batch of keys from stdin directly to the file, now and
+    then `postmap -d KEY proxy:...` deleting one of them. Exit status 0
+    counts as acknowledgement (for -d: that key was deleted).
+
+    Why -d goes through proxywrite: Postfix 3.7's direct `postmap -d`
+    drops its exclusive flock right after the delete and writes the
+    changed pages back only when it closes the table (seen with strace:
+    flock(LOCK_UN), then pwrite64/fdatasync). Its write-back is thus
+    unlocked and can overwrite pages another writer stored meanwhile (or
+    be overwritten); no lock discipline on our side can prevent that.
+    `postmap -i` keeps its lock until after its final sync."""
+
+    def __init__(self, etc: str, spec: str, ledger: D.Ledger, rounds: int, batch: int,
+                 seed: int):
+        super().__init__(daemon=True)
+        self.etc, self.spec, self.ledger = etc, spec, ledger
+        self.rounds, self.batch = rounds, batch
+        self.rng = random.Random(seed)
+        self.error: str | None = None
+        self.runs = 0
+
+    def run(self) -> None:
+        try:
+            live: list[str] = []
+            for r in range(self.rounds):
+                keys = [f"p{r}-{i}" for i in range(self.batch)]
+                text = "".join(f"{k} {k}-postmap{r}\n" for k in keys)
+                result = D.postmap(self.etc, "-i", self.spec, input=text)
+                self.runs += 1
+                if result.returncode != 0 or result.stderr:
+                    raise AssertionError(f"postmap -i: {result.returncode} {result.stderr}")
+                for k in keys:
+                    self.ledger.record(k, f"{k}-postmap{r}", True)
+                live += keys
+                if r % 2:
+                    key = live.pop(self.rng.randrange(len(live)))
+                    result = D.postmap(self.etc, "-d", key, f"proxy:{self.spec}")
+                    self.runs += 1
+                    if result.returncode != 0 or result.stderr:
+                        raise AssertionError(f"postmap -d {key}: lost, or failed:"
+                                             f" {result.returncode} {result.stderr}")
+                    self.ledger.record(key, D.ABSENT, True)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("type_name", ["btree", "hash"])
+def test_real_postmap_and_proxywrite_share_the_file(worker_setup, type_name):
+    inst, specs = worker_setup
+    spec = specs[type_name]
+    source = spec.split(":", 1)[1]
+    with open(source, "w") as f:
+        f.write("seed seed-value\n")
+    built = D.postmap(inst.etc, spec)
+    assert built.returncode == 0, built.stderr
+    inst.start("proxywrite")
+    ledger = D.Ledger()
+    ledger.record("seed", "seed-value", True)
+    writers = D.run_writers(inst.socket_path("proxywrite"), spec, ledger, 3, 1500,
+                            SEED, flags=D.LOCKED_WRITE)
+    admin = PostmapWriter(inst.etc, spec, ledger, rounds=60, batch=25, seed=SEED)
+    admin.start()
+    D.join_all(writers + [admin], 240)
+    errors = [w.error for w in writers + [admin] if w.error]
+    assert not errors, errors
+    # proxywrite's own view, through the running worker, must agree too
+    states = D.expected_states(ledger)
+    inst.stop()
+    figures = D.check_table(inst.etc, spec, states)
+    report(f"proxywrite + real postmap -i/-d ({type_name}, {admin.runs} postmap runs)",
+           ledger, figures)
+
+
+# -- the table re-reads the file under its write lock (in-process, deterministic) ----------------
+
+@pytest.fixture
+def postfix_etc(tmp_path):
+    inst = Instance(tmp_path)
+    return inst.etc
+
+
+def _foreign_add(etc: str, spec: str, key: str, value: str) -> None:
+    """Real postmap -i adding one record directly to the file."""
+    result = D.postmap(etc, "-i", spec, input=f"{key} {value}\n")
+    assert result.returncode == 0 and not result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("type_name", ["hash", "btree"])
+def test_write_after_foreign_write_keeps_it(tmp_path, postfix_etc, type_name):
+    from proxymap.tables import open_table
+    spec = f"{type_name}:{tmp_path}/t"
+    table = open_table(spec, F.LOCK, True, {})
+    try:
+        table.flags |= F.LOCK | F.SYNC_UPDATE | F.DUP_REPLACE
+        assert table.update(b"ours1", b"a")
+        _foreign_add(postfix_etc, spec, "theirs", "b")
+        # No dispatcher in between (it would reopen on the changed stamp):
+        # the table itself must notice the change under its write lock.
+        # Enough writes that some share a page with the foreign record.
+        for n in range(200):
+            assert table.update(b"more%d" % n, b"c")
+    finally:
+        table.close()
+    expected = {"ours1": "a", "theirs": "b", **{f"more{n}": "c" for n in range(200)}}
+    assert D.dump_table(postfix_etc, spec) == expected
+
+
+@pytest.mark.parametrize("type_name", ["hash", "btree"])
+def test_foreign_write_in_the_same_clock_tick_is_noticed(tmp_path, postfix_etc, type_name,
+                                                         monkeypatch):
+    """With coarse file times another writer may leave exactly the mtime of
+    our own last write; our own write's stamp must still differ from it."""
+    from proxymap.tables import open_table
+    spec = f"{type_name}:{tmp_path}/t"
+    path = f"{tmp_path}/t.db"
+    table = open_table(spec, F.LOCK, True, {})
+    written = []  # the file time our write got from the kernel
+    commit = table._commit
+
+    def commit_and_note():
+        commit()
+        written.append(os.stat(path).st_mtime_ns)
+    monkeypatch.setattr(table, "_commit", commit_and_note)
+    try:
+        table.flags |= F.LOCK | F.SYNC_UPDATE | F.DUP_REPLACE
+        assert table.update(b"ours1", b"a")
+        size = os.stat(path).st_size
+        _foreign_add(postfix_etc, spec, "theirs", "b")
+        assert os.stat(path).st_size == size, "the foreign record grew the file: no test"
+        # simulate a clock tick that had not advanced: the foreign write
+        # stamps the file with the very time of our own write
+        os.utime(path, ns=(written[-1], written[-1]))
+        assert table.changed()
+        assert table.update(b"ours2", b"c")
+    finally:
+        table.close()
+    assert D.dump_table(postfix_etc, spec) == {"ours1": "a", "theirs": "b", "ours2": "c"}
+
+
+# -- our master killed with SIGKILL -----------------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_master_sigkill_loses_no_acknowledged_update(tmp_path):
+    from tests.instance import Instance as MasterInstance, instance_base, kill_leftover_workers
+    import shutil
+    psutil = pytest.importorskip("psutil")
+    root, remove = instance_base(tmp_path)
+    inst = MasterInstance(root)
+    spec = inst.write_table
+    try:
+        inst.start()
+
+        orphans: list[int] = []
+
+        def victim():
+            pid = inst.master_pid()
+            if pid is not None:
+                try:
+                    orphans[:] = [c.pid for c in psutil.Process(pid).children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    return None
+            return pid
+
+        def revive(pid):
+            # the master's workers must go away by themselves, so that a new
+            # master never runs a second proxywrite next to an orphan
+            deadline = time.monotonic() + 20
+            while any(map(_alive, [pid] + orphans)) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            left = [p for p in [pid] + orphans if _alive(p)]
+            assert not left, f"still alive after the master's SIGKILL: {left}"
+            inst.start()
+
+        ledger = D.Ledger()
+        for key, value in (("k1", "v1"), ("k2", "v2"), ("k3", "v3")):
+            ledger.record(key, value, True)  # built by real postmap
+        writers = D.run_writers(inst.socket_path("proxywrite"), spec, ledger, 4, 2500,
+                                SEED, tag="m", flags=D.LOCKED_WRITE,
+                                open_flags=F.OPEN_LOCK)
+        killer = D.Killer(victim, revive, 6, SEED, pause=(0.2, 0.6))
+        killer.start()
+        try:
+            D.join_all(writers, 240)
+        finally:
+            killer.stop.set()
+            killer.join(60)
+        assert killer.error is None, killer.error
+        errors = [w.error for w in writers if w.error]
+        assert not errors, errors
+        inst.stop()
+        figures = D.check_table(inst.config_dir, spec, D.expected_states(ledger))
+        report("master SIGKILL (btree with OPEN_LOCK, proxywrite under our master)", ledger, figures,
+               killer.kills)
+        assert killer.kills >= 1, "the master was never killed: the run proves nothing"
+    finally:
+        try:
+            inst.stop()
+        finally:
+            kill_leftover_workers(root)
+            if remove:
+                shutil.rmtree(root, ignore_errors=True)
