@@ -50,6 +50,7 @@ test: deps
 	$(PY) -m pytest -q tests
 
 bench: deps
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) benchmarks/run.py
 
 clean:

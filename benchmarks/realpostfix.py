@@ -1,0 +1,98 @@
+"""A private instance of the real Postfix 3.7 serving only proxymap and
+proxywrite (the C proxymap from the Debian package).
+
+Mirrors what `postfix -c DIR start` needs for a second master on one
+machine: an absolute config path, its own queue_directory (the master
+locks `$queue_directory/pid/master.pid`) and data_directory (owned by
+mail_owner, which also must be able to write `private/`). `postfix check`
+runs first so permission problems show up as one clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from benchmarks.servers import ServerInstance, pid_alive
+
+POSTFIX = "/usr/sbin/postfix"
+
+
+class StartError(Exception):
+    """A service did not come up; the message says why."""
+
+
+def wait_for_socket(path: str, timeout: float) -> bool:
+    """Wait until a UNIX socket accepts a connection and greets."""
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(2)
+                s.connect(path)
+                if s.recv(64).startswith(b"protocol"):
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+class RealPostfix(ServerInstance):
+    kind = "c"
+    label = "Postfix 3.7 C proxymap"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.master_pid: int | None = None
+
+    def _postfix(self, *args, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([POSTFIX, "-c", self.config_dir, *args], capture_output=True,
+                              text=True, timeout=timeout)
+
+    def start(self) -> None:
+        for step in ("check", "start"):
+            result = self._postfix(step)
+            if result.returncode != 0:
+                raise StartError(f"postfix -c {self.config_dir} {step}: "
+                                 f"{(result.stderr or result.stdout).strip()[-300:]}")
+        self.master_pid = self._read_pid()
+        for service in ("proxymap", "proxywrite"):
+            if not wait_for_socket(self.socket_path(service), 20):
+                raise StartError(f"real Postfix: {self.socket_path(service)} does not greet")
+
+    def _read_pid(self) -> int | None:
+        try:
+            with open(os.path.join(self.queue_dir, "pid", "master.pid")) as f:
+                text = f.read().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def root_pids(self) -> list[int]:
+        return [self.master_pid] if self.master_pid else []
+
+    def stop(self) -> None:
+        """`postfix stop`, then SIGKILL by pid whatever is left of the tree."""
+        pid = self.master_pid or self._read_pid()
+        if not pid:
+            return
+        leftovers = [p.pid for p in self.processes()]
+        if pid_alive(pid):
+            try:
+                self._postfix("stop", timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(pid_alive(p) for p in leftovers):
+            time.sleep(0.1)
+        for p in leftovers:
+            if pid_alive(p):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.master_pid = None
