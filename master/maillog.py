@@ -17,6 +17,15 @@ _logger = logging.getLogger("postfix")
 _state = {"tag": "proxymap", "verbose": 0}
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in range(32)} | {127: "\\x7f"}
+
+
+def escape_controls(text: str) -> str:
+    """Control characters (a newline in a client-supplied table name, say)
+    written as \\xNN, so that one message is always one log line."""
+    return text.translate(_CONTROL)
+
+
 class _Formatter(logging.Formatter):
     LEVELS = {logging.DEBUG: "", logging.INFO: "", logging.WARNING: "warning: ",
               logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
@@ -27,7 +36,7 @@ class _Formatter(logging.Formatter):
 
     def format(self, record):
         prefix = f"{_state['tag']}[{os.getpid()}]: {self.LEVELS.get(record.levelno, '')}"
-        text = prefix + record.getMessage()
+        text = prefix + escape_controls(record.getMessage())
         if self.with_time:
             text = self.formatTime(record, "%b %d %H:%M:%S") + " " + text
         return text

@@ -119,8 +119,11 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         self.remember_file(self.path)
 
     def _get(self, stored_key):
-        with _db_errors(self.path, "read"):
+        try:   # the hot path: no context manager here
             return self._db.get(stored_key)
+        except (bdb.DBError, OSError):
+            with _db_errors(self.path, "read"):
+                raise
 
     def _put(self, stored_key, stored_value, replace):
         with _db_errors(self.path, "write"):

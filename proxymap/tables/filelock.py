@@ -89,7 +89,7 @@ class TableLock:
     def access(self, op: str, flags: int):
         """Context manager around one operation under `flags`; a failing
         lock call becomes TableError (a temporary error for the client)."""
-        if self.open_locked or not (self.always or flags & F.LOCK):
+        if not self.needed(flags):
             yield
             return
         self._call(op)
@@ -97,6 +97,16 @@ class TableLock:
             yield
         finally:
             self._call(UNLOCK)
+
+    # The same as access(), in two calls, for hot paths.
+    def needed(self, flags: int) -> bool:
+        return not self.open_locked and bool(self.always or flags & F.LOCK)
+
+    def acquire(self, op: str) -> None:
+        self._call(op)
+
+    def release(self) -> None:
+        self._call(UNLOCK)
 
     def _call(self, op: str) -> None:
         try:

@@ -144,13 +144,29 @@ class NulKeyTable(Table):
         return self.lock.access(op, self.flags)
 
     def lookup(self, key: bytes) -> bytes | None:
-        key = self.fold(key)
-        with self._access(filelock.SHARED):
-            for bit, stored in probes(self.flags, key):
-                value = self._get(stored)
+        flags = self.flags
+        if flags & F.FOLD_FIX:   # every NUL-convention table is FIXED
+            key = F.fold_ascii(key)
+        lock = self.lock
+        locked = lock is not None and lock.needed(flags)
+        if locked:
+            lock.acquire(filelock.SHARED)
+        try:
+            if flags & F.TRY1NULL:
+                value = self._get(key + b"\0")
                 if value is not None:
-                    self.flags = narrow(self.flags, bit)
+                    if flags & F.TRY0NULL:
+                        self.flags = narrow(flags, F.TRY1NULL)
                     return cut_value(value)
+            if flags & F.TRY0NULL:
+                value = self._get(key)
+                if value is not None:
+                    if flags & F.TRY1NULL:
+                        self.flags = narrow(flags, F.TRY0NULL)
+                    return cut_value(value)
+        finally:
+            if locked:
+                lock.release()
         return None
 
     def _require_writable(self, operation: str) -> None:
@@ -194,14 +210,15 @@ class NulKeyTable(Table):
         write lock. File times are coarse: another writer taking the lock
         next could leave the very same mtime (and size), and we would keep
         a stale cache. So our write's mtime is set 1ns back, a value no
-        later write can produce; if that is not permitted, the stamp is
-        left to the settle rule instead (base.Table.changed)."""
+        later write can produce. If that is not permitted (a file we do
+        not own), the stamp is still taken as our own: treating it as
+        unsettled would reopen the table, and lose its sequence cursor,
+        after every update."""
         try:
             st = os.stat(self.path)
             os.utime(self.path, ns=(st.st_atime_ns, st.st_mtime_ns - 1))
         except OSError:
-            self.remember_file(self.path)
-            return
+            pass
         self.remember_file(self.path, own_write=True)
 
     # storage hooks
