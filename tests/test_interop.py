@@ -140,3 +140,28 @@ def test_verify_cache_cleanup_exchange_byte_for_byte(tmp_path):
     assert sorted(dump.stdout.decode().splitlines()) == [
         "_LAST_CACHE_CLEANUP_COMPLETED_\t1795597811", "keep@example.com\t0:0:1795597808:ok",
         "user@example.com\t0:0:1795597811:ok"]
+
+
+def test_postmap_delete_beside_a_verify_style_lifetime_lock(tmp_path):
+    """verify(8) holds its cache under OPEN_LOCK in our proxywrite worker;
+    a `postmap -d` through the same worker (a second instance, LOCK per
+    request) must neither wait on the worker's own lock nor be refused."""
+    i = Instance(tmp_path)
+    src = tmp_path / "etc" / "cache"
+    src.write_text("a@example.com 1\nb@example.com 2\n")
+    assert i.postmap(f"btree:{src}").returncode == 0
+    table = f"btree:{src}"
+    i.write_main_cf(write_maps=f"proxy:{table}")
+    i.start("proxywrite")
+    try:
+        c = RawClient(i.socket_path("proxywrite"))
+        assert c.request(request="open", table=table, flags=65536)[b"status"] == b"0"
+        r = i.postmap("-d", "a@example.com", f"proxy:{table}")
+        assert r.returncode == 0, r.stderr
+        got = c.request(request="lookup", table=table, flags=590208, key="a@example.com")
+        assert got[b"status"] == b"1"
+        got = c.request(request="lookup", table=table, flags=590208, key="b@example.com")
+        assert got == {b"status": b"0", b"value": b"2"}
+    finally:
+        i.stop()
+    assert "locked by another process" not in i.read_log()

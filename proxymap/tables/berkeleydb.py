@@ -175,7 +175,7 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         finally:
             self._cursor = self._db = None
             if self.lock is not None:
-                os.close(self.lock.fd)
+                self.lock.close()
                 self.lock = None
 
     @classmethod

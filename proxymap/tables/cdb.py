@@ -136,7 +136,7 @@ class CdbTable(nulkeys.NulKeyTable):
             self._map.close()
             self._map = None
         if self.lock is not None:
-            os.close(self.lock.fd)
+            self.lock.close()
             self.lock = None
 
     @classmethod

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import os
 import time
 
 from proxymap import dictflags as F
@@ -33,6 +34,10 @@ EXCLUSIVE = "exclusive"
 #: worker serves many clients from one loop, so we wait a bounded time and
 #: then answer RETRY (e.g. while proxywrite holds a cache's OPEN_LOCK).
 LOCK_WAIT_LIMIT = 1.0
+
+#: (device, inode) -> number of instances in this process holding the
+#: file's OPEN_LOCK
+_lifetime_locks: dict[tuple[int, int], int] = {}
 
 _FLOCK_OPS = {UNLOCK: fcntl.LOCK_UN, SHARED: fcntl.LOCK_SH, EXCLUSIVE: fcntl.LOCK_EX}
 
@@ -76,6 +81,8 @@ class TableLock:
         self.spec = spec
         self.always = False
         self.open_locked = False
+        st = os.fstat(fd)
+        self.file_id = (st.st_dev, st.st_ino)
         if flags & F.OPEN_LOCK:
             if multi_writer:
                 self.always = True
@@ -84,6 +91,16 @@ class TableLock:
                                      "Resource temporarily unavailable")
             else:
                 self.open_locked = True
+                _lifetime_locks[self.file_id] = _lifetime_locks.get(self.file_id, 0) + 1
+
+    def close(self) -> None:
+        """Close the descriptor (dropping its locks)."""
+        if self.open_locked:
+            self.open_locked = False
+            left = _lifetime_locks.pop(self.file_id, 1) - 1
+            if left > 0:
+                _lifetime_locks[self.file_id] = left
+        os.close(self.fd)
 
     @contextlib.contextmanager
     def access(self, op: str, flags: int):
@@ -100,7 +117,11 @@ class TableLock:
 
     # The same as access(), in two calls, for hot paths.
     def needed(self, flags: int) -> bool:
-        return not self.open_locked and bool(self.always or flags & F.LOCK)
+        # A file this process holds under OPEN_LOCK (verify's cache, say) is
+        # ours alone: other instances of it in this process need no lock, and
+        # taking one through another descriptor would wait on ourselves.
+        return (not self.open_locked and bool(self.always or flags & F.LOCK)
+                and self.file_id not in _lifetime_locks)
 
     def acquire(self, op: str) -> None:
         self._call(op)

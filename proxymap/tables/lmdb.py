@@ -215,7 +215,7 @@ class LmdbTable(nulkeys.NulKeyTable):
         finally:
             self._shared = None
             if self.lock is not None:
-                os.close(self.lock.fd)
+                self.lock.close()
                 self.lock = None
 
     @classmethod
