@@ -48,7 +48,10 @@ def setup(tag: str, maillog_file: str = "", stderr: bool = False, verbose: int =
     _state["verbose"] = verbose
     for h in list(_logger.handlers):
         _logger.removeHandler(h)
-        h.close()
+        try:
+            h.close()
+        except OSError:
+            pass   # a forked worker: the descriptor was closed with the others
     if maillog_file:
         handler: logging.Handler = logging.FileHandler(maillog_file)
         handler.setFormatter(_Formatter(with_time=True))

@@ -37,8 +37,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import setproctitle
+
 from master import handoff, maillog, pidfile, sdnotify
-from master.config import ConfigError, MainConfig, Service, load_main_cf, load_master_cf
+from master.config import (ConfigError, MainConfig, Service, load_main_cf, load_master_cf,
+                           proxy_allow_set)
 from master.workerslot import READY, RETIRING, STARTING, WorkerSlot, pick_worker
 
 PROGRAM = "proxymap-master"
@@ -99,15 +102,15 @@ class Credentials:
 def mail_owner_credentials(main: MainConfig) -> Credentials:
     """Validate mail_owner as Postfix does (known, not root, unique uid)."""
     name = main.get("mail_owner")
-    where = f"file {main.path}: parameter mail_owner"
+    where = "parameter mail_owner"
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
-        raise ConfigError(f"{where}: unknown user name value: {name}") from None
+        raise main.locate("mail_owner", f"{where}: unknown user name value: {name}") from None
     if pw.pw_uid == 0:
-        raise ConfigError(f"{where}: user {name} has privileged user ID")
+        raise main.locate("mail_owner", f"{where}: user {name} has privileged user ID")
     if pw.pw_gid == 0:
-        raise ConfigError(f"{where}: user {name} has privileged group ID")
+        raise main.locate("mail_owner", f"{where}: user {name} has privileged group ID")
     return Credentials(name, pw.pw_uid, pw.pw_gid)
 
 
@@ -120,26 +123,54 @@ class Configuration:
     skipped: list[Service] = field(default_factory=list)
 
 
-def load_configuration(config_dir: str, warn=None) -> Configuration:
+def load_configuration(config_dir: str, warn=None, workers: bool = False) -> Configuration:
     """Read and check both files; ConfigError (one line, file and line) on
-    any problem, including the numbers the master itself needs."""
+    any problem, including the numbers the master itself needs. With
+    `workers` (check, reload) also the values only workers read, so a
+    reload cannot replace serving workers by ones that die at startup."""
     main = load_main_cf(config_dir, warn=warn)
     services = load_master_cf(config_dir, main, warn=warn)
     owner = mail_owner_credentials(main) if os.geteuid() == 0 else None
     for name in ("queue_directory",):
         if not main.get(name).startswith("/"):
-            raise ConfigError(f"file {main.path}: parameter {name}: not an absolute path: "
-                              f"{main.get(name)}")
+            raise main.locate(name, f"parameter {name}: not an absolute path: "
+                                    f"{main.get(name)}")
     main.get_int("default_process_limit")
     main.get_time("service_throttle_time")
     used, skipped = [], []
     for service in services:
         if service.type == "unix" and is_proxymap_command(service):
-            service_settings(main, service)       # raises on bad -o values
+            try:
+                service_settings(main, service)       # raises on bad -o values
+                if workers:
+                    check_worker_settings(main, service)
+            except ConfigError as exc:
+                if exc.filename:                  # a main.cf value: already located
+                    raise
+                raise ConfigError(f"service {service.name}: {exc}", service.filename,
+                                  service.line, sep=": line") from None
             used.append(service)
         else:
             skipped.append(service)
     return Configuration(main, used, owner, skipped)
+
+
+def check_worker_settings(main: MainConfig, service: Service) -> None:
+    """Build (and discard) what a worker of `service` builds at startup, so a
+    value only workers read (ipc_timeout, proxymap_max_*, smtputf8_enable,
+    the allow-lists, the service name) raises ConfigError here."""
+    from proxymap.server import make_worker, role_of
+    cfg = main.with_overrides(service.overrides)
+    for name in ("proxy_read_maps", "proxy_write_maps"):
+        try:
+            proxy_allow_set(cfg.get(name))
+        except ConfigError as exc:
+            raise cfg.locate(name, f"parameter {name}: {exc.reason}") from None
+    if role_of(service.name, cfg) is None:
+        raise ConfigError(f"service name must be one of proxymap or proxywrite "
+                          f"(or $proxymap_service_name, $proxywrite_service_name), "
+                          f"not {service.name!r}")
+    make_worker(cfg, service.name).selector.close()
 
 
 @dataclass
@@ -257,6 +288,7 @@ class Master:
                 from None
         os.environ["MAIL_CONFIG"] = self.config_dir
         self.install_signals()
+        preload_worker()
         self.log_skipped(config)
         for service in config.services:
             self.add_service(service, main)
@@ -406,7 +438,7 @@ class Master:
             worker_end.close()
             return None
         if pid == 0:
-            _exec_worker(argv, env, worker_end.fileno(), self.queue_directory)
+            _run_worker(argv, env, worker_end.fileno(), self.queue_directory)
         worker_end.close()
         slot = WorkerSlot(pid, service.name, state.generation, chan=master_end)
         state.slots.append(slot)
@@ -580,7 +612,7 @@ class Master:
         sdnotify.reloading()
         self.reloads += 1
         try:
-            config = load_configuration(self.config_dir)
+            config = load_configuration(self.config_dir, workers=True)
         except ConfigError as exc:
             self.reload_error = str(exc)
             maillog.error(f"{exc}")
@@ -714,30 +746,66 @@ def _note_signal(signum, frame) -> None:
     """Signal handlers do nothing: set_wakeup_fd already queued the number."""
 
 
-def _exec_worker(argv, env, chan_fd, queue_directory) -> None:
-    """In the forked child: put the channel on WORKER_FD and exec. The worker
-    drops privileges itself once it has read its configuration (as Postfix
-    daemons do), see handoff.drop_privileges()."""
+def _run_worker(argv, env, chan_fd, queue_directory) -> None:
+    """In the forked child: become the worker without exec.
+
+    The master has the worker's code loaded (preload_worker()), so the
+    child calls proxymap.server.main() directly: a replacement worker costs
+    a fork, not a new interpreter (max_use retires a worker every 100
+    clients by default). Everything the master held is closed first except
+    the channel, which moves to WORKER_FD; no table is open in the master,
+    so none is inherited. The worker drops privileges itself once it has
+    read its configuration (as Postfix daemons do), see
+    handoff.drop_privileges(). `argv` is the command line an exec would
+    have used, kept for `ps` and for the argument parser."""
+    status = 127
     try:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                        signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(signum, signal.SIG_DFL)
-        os.dup2(chan_fd, WORKER_FD)
-        os.set_inheritable(WORKER_FD, True)
+        os.dup2(chan_fd, WORKER_FD, inheritable=False)
+        os.closerange(WORKER_FD + 1, _max_fd())
         try:
             os.chdir(queue_directory)
         except OSError:
             pass
-        os.execve(argv[0], argv, env)
+        # the title first: setproctitle needs the environment it started with
+        setproctitle.setproctitle(" ".join([WORKER_COMMAND] + argv[argv.index("-c"):]))
+        os.environ.clear()
+        os.environ.update(env)
+        from proxymap import server
+        status = server.main(argv[argv.index("-c"):])
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:    # noqa: BLE001 - the child must never return
         try:
-            os.write(2, f"{PROGRAM}[{os.getpid()}]: fatal: master_spawn: exec {argv[0]}: "
+            os.write(2, f"{PROGRAM}[{os.getpid()}]: fatal: master_spawn: {argv[0]}: "
                         f"{exc}\n".encode())
         except OSError:
             pass
+        status = 1
     finally:
-        os._exit(127)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:   # noqa: BLE001
+            pass
+        os._exit(status or 0)
+
+
+def _max_fd() -> int:
+    try:
+        return os.sysconf("SC_OPEN_MAX")
+    except (ValueError, OSError):
+        return 65536
+
+
+def preload_worker() -> None:
+    """Import the worker and every table type once, in the master, so that
+    forked workers start with them loaded."""
+    from proxymap import server  # noqa: F401
+    handoff.preload_table_modules()
 
 
 # -- directories and sockets ------------------------------------------------------------

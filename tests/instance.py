@@ -281,7 +281,7 @@ def kill_leftover_workers(root: str) -> None:
     import psutil
     etc = os.path.join(root, "etc")
     for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = proc.info.get("cmdline") or []
+        cmdline = " ".join(proc.info.get("cmdline") or []).split()
         if etc in cmdline and proc.info["pid"] != os.getpid():
             try:
                 os.kill(proc.info["pid"], signal.SIGKILL)

@@ -162,7 +162,8 @@ def worker_pids(master_pid: int, service: str | None = None) -> list[int]:
     pids = []
     for child in psutil.Process(master_pid).children():
         try:
-            cmdline = child.cmdline()
+            # forked workers carry a process title, one string: split it
+            cmdline = " ".join(child.cmdline()).split()
         except psutil.Error:
             continue
         if service is None or service in cmdline:
@@ -264,7 +265,8 @@ def test_run_in_foreground_throttles_a_command_that_dies_at_startup(instance):
     # the read service is unaffected
     wait_for(lambda: instance.workers("proxymap", "ready"), 20, what="a proxymap worker")
     assert instance.lookup("bob") == "bob@example.org"
-    assert instance.raw_status()["services"]["proxywrite"]["throttled"]
+    wait_for(lambda: instance.raw_status()["services"]["proxywrite"]["throttled"], 10,
+             what="the status file to show the throttled service")
 
 
 def test_check_reports_file_and_line(instance):
