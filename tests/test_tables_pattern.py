@@ -406,3 +406,33 @@ def test_posix_translation_agrees_with_glibc_regcomp():
             compared += 1
         libc.regfree(regex_t)
     assert compared > 10000
+
+
+def test_indexed_cidr_lookup_agrees_with_the_rule_by_rule_scan():
+    import ipaddress
+    import random
+    from proxymap.tables.cidr import IndexedCidrProgram
+    from proxymap.tables.patterns import Program
+    rng = random.Random(5)
+    lines = []
+    for i in range(1500):
+        if rng.random() < 0.1:
+            net = ipaddress.ip_network(f"2001:db8:{rng.randrange(65536):x}::/{rng.choice([32, 48, 64, 128])}",
+                                       strict=False)
+        else:
+            address = ".".join(str(rng.randrange(256)) for _ in range(4))
+            net = ipaddress.ip_network(f"{address}/{rng.choice([8, 12, 16, 24, 32])}", strict=False)
+        lines.append(f"{net} result{i}")
+    program = compile_cidr("\n".join(lines).encode())
+    assert isinstance(program, IndexedCidrProgram)
+    linear = Program(program.rules)
+    keys = [".".join(str(rng.randrange(256)) for _ in range(4)).encode() for _ in range(2000)]
+    keys += [f"2001:db8:{rng.randrange(65536):x}::{rng.randrange(65536):x}".encode() for _ in range(300)]
+    keys += [b"not-an-address", b"1.2.3", b"::ffff:1.2.3.4"]
+    answers = [program.lookup(k) for k in keys]
+    assert answers == [linear.lookup(k) for k in keys]
+    assert sum(a is not None for a in answers) > 100
+    # negations and IF blocks keep the rule-by-rule scan
+    assert not isinstance(compile_cidr(b"!10.0.0.0/8 x\n"), IndexedCidrProgram)
+    assert not isinstance(compile_cidr(b"IF 10.0.0.0/8\n10.1.0.0/16 x\nENDIF\n"),
+                          IndexedCidrProgram)
