@@ -724,6 +724,14 @@ class MainConfig:
             return ConfigError(f"-o {name}={setting.value}: {reason}")
         return ConfigError(reason)
 
+    def locate(self, name: str, reason: str) -> ConfigError:
+        """A ConfigError for parameter `name` naming where it was set
+        (main.cf file and line, or the -o override; main.cf alone for a
+        default value)."""
+        if name not in self._settings:
+            return ConfigError(reason, self.path)
+        return self._where(name, reason)
+
     # -- expanded values ----------------------------------------------------
 
     def get(self, name: str) -> str:

@@ -44,9 +44,9 @@ def fatal(text: str) -> int:
 
 # -- helpers ------------------------------------------------------------------------
 
-def load(config_dir: str):
+def load(config_dir: str, workers: bool = False):
     try:
-        return load_configuration(config_dir)
+        return load_configuration(config_dir, workers=workers)
     except ConfigError as exc:
         raise Failure(str(exc)) from None
 
@@ -95,7 +95,7 @@ def check_greeting(path: str, timeout: float) -> str | None:
 # -- commands -----------------------------------------------------------------------
 
 def cmd_check(args) -> int:
-    config = load(args.config_dir)
+    config = load(args.config_dir, workers=True)
     for service in config.skipped:
         maillog.warning(f"{service.filename}: line {service.line}: service "
                         f"{service.name}/{service.type}: command {service.command} is not "

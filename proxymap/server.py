@@ -175,7 +175,12 @@ class Worker:
         for attrs in lists:
             conn.out += self.dispatcher.handle(attrs)
             self.requests += 1
-        conn.since = time.monotonic() if conn.decoder.pending else None
+        # ipc_timeout counts from the first byte of an unfinished request,
+        # so a client trickling one byte a second cannot keep it open
+        if not conn.decoder.pending:
+            conn.since = None
+        elif lists or conn.since is None:
+            conn.since = time.monotonic()   # a new request began in this read
         if conn.out:
             self._flush(conn)
         if lists:
@@ -202,7 +207,10 @@ class Worker:
             if conn.since is None:
                 conn.since = time.monotonic()
         else:
-            conn.since = time.monotonic() if conn.decoder.pending else None
+            if not conn.decoder.pending:
+                conn.since = None
+            elif conn.since is None:
+                conn.since = time.monotonic()
             if self.stopping and not conn.decoder.pending:
                 self._close(conn)
 
