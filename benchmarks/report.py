@@ -9,7 +9,7 @@ import json
 import statistics
 
 METRICS = ("rate", "p50_ms", "p99_ms", "p999_ms", "cpu_per_10k", "peak_rss_mb",
-           "peak_procs", "client_cpu_per_10k")
+           "peak_pss_mb", "peak_procs", "client_cpu_per_10k")
 
 
 def median_or_none(values):
@@ -68,7 +68,8 @@ def table(rows: list[dict]) -> str:
             f"{_fmt(r['c_p999_ms'], '.3f'):>7} {_fmt(r['ours_p999_ms'], '.3f'):>6}")
     lines.append("")
     head = (f"{'scenario':<24} {'CPU s/10k C':>11} {'ours':>7} {'ours/C':>6}  "
-            f"{'RSS MB C':>8} {'ours':>7} {'ours/C':>6}  {'procs C':>7} {'ours':>4}  "
+            f"{'RSS MB C':>8} {'ours':>7} {'ours/C':>6}  {'PSS MB C':>8} {'ours':>6} "
+            f"{'ours/C':>6}  {'procs C':>7} {'ours':>4}  "
             f"{'client CPU s/10k':>16}")
     lines += [head, "-" * len(head)]
     for r in rows:
@@ -76,7 +77,9 @@ def table(rows: list[dict]) -> str:
             f"{r['scenario']:<24} {_fmt(r['c_cpu_per_10k'], '.3f'):>11} "
             f"{_fmt(r['ours_cpu_per_10k'], '.3f'):>7} {_fmt(r['ratio_cpu_per_10k'], '.2f'):>6}  "
             f"{_fmt(r['c_peak_rss_mb'], '.1f'):>8} {_fmt(r['ours_peak_rss_mb'], '.1f'):>7} "
-            f"{_fmt(r['ratio_peak_rss_mb'], '.2f'):>6}  {_fmt(r['c_peak_procs']):>7} "
+            f"{_fmt(r['ratio_peak_rss_mb'], '.2f'):>6}  "
+            f"{_fmt(r['c_peak_pss_mb'], '.1f'):>8} {_fmt(r['ours_peak_pss_mb'], '.1f'):>6} "
+            f"{_fmt(r['ratio_peak_pss_mb'], '.2f'):>6}  {_fmt(r['c_peak_procs']):>7} "
             f"{_fmt(r['ours_peak_procs']):>4}  "
             f"{_fmt(r['c_client_cpu_per_10k'], '.3f'):>7} / "
             f"{_fmt(r['ours_client_cpu_per_10k'], '.3f')}")

@@ -98,6 +98,7 @@ def measure(server, sc: Scenario, ctx: Context) -> dict:
     record["cpu_per_10k"] = usage.cpu / n * 10000 if n else None
     record["client_cpu_per_10k"] = record.pop("client_cpu") / n * 10000 if n else None
     record["peak_rss_mb"] = usage.peak_rss / 2 ** 20
+    record["peak_pss_mb"] = usage.peak_pss / 2 ** 20
     record["peak_procs"] = usage.peak_procs
     return record
 

@@ -116,22 +116,27 @@ class ServerInstance:
                 continue
         return total
 
-    def memory(self) -> tuple[int, int]:
-        """(sum of RSS bytes, number of processes) of the service now."""
-        rss = count = 0
+    def memory(self) -> tuple[int, int, int]:
+        """(sum of RSS bytes, sum of PSS bytes, number of processes) of the
+        service now. RSS counts pages shared between processes once per
+        process (forked workers share most of theirs); PSS divides them."""
+        rss = pss = count = 0
         for proc in self.processes():
             try:
-                rss += proc.memory_info().rss
+                info = proc.memory_full_info()
+                rss += info.rss
+                pss += getattr(info, "pss", info.rss)
                 count += 1
-            except psutil.NoSuchProcess:
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        return rss, count
+        return rss, pss, count
 
 
 @dataclass
 class Usage:
     cpu: float = 0.0
     peak_rss: int = 0
+    peak_pss: int = 0
     peak_procs: int = 0
 
 
@@ -148,8 +153,9 @@ class UsageMeter:
 
     def _sample(self) -> None:
         while True:
-            rss, count = self.server.memory()
+            rss, pss, count = self.server.memory()
             self.usage.peak_rss = max(self.usage.peak_rss, rss)
+            self.usage.peak_pss = max(self.usage.peak_pss, pss)
             self.usage.peak_procs = max(self.usage.peak_procs, count)
             if self._stop.wait(self.interval):
                 return

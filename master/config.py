@@ -200,7 +200,14 @@ DEFAULTS.update({
     # Our own: limits of the attribute codec (proxymap/protocol.py).
     "proxymap_max_attributes": str(DEFAULT_MAX_ATTRS),
     "proxymap_max_request_size": str(DEFAULT_MAX_MESSAGE),
+    # Our own: open connections at which a worker counts as busy; the master
+    # starts another worker when every worker of a service is busy.
+    "proxymap_worker_busy_clients": "32",
 })
+
+#: parameters of this project that Postfix does not know
+OWN_PARAMETERS = ("proxymap_max_attributes", "proxymap_max_request_size",
+                  "proxymap_worker_busy_clients")
 
 DYNAMIC_DEFAULTS = ("myhostname", "mydomain", "mynetworks", "process_id", "process_name")
 READ_ONLY = ("process_id", "process_name")
@@ -211,7 +218,8 @@ LIMITS: dict[str, tuple[int | None, int | None]] = {
         "default_process_limit", "max_use", "max_idle", "ipc_timeout", "ipc_idle",
         "ipc_ttl", "daemon_timeout", "service_throttle_time", "lmdb_map_size",
         "berkeley_db_read_buffer_size", "berkeley_db_create_buffer_size",
-        "proxymap_max_attributes", "proxymap_max_request_size")
+        "proxymap_max_attributes", "proxymap_max_request_size",
+        "proxymap_worker_busy_clients")
 }
 LIMITS["in_flow_delay"] = (0, 10)
 

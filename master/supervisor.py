@@ -48,9 +48,6 @@ PROGRAM = "proxymap-master"
 WORKER_COMMAND = "proxymap"
 STATUS_NAME = "proxymap-master.status"
 
-#: a worker with this many open connections counts as busy: when every
-#: worker of a service is busy the master starts another (up to maxproc)
-BUSY_CLIENTS = 4
 #: workers kept per service even when idle
 MIN_WORKERS = 1
 #: seconds a retiring worker may wait for its clients to leave on their own
@@ -181,6 +178,11 @@ class Settings:
     daemon_timeout: int
     throttle_time: int
     maxproc: int
+    #: a worker with this many open connections counts as busy: when every
+    #: worker of a service is busy the master starts another (up to maxproc).
+    #: One event loop serves many clients; a worker per core or so is what
+    #: helps throughput, a worker per handful of clients only costs memory.
+    busy_clients: int
 
 
 def service_settings(main: MainConfig, service: Service) -> Settings:
@@ -190,7 +192,7 @@ def service_settings(main: MainConfig, service: Service) -> Settings:
         maxproc = 1                                 # the single updater
     return Settings(cfg.get_int("max_use"), cfg.get_time("max_idle"),
                     cfg.get_time("daemon_timeout"), cfg.get_time("service_throttle_time"),
-                    maxproc)
+                    maxproc, cfg.get_int("proxymap_worker_busy_clients"))
 
 
 def same_definition(a: Service, b: Service) -> bool:
@@ -399,7 +401,7 @@ class Master:
         current = state.current()
         if any(s.state == STARTING for s in current):
             return
-        if current and min(s.load for s in current) < BUSY_CLIENTS:
+        if current and min(s.load for s in current) < state.settings.busy_clients:
             return
         if state.under_limit() and not state.throttled(now) and not state.removed:
             self.spawn(state)

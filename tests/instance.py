@@ -109,6 +109,9 @@ class Instance:
             "mail_owner": mail_owner(),
             "proxy_read_maps": f"proxy:{self.read_table} proxy:{self.write_table}",
             "proxy_write_maps": f"proxy:{self.write_table}",
+            # several workers with a handful of clients, so that tests see
+            # connections spread (the default, 32, keeps workers few)
+            "proxymap_worker_busy_clients": "4",
         }
         settings.update(self.main_extra)
         return settings

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from master.config import (DEFAULTS, ConfigError, MacroError, MainConfig, Service, compare,
+from master.config import (DEFAULTS, OWN_PARAMETERS, ConfigError, MacroError, MainConfig, Service, compare,
                            expand, load_main_cf, load_master_cf, parse_int, parse_main_cf,
                            parse_master_cf, parse_overrides, parse_table_list, parse_time,
                            proxy_allow_set, read_logical_lines, split_command_args, split_list,
@@ -382,7 +382,7 @@ def test_defaults_match_postconf(tmp_path):
     config_dir = make_dir(tmp_path, "compatibility_level = 3.6\n")
     cfg = load_main_cf(config_dir, warn=lambda m: None)
     ours = cfg.defaults()
-    names = [n for n in ours if not n.startswith("proxymap_max_")
+    names = [n for n in ours if n not in OWN_PARAMETERS
              and n not in ("process_id", "process_name")]
     out = postconf(config_dir, "-d", *names)
     real = dict(line.split(" =", 1) for line in out.splitlines())
