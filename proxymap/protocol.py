@@ -82,8 +82,19 @@ class Decoder:
         # and an empty token where a name belongs ends a list. The last
         # token is whatever follows the last NUL (an unfinished token).
         tokens = buf.split(b"\0")
-        complete = len(tokens) - 1
         max_attrs, max_message = self.max_attrs, self.max_message
+        # Fast path: exactly one complete list (the usual read). Its names
+        # sit at even positions, none empty, and it ends in "\0\0".
+        n = len(tokens)
+        if n % 2 == 0 and n >= 2 and not tokens[-1] and not tokens[-2] \
+                and b"" not in tokens[0:-2:2]:
+            if n // 2 - 1 > max_attrs:
+                raise ProtocolError(f"more than {max_attrs} attributes in one request")
+            if len(buf) - 1 > max_message:
+                raise ProtocolError(f"request larger than {max_message} bytes")
+            self.buf = b""
+            return [list(zip(tokens[0:-2:2], tokens[1:-2:2]))]
+        complete = n - 1
         out = []
         current: list[tuple[bytes, bytes]] = []
         i = 0

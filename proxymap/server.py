@@ -1,7 +1,7 @@
 """The proxymap worker: one process serving many client connections.
 
 This is the counterpart of Postfix's proxymap(8) under the multi-server
-skeleton: a single-threaded event loop (`selectors`) reads requests from
+skeleton: a single-threaded event loop (epoll) reads requests from
 every connected client, answers them in order through a `Dispatcher`, and
 never lets a slow, silent or hostile client hold up the others. Clients
 arrive either by accepting on a listening socket (`--listen`, for
@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import selectors
+import select
 import signal
 import socket
 import sys
@@ -29,6 +29,8 @@ from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
 from proxymap.protocol import GREETING, Decoder, ProtocolError
 
 READ_CHUNK = 65536
+#: seconds between checks for expired connections (and on_tick calls)
+TICK = 1.0
 
 
 class Connection:
@@ -63,7 +65,9 @@ class Worker:
         self.ipc_timeout = ipc_timeout
         self.max_attrs = max_attrs
         self.max_message = max_message
-        self.selector = selectors.DefaultSelector()
+        # epoll directly rather than selectors: the loop runs once per request
+        self._poll = select.epoll()
+        self._handlers: dict[int, object] = {}   # fd -> Connection or (fileobj, callback)
         self.conns: dict[int, Connection] = {}
         self.requests = 0
         self.accepted = 0
@@ -71,7 +75,7 @@ class Worker:
         self.on_change = None   # called when clients or requests change
         self.on_tick = None     # called at least once a second
         self.idle_since = time.monotonic()
-        self._callbacks: dict[int, object] = {}
+        self._ticked = 0.0
 
     @property
     def clients(self) -> int:
@@ -80,14 +84,22 @@ class Worker:
     # -- plugging in -----------------------------------------------------------
 
     def watch(self, fileobj, callback) -> None:
-        """Call callback(fileobj) whenever fileobj is readable."""
-        self.selector.register(fileobj, selectors.EVENT_READ, callback)
+        """Call callback(fileobj) whenever fileobj (an object with fileno()
+        or a descriptor number) is readable."""
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        self._poll.register(fd, select.EPOLLIN)
+        self._handlers[fd] = (fileobj, callback)
 
     def unwatch(self, fileobj) -> None:
         try:
-            self.selector.unregister(fileobj)
-        except (KeyError, ValueError):
-            pass
+            fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        except (OSError, ValueError):
+            return
+        if self._handlers.pop(fd, None) is not None:
+            try:
+                self._poll.unregister(fd)
+            except (OSError, ValueError):
+                pass
 
     def add_client(self, sock: socket.socket, peer: str = "") -> None:
         """Start serving a connected client: greet it and read its requests."""
@@ -99,8 +111,9 @@ class Worker:
                           peer or f"fd {sock.fileno()}")
         self.conns[conn.fd] = conn
         self.accepted += 1
-        self.selector.register(sock, selectors.EVENT_READ, conn)
-        conn.events = selectors.EVENT_READ
+        self._poll.register(conn.fd, select.EPOLLIN)
+        self._handlers[conn.fd] = conn
+        conn.events = select.EPOLLIN
         self._flush(conn)
         self._changed()
 
@@ -125,23 +138,28 @@ class Worker:
 
     def run(self) -> None:
         """Serve until shutdown() has been called and every client is gone."""
+        handlers = self._handlers
+        out_events = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+        in_events = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
         while not (self.stopping and not self.conns):
-            for key, events in self.selector.select(timeout=self._tick()):
-                data = key.data
-                if isinstance(data, Connection):
-                    if events & selectors.EVENT_WRITE:
-                        self._flush(data)
-                    if events & selectors.EVENT_READ and data.fd in self.conns:
-                        self._read(data)
+            for fd, events in self._poll.poll(TICK):
+                handler = handlers.get(fd)
+                if handler is None:
+                    continue
+                if type(handler) is Connection:
+                    if events & out_events and handler.out:
+                        self._flush(handler)
+                    if events & in_events and not handler.out and fd in self.conns:
+                        self._read(handler)
                 else:
-                    data(key.fileobj)
-            self._expire()
-            if self.on_tick is not None:
-                self.on_tick(self)
+                    handler[1](handler[0])
+            now = time.monotonic()
+            if now - self._ticked >= TICK:
+                self._ticked = now
+                self._expire()
+                if self.on_tick is not None:
+                    self.on_tick(self)
         self.dispatcher.close_all()
-
-    def _tick(self) -> float:
-        return 1.0
 
     def shutdown(self) -> None:
         """Take no new clients; close idle ones now, busy ones after their reply."""
@@ -199,9 +217,9 @@ class Worker:
             del conn.out[:sent]
         # Back-pressure: while a reply is unsent, read nothing more from this
         # client, so one that never reads cannot make us buffer without bound.
-        want = selectors.EVENT_WRITE if conn.out else selectors.EVENT_READ
+        want = select.EPOLLOUT if conn.out else select.EPOLLIN
         if want != conn.events:
-            self.selector.modify(conn.sock, want, conn)
+            self._poll.modify(conn.fd, want)
             conn.events = want
         if conn.out:
             if conn.since is None:
@@ -227,7 +245,11 @@ class Worker:
         if why:
             maillog.warning(f"{conn.peer}: {why}: closing the connection")
         self.conns.pop(conn.fd, None)
-        self.unwatch(conn.sock)
+        if self._handlers.pop(conn.fd, None) is not None:
+            try:
+                self._poll.unregister(conn.fd)
+            except (OSError, ValueError):
+                pass
         conn.sock.close()
         if not self.conns:
             self.idle_since = time.monotonic()
