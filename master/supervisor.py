@@ -167,7 +167,7 @@ def check_worker_settings(main: MainConfig, service: Service) -> None:
         raise ConfigError(f"service name must be one of proxymap or proxywrite "
                           f"(or $proxymap_service_name, $proxywrite_service_name), "
                           f"not {service.name!r}")
-    make_worker(cfg, service.name).selector.close()
+    make_worker(cfg, service.name).close()
 
 
 @dataclass

@@ -81,6 +81,10 @@ class Worker:
     def clients(self) -> int:
         return len(self.conns)
 
+    def close(self) -> None:
+        """Release the event loop's descriptor (a worker that never ran)."""
+        self._poll.close()
+
     # -- plugging in -----------------------------------------------------------
 
     def watch(self, fileobj, callback) -> None:
