@@ -22,6 +22,7 @@ Usage in a test module:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -292,10 +293,12 @@ def kill_leftover_workers(root: str) -> None:
                 pass
 
 
-@pytest.fixture
-def instance(tmp_path):
+@contextlib.contextmanager
+def temporary_instance(tmp_path, **kwargs):
+    """An Instance (kwargs as for Instance) that is stopped, cleared of any
+    leftover worker and removed when the block ends."""
     root, remove = instance_base(tmp_path)
-    inst = Instance(root)
+    inst = Instance(root, **kwargs)
     try:
         yield inst
     finally:
@@ -305,3 +308,9 @@ def instance(tmp_path):
             kill_leftover_workers(root)
             if remove:
                 shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def instance(tmp_path):
+    with temporary_instance(tmp_path) as inst:
+        yield inst

@@ -284,13 +284,10 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_master_sigkill_loses_no_acknowledged_update(tmp_path):
-    from tests.instance import Instance as MasterInstance, instance_base, kill_leftover_workers
-    import shutil
+    from tests.instance import temporary_instance
     psutil = pytest.importorskip("psutil")
-    root, remove = instance_base(tmp_path)
-    inst = MasterInstance(root)
-    spec = inst.write_table
-    try:
+    with temporary_instance(tmp_path) as inst:
+        spec = inst.write_table
         inst.start()
 
         orphans: list[int] = []
@@ -335,10 +332,3 @@ def test_master_sigkill_loses_no_acknowledged_update(tmp_path):
         report("master SIGKILL (btree with OPEN_LOCK, proxywrite under our master)", ledger, figures,
                killer.kills)
         assert killer.kills >= 1, "the master was never killed: the run proves nothing"
-    finally:
-        try:
-            inst.stop()
-        finally:
-            kill_leftover_workers(root)
-            if remove:
-                shutil.rmtree(root, ignore_errors=True)

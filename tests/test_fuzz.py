@@ -269,19 +269,17 @@ def usage(procs: dict[int, psutil.Process]) -> dict[int, tuple[int, int]]:
 
 @pytest.mark.slow
 def test_fuzz_master_100k_requests(tmp_path, record_property):
-    from tests.instance import (READ_ENTRIES, WRITE_ENTRIES, Instance, instance_base,
-                                kill_leftover_workers, wait_for)
-    root, remove = instance_base(tmp_path)
+    from tests.instance import READ_ENTRIES, WRITE_ENTRIES, temporary_instance, wait_for
     # large max_use: the same workers must live through the whole run, so a
     # changed pid can only mean a crash and their fd/RSS are comparable
     # Only proxymap takes the 100k run: under 8 concurrent fuzzing clients
     # proxywrite stalls (connections unanswered for > 30 s; an open finding,
     # see docs/security.md). proxywrite gets the sequential standalone run.
-    lmdb_table = f"lmdb:{root}/tables/fuzz"
-    inst = Instance(root, main_extra={"max_use": "1000000",
-                                      "proxymap_max_request_size": str(MAX_MESSAGE * 4),
-                                      "proxymap_max_attributes": str(MAX_ATTRS)})
-    try:
+    with temporary_instance(tmp_path, main_extra={
+            "max_use": "1000000", "proxymap_max_request_size": str(MAX_MESSAGE * 4),
+            "proxymap_max_attributes": str(MAX_ATTRS)}) as inst:
+        root = inst.root
+        lmdb_table = f"lmdb:{root}/tables/fuzz"
         inst.make_tables({**WRITE_ENTRIES, "fuzz-sentinel": "sentinel-ok"})
         with open(f"{root}/tables/fuzz", "w") as f:
             f.write("k1 v1\nfuzz-sentinel sentinel-ok\n")
@@ -388,11 +386,4 @@ def test_fuzz_master_100k_requests(tmp_path, record_property):
         for pid, (fds, rss) in before.items():
             assert after[pid][0] <= fds + FD_GROWTH, (pid, fds, after[pid][0])
             assert after[pid][1] <= rss + RSS_GROWTH, (pid, rss, after[pid][1])
-    finally:
-        try:
-            inst.stop()
-        finally:
-            kill_leftover_workers(root)
-            if remove:
-                import shutil
-                shutil.rmtree(root, ignore_errors=True)
+

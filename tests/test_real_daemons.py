@@ -23,7 +23,7 @@ import pytest
 from proxymap import dictflags as F
 from proxymap.client import ProxyClient
 from proxymap.protocol import OK
-from tests.instance import Instance, instance_base, kill_leftover_workers, wait_for
+from tests.instance import Instance, temporary_instance, wait_for
 
 POSTFIX = "/usr/sbin/postfix"
 
@@ -110,42 +110,37 @@ postlog   unix-dgram n - n - 1 postlogd
 
 @pytest.fixture
 def site(tmp_path):
-    root, remove = instance_base(tmp_path)
-    ours = Instance(root)
-    tables = ours.table_dir
-    with open(os.path.join(tables, "clients"), "w") as f:
-        f.write("127.0.0.2 REJECT blocked by our cidr table\n")
-    with open(os.path.join(tables, "rcpt"), "w") as f:
-        f.write("ok@example.com OK\n")
-    verify_src = os.path.join(tables, "verify_cache")
-    with open(verify_src, "w") as f:
-        f.write("keep@example.com 0:0:4102444800:ok\n"
-                "old1@example.com 0:0:1:ok\nold2@example.com 0:0:1:ok\n")
-    assert ours.postmap(f"hash:{tables}/rcpt").returncode == 0
-    assert ours.postmap(f"btree:{verify_src}").returncode == 0
-    shutil.chown(verify_src + ".db", "postfix")
-    cidr, rcpt, cache = (f"cidr:{tables}/clients", f"hash:{tables}/rcpt",
-                         f"btree:{verify_src}")
-    ours.write_main_cf(proxy_read_maps=f"proxy:{cidr} proxy:{rcpt} proxy:{cache}",
-                       proxy_write_maps=f"proxy:{cache}")
-    ours.start()
-    port = free_port()
-    real = RealPostfix(root, ours, port, f"""\
+    with temporary_instance(tmp_path) as ours:
+        tables = ours.table_dir
+        with open(os.path.join(tables, "clients"), "w") as f:
+            f.write("127.0.0.2 REJECT blocked by our cidr table\n")
+        with open(os.path.join(tables, "rcpt"), "w") as f:
+            f.write("ok@example.com OK\n")
+        verify_src = os.path.join(tables, "verify_cache")
+        with open(verify_src, "w") as f:
+            f.write("keep@example.com 0:0:4102444800:ok\n"
+                    "old1@example.com 0:0:1:ok\nold2@example.com 0:0:1:ok\n")
+        assert ours.postmap(f"hash:{tables}/rcpt").returncode == 0
+        assert ours.postmap(f"btree:{verify_src}").returncode == 0
+        shutil.chown(verify_src + ".db", "postfix")
+        cidr, rcpt, cache = (f"cidr:{tables}/clients", f"hash:{tables}/rcpt",
+                             f"btree:{verify_src}")
+        ours.write_main_cf(proxy_read_maps=f"proxy:{cidr} proxy:{rcpt} proxy:{cache}",
+                           proxy_write_maps=f"proxy:{cache}")
+        ours.start()
+        port = free_port()
+        real = RealPostfix(ours.root, ours, port, f"""\
 smtpd_client_restrictions = check_client_access proxy:{cidr}
 smtpd_recipient_restrictions = check_recipient_access proxy:{rcpt}, reject
 address_verify_map = proxy:{cache}
 address_verify_cache_cleanup_interval = 1s
 """)
-    real.start()
-    real.port, real.cache = port, cache
-    try:
-        yield ours, real
-    finally:
-        real.stop()
-        ours.stop()
-        kill_leftover_workers(root)
-        if remove:
-            shutil.rmtree(root, ignore_errors=True)
+        real.port, real.cache = port, cache
+        try:
+            real.start()
+            yield ours, real
+        finally:
+            real.stop()
 
 
 def smtp_rcpt(port, source, rcpt):
