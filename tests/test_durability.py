@@ -30,7 +30,7 @@ SEED = int(os.environ.get("DURABILITY_SEED", "20240611"))
 
 def report(title: str, ledger: D.Ledger, figures: dict, kills: int | None = None) -> None:
     extra = "" if kills is None else f", kills {kills}"
-    print(f"\n{title}: attempted {ledger.attempted}, acknowledged {ledger.acked}, "
+    print(f"\nFIGURES {title}: attempted {ledger.attempted}, acknowledged {ledger.acked}, "
           f"sends that failed and were repeated {ledger.unknown}{extra}; keys {figures['keys']} "
           f"(verified definite {figures['definite']}, present {figures['present']}, "
           f"records in file {figures['records']})")

@@ -229,7 +229,7 @@ def test_fuzz_standalone_worker(tmp_path):
             check_connection(result, problems)
             tally.merge(result.tally)
             closed += result.closed
-        print(f"\nstandalone fuzz: replies {dict(tally.by_status)}, closed by server {closed}")
+        print(f"\nFIGURES standalone fuzz: replies {dict(tally.by_status)}, closed by server {closed}")
         assert problems == []
         assert proc.poll() is None
         assert tally.by_status["BAD"] > 1000 and tally.by_status["OK"] > 100
@@ -371,7 +371,7 @@ def test_fuzz_master_100k_requests(tmp_path, record_property):
         }
         with open(os.path.join(root, "fuzz-figures.json"), "w") as f:
             json.dump(figures, f, indent=1)
-        print("\nmaster fuzz figures:", json.dumps(figures, indent=1))
+        print("\nFIGURES master fuzz:", json.dumps(figures))
         for name, value in figures.items():
             record_property(name, json.dumps(value))
 

@@ -192,13 +192,13 @@ def test_load_with_reloads_and_a_killed_worker(instance):
 
     requests = sum(s["requests"] for s in stats)
     reconnects = sum(s["reconnects"] for s in stats)
-    print(f"\nload: {len(threads)} clients, {LOAD_SECONDS}s, {RELOADS} reloads, "
+    print(f"\nFIGURES load: {len(threads)} clients, {LOAD_SECONDS}s, {RELOADS} reloads, "
           f"killed worker {killed}: {requests} requests, {len(problems)} errors, "
           f"{reconnects} reconnects, {len(seen | current)} workers in all")
-    print(f"master: fds {before['master_fds']} -> {after['master_fds']} "
+    print(f"FIGURES master: fds {before['master_fds']} -> {after['master_fds']} "
           f"(workers {before['workers']} -> {after['workers']}), "
           f"rss {before['master_rss'] >> 10} -> {after['master_rss'] >> 10} KiB")
-    print(f"workers (max): fds {before['worker_fds']} -> {after['worker_fds']}, "
+    print(f"FIGURES workers (max): fds {before['worker_fds']} -> {after['worker_fds']}, "
           f"rss {before['worker_rss'] >> 10} -> {after['worker_rss'] >> 10} KiB")
 
     assert not problems, problems[:10]
