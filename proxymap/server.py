@@ -31,12 +31,14 @@ from proxymap.protocol import GREETING, Decoder, ProtocolError
 READ_CHUNK = 65536
 #: seconds between checks for expired connections (and on_tick calls)
 TICK = 1.0
+#: when stopping, a connection idle this long since our last reply is closed
+STOP_IDLE = 1.0
 
 
 class Connection:
     """One client: its socket, request decoder and unsent reply bytes."""
 
-    __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events")
+    __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied")
 
     def __init__(self, sock: socket.socket, decoder: Decoder, peer: str):
         self.sock = sock
@@ -48,6 +50,8 @@ class Connection:
         # owe it reply bytes; None when the connection is idle between requests
         self.since: float | None = None
         self.events = 0
+        # monotonic time our last reply (or the greeting) was fully sent
+        self.replied = time.monotonic()
 
 
 class Worker:
@@ -166,10 +170,22 @@ class Worker:
         self.dispatcher.close_all()
 
     def shutdown(self) -> None:
-        """Take no new clients; close idle ones now, busy ones after their reply."""
+        """Take no new clients; close each connection right after its next
+        reply, or once it has been idle for STOP_IDLE seconds.
+
+        Closing a connection at an arbitrary moment races with a client that
+        is about to reuse it: Postfix clients check that a connection is
+        still open before sending, but a close landing between that check
+        and the write costs the client an EPIPE (SIGPIPE kills a postmap).
+        Right after a reply the client has not checked yet, so it sees the
+        close and reconnects quietly; a client idle that long is not about
+        to send."""
         self.stopping = True
+        self._close_idle(time.monotonic())
+
+    def _close_idle(self, now: float) -> None:
         for conn in list(self.conns.values()):
-            if not conn.out and not conn.decoder.pending:
+            if not conn.out and not conn.decoder.pending and now - conn.replied >= STOP_IDLE:
                 self._close(conn)
 
     # -- per-connection I/O ---------------------------------------------------------
@@ -229,10 +245,11 @@ class Worker:
             if conn.since is None:
                 conn.since = time.monotonic()
         else:
+            conn.replied = time.monotonic()
             if not conn.decoder.pending:
                 conn.since = None
             elif conn.since is None:
-                conn.since = time.monotonic()
+                conn.since = conn.replied
             if self.stopping and not conn.decoder.pending:
                 self._close(conn)
 
@@ -244,6 +261,8 @@ class Worker:
             if conn.since is not None and now - conn.since > self.ipc_timeout:
                 what = "reply unread" if conn.out else "request unfinished"
                 self._close(conn, f"timeout ({what} after {self.ipc_timeout:g}s)")
+        if self.stopping:
+            self._close_idle(now)
 
     def _close(self, conn: Connection, why: str | None = None) -> None:
         if why:

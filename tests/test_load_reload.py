@@ -133,9 +133,12 @@ def test_load_with_reloads_and_a_killed_worker(instance):
         mine = {"requests": 0, "reconnects": 0}
         stats.append(mine)
         while not stop.is_set():
+            # SIGPIPE ignored, as in every Postfix daemon (the master's
+            # children inherit it): a client whose worker is killed under it
+            # gets EPIPE, warns and reconnects, instead of dying
             result = subprocess.run([POSTMAP, "-c", instance.config_dir, "-q", "-",
                                      f"proxy:{table}"], input=batch, capture_output=True,
-                                    text=True, timeout=120)
+                                    text=True, timeout=120, restore_signals=False)
             # Postfix's client logs a warning when it loses the connection
             # and then reconnects and resends on its own
             warnings = [line for line in result.stderr.splitlines() if "warning:" in line]

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -394,6 +395,63 @@ def test_reload_under_load_keeps_the_socket_and_loses_no_request(instance):
     assert os.stat(path).st_ino == inode
     assert all(gone(pid) for pid in old)
     assert "reload -- configuration " + instance.config_dir in instance.log()
+
+
+def test_five_reloads_under_eight_clients_with_a_table_dropped_midway(instance):
+    """The issue's scenario: 8 clients loop real `postmap -q` lookups while
+    the master reloads 5 times; at the third reload main.cf drops one table
+    from proxy_read_maps. No client sees an error except the refusals of
+    that table after it was dropped; old-generation workers exit; the
+    listening socket's inode never changes."""
+    instance.run_foreground()
+    path = instance.socket_path()
+    inode = os.stat(path).st_ino
+    kept, dropped = instance.read_table, instance.write_table
+    errors, refusals, answers = [], [], {"kept": 0, "dropped": 0}
+    done = threading.Event()
+    dropped_at = [None]
+
+    def client(table, key, value, name):
+        while not done.is_set():
+            result = instance.postmap("-q", key, f"proxy:{table}")
+            if result.returncode == 0 and result.stdout.strip() == value:
+                answers[name] += 1
+            elif (name == "dropped" and dropped_at[0] is not None and result.returncode == 1
+                  and "proxymap service is not configured for table" in result.stderr):
+                refusals.append(result.stderr)
+            else:
+                errors.append((name, result.returncode, result.stdout, result.stderr))
+    threads = [threading.Thread(target=client, args=(kept, "alice", "alice@example.org", "kept"))
+               for _ in range(4)]
+    threads += [threading.Thread(target=client, args=(dropped, "k1", "v1", "dropped"))
+                for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for generation in range(1, 6):
+            before = dict(answers)
+            wait_for(lambda: answers["kept"] >= before["kept"] + 4, 60, what="lookups")
+            if generation == 3:
+                dropped_at[0] = time.monotonic()
+                instance.write_main_cf(proxy_read_maps=f"proxy:{kept}")
+            else:
+                instance.write_main_cf(max_idle=f"{100 + generation}s")
+            result = instance.control("reload")
+            assert result.returncode == 0, result.stderr
+            wait_for(lambda: instance.raw_status().get("generation") == generation, 20,
+                     what="the new generation")
+        wait_for(lambda: {w["generation"] for w in instance.workers("proxymap")} == {5}, 30,
+                 what="old workers to retire")
+        wait_for(lambda: len(refusals) >= 4, 60, what="refusals of the dropped table")
+    finally:
+        done.set()
+        for t in threads:
+            t.join(60)
+    assert errors == []
+    assert answers["kept"] > 20 and answers["dropped"] > 4 and refusals
+    assert os.stat(path).st_ino == inode
+    # every worker of the old generations is gone: only generation 5 serves
+    assert {w["generation"] for w in instance.workers("proxymap")} == {5}
 
 
 def test_reload_without_changes_keeps_the_workers(instance):
