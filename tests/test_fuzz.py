@@ -271,10 +271,11 @@ def usage(procs: dict[int, psutil.Process]) -> dict[int, tuple[int, int]]:
 def test_fuzz_master_100k_requests(tmp_path, record_property):
     from tests.instance import READ_ENTRIES, WRITE_ENTRIES, temporary_instance, wait_for
     # large max_use: the same workers must live through the whole run, so a
-    # changed pid can only mean a crash and their fd/RSS are comparable
-    # Only proxymap takes the 100k run: under 8 concurrent fuzzing clients
-    # proxywrite stalls (connections unanswered for > 30 s; an open finding,
-    # see docs/security.md). proxywrite gets the sequential standalone run.
+    # changed pid can only mean a crash and their fd/RSS are comparable.
+    # A quarter of the connections go to proxywrite. Its sentinel lives in a
+    # table the fuzzer never names: fuzzed updates with TRY0NULL flags
+    # legitimately leave a fuzzed table with mixed NUL conventions, after
+    # which Postfix's narrowing rule can hide a key stored the other way.
     with temporary_instance(tmp_path, main_extra={
             "max_use": "1000000", "proxymap_max_request_size": str(MAX_MESSAGE * 4),
             "proxymap_max_attributes": str(MAX_ATTRS)}) as inst:
@@ -284,12 +285,17 @@ def test_fuzz_master_100k_requests(tmp_path, record_property):
         with open(f"{root}/tables/fuzz", "w") as f:
             f.write("k1 v1\nfuzz-sentinel sentinel-ok\n")
         inst.postmap(lmdb_table, check=True)
+        sentinel_table = f"btree:{root}/tables/sentinel"
+        with open(f"{root}/tables/sentinel", "w") as f:
+            f.write("fuzz-sentinel sentinel-ok\n")
+        inst.postmap(sentinel_table, check=True)
         if os.geteuid() == 0:
             import shutil
             shutil.chown(f"{root}/tables/fuzz.lmdb", "postfix", "postfix")
+            shutil.chown(f"{root}/tables/sentinel.db", "postfix", "postfix")
         inst.write_main_cf(proxy_read_maps=f"proxy:{inst.read_table} proxy:{inst.write_table} "
-                                           f"proxy:{lmdb_table}",
-                           proxy_write_maps=f"proxy:{lmdb_table}")
+                                           f"proxy:{lmdb_table} proxy:{sentinel_table}",
+                           proxy_write_maps=f"proxy:{lmdb_table} proxy:{sentinel_table}")
         inst.run_foreground()
         master_pid = inst.procs[0].pid
         keys = tuple(READ_ENTRIES) + tuple(WRITE_ENTRIES)
@@ -298,7 +304,7 @@ def test_fuzz_master_100k_requests(tmp_path, record_property):
                          encode([("request", "lookup"), ("table", inst.write_table),
                                  ("flags", 524353), ("key", "fuzz-sentinel")])),
             "proxywrite": ([lmdb_table, inst.read_table],
-                           encode([("request", "lookup"), ("table", lmdb_table),
+                           encode([("request", "lookup"), ("table", sentinel_table),
                                    ("flags", 524353), ("key", "fuzz-sentinel")])),
         }
 
@@ -306,7 +312,7 @@ def test_fuzz_master_100k_requests(tmp_path, record_property):
             rng = random.Random(seed)
             tally, sent, closed = ReplyTally(), 0, 0
             for i in range(count):
-                service = "proxymap"
+                service = "proxywrite" if i % 4 == 3 else "proxymap"
                 tables, sentinel = plan[service]
                 result = fuzz_connection(inst.socket_path(service), rng, PER_CONNECTION, tables,
                                          keys, sentinel, b"sentinel-ok", max_attrs=MAX_ATTRS,
@@ -344,7 +350,7 @@ def test_fuzz_master_100k_requests(tmp_path, record_property):
         # still correct with a real client, through both services
         assert inst.lookup("alice") == "alice@example.org"
         assert inst.lookup("fuzz-sentinel", inst.write_table) == "sentinel-ok"
-        assert inst.lookup("fuzz-sentinel", lmdb_table) == "sentinel-ok"
+        assert inst.lookup("fuzz-sentinel", sentinel_table) == "sentinel-ok"
         assert inst.postmap("-d", "k1", f"proxy:{lmdb_table}").returncode in (0, 1)
         after_pids = server_processes(master_pid)
 
@@ -361,7 +367,7 @@ def test_fuzz_master_100k_requests(tmp_path, record_property):
             "requests_sent": sent, "connections": connections, "seconds": round(elapsed, 1),
             "replies_by_status": dict(tally.by_status), "closed_by_server": closed,
             "problems": problems[:20],
-            "processes": {str(pid): {"cmd": " ".join(before_pids[pid].cmdline()[-4:]),
+            "processes": {str(pid): {"cmd": " ".join(" ".join(before_pids[pid].cmdline()).split()[-4:]),
                                      "fds_before": before[pid][0],
                                      "fds_after": after.get(pid, (None, None))[0],
                                      "rss_before": before[pid][1],

@@ -144,3 +144,14 @@ def test_client_that_never_reads_does_not_stall_others(inst):
             pass
     except ConnectionResetError:
         pass
+
+
+def test_control_characters_cannot_forge_log_lines(inst):
+    c = RawClient(inst.socket_path())
+    forged = "hash:/x\npostfix/proxymap[1]: fatal: forged"
+    assert lookup(c, "k", forged)[b"status"] == b"4"
+    assert_served(inst)
+    log = inst.read_log()
+    assert "fatal: forged" in log                     # the text is there...
+    assert not any(line.startswith("postfix/proxymap[1]:") for line in log.splitlines())
+    assert "hash:/x\\x0apostfix/proxymap[1]" in log   # ...on the line it belongs to
