@@ -17,6 +17,7 @@ import time
 
 from benchmarks.realpostfix import StartError, wait_for_socket
 from benchmarks.servers import ServerInstance, pid_alive
+from master.pidfile import pid_path, read_pid
 
 BIN = os.path.dirname(sys.executable)
 MASTER = os.path.join(BIN, "proxymap-master")
@@ -67,12 +68,7 @@ class OurService(ServerInstance):
                 raise StartError(f"ours: {self.socket_path(service)} does not greet")
 
     def _master_pid(self) -> int | None:
-        try:
-            with open(os.path.join(self.queue_dir, "pid", "proxymap-master.pid")) as f:
-                text = f.read().strip()
-        except OSError:
-            return None
-        return int(text) if text.isdigit() else None
+        return read_pid(pid_path(self.queue_dir))
 
     def root_pids(self) -> list[int]:
         return list(self.pids)

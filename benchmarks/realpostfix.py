@@ -16,6 +16,7 @@ import subprocess
 import time
 
 from benchmarks.servers import ServerInstance, pid_alive
+from master.pidfile import read_pid
 
 POSTFIX = "/usr/sbin/postfix"
 
@@ -65,12 +66,7 @@ class RealPostfix(ServerInstance):
                 raise StartError(f"real Postfix: {self.socket_path(service)} does not greet")
 
     def _read_pid(self) -> int | None:
-        try:
-            with open(os.path.join(self.queue_dir, "pid", "master.pid")) as f:
-                text = f.read().strip()
-        except OSError:
-            return None
-        return int(text) if text.isdigit() else None
+        return read_pid(os.path.join(self.queue_dir, "pid", "master.pid"))
 
     def root_pids(self) -> list[int]:
         return [self.master_pid] if self.master_pid else []

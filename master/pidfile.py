@@ -32,6 +32,17 @@ def parse_pid(data: bytes) -> int | None:
     return int(text) if text.isdigit() and int(text) > 0 else None
 
 
+def read_pid(path: str) -> int | None:
+    """The PID recorded in a pid file (ours or a Postfix master's, which
+    use the same format), None when it is missing or holds none. Says
+    nothing about whether that process still runs: see running_pid()."""
+    try:
+        with open(path, "rb") as f:
+            return parse_pid(f.read(64))
+    except OSError:
+        return None
+
+
 class LockBusy(Exception):
     """Another process holds the lock."""
 

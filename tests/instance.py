@@ -36,6 +36,8 @@ import time
 
 import pytest
 
+from master.pidfile import pid_path, read_pid
+
 POSTMAP = "/usr/sbin/postmap"
 GREETING_LEN = len(b"protocol\0proxymap_protocol\0\0")
 BIN = os.path.dirname(sys.executable)
@@ -216,13 +218,7 @@ class Instance:
             return ""
 
     def master_pid(self) -> int | None:
-        path = os.path.join(self.queue_dir, "pid", "proxymap-master.pid")
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except OSError:
-            return None
-        return int(text) if text.isdigit() else None
+        return read_pid(pid_path(self.queue_dir))
 
     def status(self) -> dict:
         result = self.control("status", "--json")

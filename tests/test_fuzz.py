@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fuzzing import (attr_lists, fuzz_connection, hostile_lists, numbers, ReplyTally,
-                     reply_problem, requests, RESYNC)
+                     reply_problem, requests)
 from proxymap.dispatch import Dispatcher
 from proxymap.protocol import (BAD, BadRequest, Decoder, ProtocolError, Request, encode,
                                encode_reply, parse_request, parse_uint)

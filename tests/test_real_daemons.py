@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from master.pidfile import read_pid
 from proxymap import dictflags as F
 from proxymap.client import ProxyClient
 from proxymap.protocol import OK
@@ -80,11 +81,7 @@ postlog   unix-dgram n - n - 1 postlogd
         assert result.returncode == 0, result.stderr + self.log()
 
     def master_pid(self):
-        try:
-            with open(os.path.join(self.queue, "pid", "master.pid")) as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):
-            return None
+        return read_pid(os.path.join(self.queue, "pid", "master.pid"))
 
     def stop(self):
         pid = self.master_pid()

@@ -23,7 +23,7 @@ from berkeleydb import db as bdb
 
 from proxymap import dictflags as F
 from proxymap.tables import filelock, nulkeys
-from proxymap.tables.base import TableError, TableOpenError
+from proxymap.tables.base import TableOpenError
 from proxymap.tables.filelock import TableLock
 from proxymap.tables.nulkeys import NEW, REFUSED, REPLACED
 
@@ -32,15 +32,9 @@ DEFAULT_CREATE_BUFFER = 16777216
 HASH_NELEM = 4096
 
 
-@contextlib.contextmanager
 def _db_errors(path: str, action: str):
     """Turn any Berkeley DB exception into TableError naming the file."""
-    try:
-        yield
-    except bdb.DBError as exc:
-        raise TableError(f"{action} database {path}: {_reason(exc)}") from None
-    except OSError as exc:
-        raise TableError(f"{action} database {path}: {exc.strerror or exc}") from None
+    return nulkeys.storage_errors(path, action, bdb.DBError, _reason)
 
 
 def _reason(exc: bdb.DBError) -> str:

@@ -16,28 +16,21 @@ end NEXT keeps answering "end" until the next FIRST.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import lmdb as _lmdb
 
 from proxymap import dictflags as F
 from proxymap.tables import filelock, nulkeys
-from proxymap.tables.base import TableError, TableOpenError, file_stamp
+from proxymap.tables.base import TableOpenError, file_stamp
 from proxymap.tables.filelock import TableLock
 from proxymap.tables.nulkeys import NEW, REFUSED, REPLACED
 
 DEFAULT_MAP_SIZE = 16777216
 
 
-@contextlib.contextmanager
 def _lmdb_errors(path: str, action: str):
-    try:
-        yield
-    except _lmdb.Error as exc:
-        raise TableError(f"{action} database {path}: {exc}") from None
-    except OSError as exc:
-        raise TableError(f"{action} database {path}: {exc.strerror or exc}") from None
+    return nulkeys.storage_errors(path, action, _lmdb.Error)
 
 
 def _open_env(path: str, writable: bool, map_size: int):

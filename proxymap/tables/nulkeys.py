@@ -239,6 +239,19 @@ class NulKeyTable(Table):
         raise NotImplementedError
 
 
+@contextlib.contextmanager
+def storage_errors(path: str, action: str, library_error: type[Exception],
+                   describe: Callable[[Exception], str] = str):
+    """Turn the storage library's exceptions (and OSError) into TableError
+    naming the file: `<action> database <path>: <reason>`."""
+    try:
+        yield
+    except library_error as exc:
+        raise TableError(f"{action} database {path}: {describe(exc)}") from None
+    except OSError as exc:
+        raise TableError(f"{action} database {path}: {exc.strerror or exc}") from None
+
+
 def param_int(params, name: str, default: int) -> int:
     """An integer main.cf parameter from `params`, or Postfix's default when
     it is missing or not a number."""

@@ -635,7 +635,7 @@ def _pcre_class(p: bytes, i: int) -> tuple[bytes, int]:
         pending = value
 
     def multi(values=None, escape: bytes = b""):
-        nonlocal pending, range_open
+        nonlocal pending
         if range_open:
             raise RuleError("invalid range in character class")
         if pending is not None:

@@ -65,7 +65,7 @@ def parse_entry(line: bytes) -> tuple[bytes, bytes]:
     if not key:
         raise EntryError("no key")
     if not value:
-        raise EntryError(f"expected format: key whitespace value")
+        raise EntryError("expected format: key whitespace value")
     return key, value
 
 
