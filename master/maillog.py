@@ -43,7 +43,9 @@ class _Formatter(logging.Formatter):
 
 
 def setup(tag: str, maillog_file: str = "", stderr: bool = False, verbose: int = 0) -> None:
-    """Direct log lines tagged `tag` (e.g. 'postfix/proxymap') to one sink."""
+    """Direct log lines tagged `tag` (e.g. 'postfix/proxymap') to one sink:
+    stderr when asked (`--stderr`), else maillog_file when set, else syslog
+    when /dev/log exists, else stderr."""
     _state["tag"] = tag
     _state["verbose"] = verbose
     for h in list(_logger.handlers):
@@ -52,7 +54,7 @@ def setup(tag: str, maillog_file: str = "", stderr: bool = False, verbose: int =
             h.close()
         except OSError:
             pass   # a forked worker: the descriptor was closed with the others
-    if maillog_file:
+    if maillog_file and not stderr:
         handler: logging.Handler = logging.FileHandler(maillog_file)
         handler.setFormatter(_Formatter(with_time=True))
     elif not stderr and os.path.exists("/dev/log"):
