@@ -703,3 +703,21 @@ def test_lmdb_reader_follows_a_writer_that_grew_the_map(tmp_path):
         assert reader.sequence(True) == (b"a", b"1")
     finally:
         reader.close()
+
+
+def test_failed_open_releases_the_lifetime_lock(tmp_path):
+    """A table opened with OPEN_LOCK whose database then fails to open must
+    give the lock back, or the process would think it still owns the file
+    and skip per-request locks on it."""
+    from proxymap.tables import filelock
+    from proxymap.tables.berkeleydb import BtreeTable
+    path = tmp_path / "broken"
+    (tmp_path / "broken.db").write_bytes(b"not a database" * 400)
+    with pytest.raises(TableOpenError):
+        BtreeTable("btree", str(path), F.OPEN_LOCK, True, {})
+    assert filelock._lifetime_locks == {}
+    fd = os.open(tmp_path / "broken.db", os.O_RDONLY)
+    try:
+        assert filelock.lock(fd, filelock.FLOCK, filelock.EXCLUSIVE, wait=False)
+    finally:
+        os.close(fd)

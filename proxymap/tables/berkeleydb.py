@@ -70,24 +70,20 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         self._db = None
         self._cursor = None
         self._seq_ended = False
-        mode = os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY
+        self.lock = TableLock.open_file(path, writable, filelock.FLOCK, self.spec, self.flags,
+                                        False)
         try:
-            fd = os.open(path, mode | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise TableOpenError(f"open database {path}: {exc.strerror}") from None
-        try:
-            self.lock = TableLock(fd, filelock.FLOCK, self.spec, self.flags, False)
             cache = nulkeys.param_int(params, "berkeley_db_read_buffer_size",
                                       DEFAULT_READ_BUFFER)
             db_flags = bdb.DB_CREATE if writable else bdb.DB_RDONLY
             self._open_args = (path, self.dbtype, db_flags, cache)
             with self.lock.access(filelock.SHARED, self.flags):
                 self._db = _open_db(*self._open_args)
-        except bdb.DBError as exc:
-            os.close(fd)
-            raise TableOpenError(f"open database {path}: {_reason(exc)}") from None
-        except BaseException:
-            os.close(fd)
+        except BaseException as exc:
+            self.lock.close()
+            self.lock = None
+            if isinstance(exc, bdb.DBError):
+                raise TableOpenError(f"open database {path}: {_reason(exc)}") from None
             raise
         self.remember_file(path)
 

@@ -103,20 +103,18 @@ class CdbTable(nulkeys.NulKeyTable):
         path = name + ".cdb"
         self.label = name
         self._map = None
+        self.lock = TableLock.open_file(path, False, filelock.FLOCK, self.spec, self.flags,
+                                        False)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise TableOpenError(f"open database {path}: {exc.strerror}") from None
-        try:
-            self.lock = TableLock(fd, filelock.FLOCK, self.spec, self.flags, False)
+            fd = self.lock.fd
             if os.fstat(fd).st_size < HEADER_SIZE:
                 raise TableOpenError(f"open database {path}: not a cdb file (too short)")
             self._map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-        except OSError as exc:
-            os.close(fd)
-            raise TableOpenError(f"open database {path}: {exc.strerror or exc}") from None
-        except BaseException:
-            os.close(fd)
+        except BaseException as exc:
+            self.lock.close()
+            self.lock = None
+            if isinstance(exc, OSError):
+                raise TableOpenError(f"open database {path}: {exc.strerror or exc}") from None
             raise
         self.remember_file(path)
 

@@ -93,6 +93,22 @@ class TableLock:
                 self.open_locked = True
                 _lifetime_locks[self.file_id] = _lifetime_locks.get(self.file_id, 0) + 1
 
+    @classmethod
+    def open_file(cls, path: str, writable: bool, style: str, spec: str, flags: int,
+                  multi_writer: bool) -> "TableLock":
+        """Open a table's file (created, mode 0600, when writable) and apply
+        the lock policy to it. Raises TableOpenError with Postfix's wording."""
+        mode = os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY
+        try:
+            fd = os.open(path, mode | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise TableOpenError(f"open database {path}: {exc.strerror}") from None
+        try:
+            return cls(fd, style, spec, flags, multi_writer)
+        except BaseException:
+            os.close(fd)
+            raise
+
     def close(self) -> None:
         """Close the descriptor (dropping its locks)."""
         if self.open_locked:

@@ -109,22 +109,18 @@ class LmdbTable(nulkeys.NulKeyTable):
         self._shared: _SharedEnv | None = None
         self._seq_key: bytes | None = None
         self._seq_ended = False
-        mode = os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY
+        self.lock = TableLock.open_file(path, writable, filelock.FCNTL, self.spec, self.flags,
+                                        True)
         try:
-            fd = os.open(path, mode | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise TableOpenError(f"open database {path}: {exc.strerror}") from None
-        try:
-            self.lock = TableLock(fd, filelock.FCNTL, self.spec, self.flags, True)
             with self.lock.access(filelock.SHARED, self.flags):
                 self._shared = _acquire_env(
-                    fd, path, writable,
+                    self.lock.fd, path, writable,
                     nulkeys.param_int(params, "lmdb_map_size", DEFAULT_MAP_SIZE))
-        except _lmdb.Error as exc:
-            os.close(fd)
-            raise TableOpenError(f"open database {path}: {exc}") from None
-        except BaseException:
-            os.close(fd)
+        except BaseException as exc:
+            self.lock.close()
+            self.lock = None
+            if isinstance(exc, _lmdb.Error):
+                raise TableOpenError(f"open database {path}: {exc}") from None
             raise
         self.remember_file(path)
 
