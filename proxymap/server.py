@@ -21,6 +21,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -116,7 +117,7 @@ class Worker:
             return
         sock.setblocking(False)
         conn = Connection(sock, Decoder(self.max_attrs, self.max_message),
-                          peer or f"fd {sock.fileno()}")
+                          peer or peer_name(sock))
         self.conns[conn.fd] = conn
         self.accepted += 1
         self._poll.register(conn.fd, select.EPOLLIN)
@@ -281,6 +282,17 @@ class Worker:
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change(self)
+
+
+def peer_name(sock: socket.socket) -> str:
+    """How log lines name a client: its pid and uid from the kernel
+    (SO_PEERCRED), the only identity a UNIX-socket peer has."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+        return f"client pid {pid} uid {uid}"
+    except OSError:
+        return f"client on fd {sock.fileno()}"
 
 
 # -- building a worker from main.cf --------------------------------------------------

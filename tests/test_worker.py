@@ -80,6 +80,8 @@ def test_huge_value_closes_the_connection_with_a_log_line(inst):
         pass
     assert c.closed_by_server()
     assert "request larger than 4096 bytes" in inst.read_log()
+    import os
+    assert f"from client pid {os.getpid()} uid {os.getuid()}" in inst.read_log()
     assert_served(inst)
 
 
