@@ -165,3 +165,29 @@ def test_postmap_delete_beside_a_verify_style_lifetime_lock(tmp_path):
     finally:
         i.stop()
     assert "locked by another process" not in i.read_log()
+
+
+def test_table_rebuilt_by_real_postmap_is_served_fresh_without_a_restart(tmp_path):
+    """Postfix's proxymap exits when a table file changes and its clients
+    reconnect; ours reopens the table before the next request: the same
+    connection, the same worker process, the new content."""
+    i = Instance(tmp_path)
+    src = tmp_path / "etc" / "map"
+    src.write_text("key old-value\n")
+    assert i.postmap(f"hash:{src}").returncode == 0
+    table = f"hash:{src}"
+    i.write_main_cf(read_maps=f"proxy:{table}")
+    proc = i.start("proxymap")
+    try:
+        c = RawClient(i.socket_path())
+        assert c.request(request="lookup", table=table, flags=64, key="key")[b"value"] == b"old-value"
+        src.write_text("key new-value\nadded yes\n")
+        assert i.postmap(f"hash:{src}").returncode == 0      # rebuilt in place, same inode
+        assert c.request(request="lookup", table=table, flags=64, key="key")[b"value"] == b"new-value"
+        assert c.request(request="lookup", table=table, flags=64, key="added")[b"value"] == b"yes"
+        r = i.postmap("-q", "added", f"proxy:{table}")
+        assert (r.returncode, r.stdout) == (0, b"yes\n")
+        assert proc.poll() is None
+    finally:
+        i.stop()
+    assert "has changed -- reopening" in i.read_log()
