@@ -13,10 +13,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from benchmarks.realpostfix import StartError, wait_for_socket
-from benchmarks.servers import ServerInstance, pid_alive
+from benchmarks.servers import ServerInstance, kill_leftovers, pid_alive
 from master.pidfile import pid_path, read_pid
 
 BIN = os.path.dirname(sys.executable)
@@ -89,13 +88,5 @@ class OurService(ServerInstance):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(pid_alive(p) for p in leftovers):
-            time.sleep(0.1)
-        for p in leftovers:
-            if pid_alive(p):
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_leftovers(leftovers)
         self.pids, self.procs = [], []

@@ -11,11 +11,10 @@ runs first so permission problems show up as one clear error.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 
-from benchmarks.servers import ServerInstance, pid_alive
+from benchmarks.servers import ServerInstance, kill_leftovers, pid_alive
 from master.pidfile import read_pid
 
 POSTFIX = "/usr/sbin/postfix"
@@ -82,13 +81,5 @@ class RealPostfix(ServerInstance):
                 self._postfix("stop", timeout=30)
             except subprocess.TimeoutExpired:
                 pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(pid_alive(p) for p in leftovers):
-            time.sleep(0.1)
-        for p in leftovers:
-            if pid_alive(p):
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_leftovers(leftovers)
         self.master_pid = None

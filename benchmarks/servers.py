@@ -12,12 +12,15 @@ total across a measurement is the service's CPU for it.
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
 from dataclasses import dataclass
 
 import psutil
 
 from benchmarks.tables import chown_tree
+from master.pidfile import pid_alive  # noqa: F401  (re-exported for ours/realpostfix)
 
 MASTER_CF = """\
 # service   type  private unpriv  chroot  wakeup  maxproc command
@@ -171,11 +174,15 @@ class UsageMeter:
         self.usage.cpu = self.server.cpu_seconds() - self._cpu0
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def kill_leftovers(pids, grace: float = 10.0) -> None:
+    """Give `pids` `grace` seconds to exit on their own, then SIGKILL the
+    rest (by pid, never by name)."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+        time.sleep(0.1)
+    for p in pids:
+        if pid_alive(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -43,6 +43,18 @@ def read_pid(path: str) -> int | None:
         return None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (it may belong to another
+    user: kill(pid, 0) then fails with EPERM, which still means alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class LockBusy(Exception):
     """Another process holds the lock."""
 

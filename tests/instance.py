@@ -36,7 +36,7 @@ import time
 
 import pytest
 
-from master.pidfile import pid_path, read_pid
+from master.pidfile import pid_alive, pid_path, read_pid
 
 POSTMAP = "/usr/sbin/postmap"
 GREETING_LEN = len(b"protocol\0proxymap_protocol\0\0")
@@ -240,7 +240,7 @@ class Instance:
         """Stop whatever master runs on this instance, then kill any leftover
         process by pid (never by name)."""
         pid = self.master_pid()
-        if pid and _alive(pid):
+        if pid and pid_alive(pid):
             self.control("stop", timeout=60)
         for proc in self.procs:
             if proc.poll() is None:
@@ -251,18 +251,17 @@ class Instance:
                     proc.kill()
                     proc.wait(5)
         pid = self.master_pid()
-        if pid and _alive(pid):
+        if pid and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped counts as gone)."""
+    import psutil
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return True
-    return True
 
 
 def instance_base(tmp_path) -> tuple[str, bool]:

@@ -274,16 +274,9 @@ def test_foreign_write_in_the_same_clock_tick_is_noticed(tmp_path, postfix_etc, 
 
 # -- our master killed with SIGKILL -----------------------------------------------------------------
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.slow
 def test_master_sigkill_loses_no_acknowledged_update(tmp_path):
+    from master.pidfile import pid_alive
     from tests.instance import temporary_instance
     psutil = pytest.importorskip("psutil")
     with temporary_instance(tmp_path) as inst:
@@ -305,9 +298,9 @@ def test_master_sigkill_loses_no_acknowledged_update(tmp_path):
             # the master's workers must go away by themselves, so that a new
             # master never runs a second proxywrite next to an orphan
             deadline = time.monotonic() + 20
-            while any(map(_alive, [pid] + orphans)) and time.monotonic() < deadline:
+            while any(map(pid_alive, [pid] + orphans)) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            left = [p for p in [pid] + orphans if _alive(p)]
+            left = [p for p in [pid] + orphans if pid_alive(p)]
             assert not left, f"still alive after the master's SIGKILL: {left}"
             inst.start()
 

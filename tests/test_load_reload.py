@@ -32,8 +32,8 @@ import pytest
 
 from proxymap.client import NOKEY, OK, ProxyClient, ProxyError
 from proxymap.protocol import encode
-from tests.instance import (GREETING_LEN, POSTMAP, READ_ENTRIES, instance,  # noqa: F401
-                            wait_for)
+from tests.instance import (GREETING_LEN, POSTMAP, READ_ENTRIES, gone,  # noqa: F401
+                            instance, wait_for)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(POSTMAP), reason="needs Postfix's postmap")
 
@@ -60,13 +60,6 @@ class CountingClient(ProxyClient):
     def connect(self) -> None:
         self.connects += 1
         super().connect()
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def usage(pid: int) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from master import handoff, pidfile, sdnotify
 from master.control import config_lines, format_uptime, parse_args
 from master.supervisor import describe_exit
 from master.workerslot import READY, RETIRING, STARTING, WorkerSlot, pick_worker
-from tests.instance import GREETING_LEN, greeting_of, instance, wait_for  # noqa: F401
+from tests.instance import GREETING_LEN, gone, greeting_of, instance, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/sbin/postmap"),
                                 reason="needs Postfix's postmap")
@@ -170,13 +170,6 @@ def worker_pids(master_pid: int, service: str | None = None) -> list[int]:
         if service is None or service in cmdline:
             pids.append(child.pid)
     return pids
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def hold_connections(path: str, count: int) -> list[socket.socket]:

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from master.pidfile import read_pid
+from master.pidfile import pid_alive, read_pid
 from proxymap import dictflags as F
 from proxymap.client import ProxyClient
 from proxymap.protocol import OK
@@ -87,14 +87,9 @@ postlog   unix-dgram n - n - 1 postlogd
         pid = self.master_pid()
         self.postfix("stop")
         if pid:
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.1)
-            else:
+            try:
+                wait_for(lambda: not pid_alive(pid), 15, what="the real master to exit")
+            except AssertionError:
                 os.kill(pid, signal.SIGKILL)
 
     def log(self):

@@ -174,12 +174,8 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         number of records stored. Open failures raise TableOpenError, write
         failures and refused duplicates TableError."""
         path = name + ".db"
+        fd = filelock.open_for_rebuild(path, filelock.FLOCK)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise TableOpenError(f"open database {path}: {exc.strerror}") from None
-        try:
-            filelock.lock(fd, filelock.FLOCK, filelock.EXCLUSIVE)
             records = nulkeys.prepare_records(entries, flags, F.TRY1NULL, warn, path)
             cache = nulkeys.param_int(params, "berkeley_db_create_buffer_size",
                                       DEFAULT_CREATE_BUFFER)

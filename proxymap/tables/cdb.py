@@ -144,12 +144,8 @@ class CdbTable(nulkeys.NulKeyTable):
         given (postmap -N). Returns the number of records stored."""
         path = name + ".cdb"
         tmp = path + ".tmp"
+        fd = filelock.open_for_rebuild(tmp, filelock.FLOCK)
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise TableOpenError(f"open database {tmp}: {exc.strerror}") from None
-        try:
-            filelock.lock(fd, filelock.FLOCK, filelock.EXCLUSIVE)
             records = nulkeys.prepare_records(entries, flags, F.TRY0NULL, warn, name)
             try:
                 image = encode_cdb(records.items())

@@ -64,6 +64,22 @@ def lock(fd: int, style: str, op: str, wait: bool = True) -> bool:
     return True
 
 
+def open_for_rebuild(path: str, style: str) -> int:
+    """Open (or create, mode 0644 less the umask) a table file that is about
+    to be rebuilt and take its exclusive lock, waiting for readers to let
+    go, as postmap does. Returns the descriptor; raises TableOpenError."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise TableOpenError(f"open database {path}: {exc.strerror}") from None
+    try:
+        lock(fd, style, EXCLUSIVE)
+    except OSError as exc:
+        os.close(fd)
+        raise TableOpenError(f"lock database {path}: {exc.strerror}") from None
+    return fd
+
+
 class TableLock:
     """The locking policy of one open table, on descriptor `fd`.
 

@@ -214,12 +214,8 @@ class LmdbTable(nulkeys.NulKeyTable):
         records stored."""
         path = name + ".lmdb"
         label = f"{type_name}:{name}"
+        fd = filelock.open_for_rebuild(path, filelock.FCNTL)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise TableOpenError(f"open database {path}: {exc.strerror}") from None
-        try:
-            filelock.lock(fd, filelock.FCNTL, filelock.EXCLUSIVE)
             records = nulkeys.prepare_records(entries, flags, F.TRY1NULL, warn, label)
             try:
                 shared = _acquire_env(

@@ -610,6 +610,15 @@ def _pcre_char_escape(p: bytes, i: int) -> tuple[int, int] | None:
     return None
 
 
+def _quoted_literal(p: bytes, i: int) -> tuple[bytes, int]:
+    r"""PCRE's `\Q...\E` starting at p[i]: (the literal text, index after
+    it); an unterminated \Q runs to the end of the pattern."""
+    end = p.find(b"\\E", i + 2)
+    if end < 0:
+        return p[i + 2:], len(p)
+    return p[i + 2:end], end + 2
+
+
 def _pcre_class(p: bytes, i: int) -> tuple[bytes, int]:
     """Translate a PCRE class whose `[` is at p[i-1]; return (python, end)."""
     n = len(p)
@@ -673,9 +682,7 @@ def _pcre_class(p: bytes, i: int) -> tuple[bytes, int]:
                 raise RuleError("\\ at end of pattern")
             e = p[i + 1]
             if e == 0x51:  # \Q...\E
-                end = p.find(b"\\E", i + 2)
-                lit = p[i + 2:] if end < 0 else p[i + 2:end]
-                i = n if end < 0 else end + 2
+                lit, i = _quoted_literal(p, i)
                 for b in lit:
                     single(b)
                 continue
@@ -797,9 +804,7 @@ def pcre_to_python(pattern: bytes, options: bytes = b"", warn=None) -> tuple[byt
                 raise RuleError("\\ at end of pattern")
             e = p[i + 1]
             if e == 0x51:  # \Q...\E
-                end = p.find(b"\\E", i + 2)
-                lit = p[i + 2:] if end < 0 else p[i + 2:end]
-                i = n if end < 0 else end + 2
+                lit, i = _quoted_literal(p, i)
                 for b in lit:
                     emit(_literal(b))
                 continue
