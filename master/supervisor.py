@@ -134,6 +134,11 @@ def load_configuration(config_dir: str, warn=None, workers: bool = False) -> Con
                                     f"{main.get(name)}")
     main.get_int("default_process_limit")
     main.get_time("service_throttle_time")
+    if workers:     # check, reload: the log file the master and workers will open
+        try:
+            maillog.check_log_file(main.get("maillog_file"), main.get("maillog_file_prefixes"))
+        except maillog.LogFileError as exc:
+            raise main.locate("maillog_file", str(exc)) from None
     used, skipped = [], []
     for service in services:
         if service.type == "unix" and is_proxymap_command(service):
@@ -262,8 +267,13 @@ class Master:
     # -- configuration ----------------------------------------------------------
 
     def setup_logging(self, main: MainConfig) -> None:
-        maillog.setup(f"{main.get('syslog_name')}/{PROGRAM}", main.get("maillog_file"),
-                      stderr=self.stderr, verbose=self.verbose)
+        """Log as main.cf says; ConfigError for an unusable maillog_file."""
+        try:
+            maillog.setup(f"{main.get('syslog_name')}/{PROGRAM}", main.get("maillog_file"),
+                          stderr=self.stderr, verbose=self.verbose,
+                          prefixes=main.get("maillog_file_prefixes"))
+        except maillog.LogFileError as exc:
+            raise main.locate("maillog_file", str(exc)) from None
 
     def log_skipped(self, config: Configuration) -> None:
         for service in config.skipped:
@@ -637,7 +647,10 @@ class Master:
         if old is not None and (config.owner != old.owner):
             maillog.warning("mail_owner changed: sockets keep their old owner until restart")
         self.config = config
-        self.setup_logging(main)
+        try:
+            self.setup_logging(main)
+        except ConfigError as exc:   # checked before; changed since: keep the old sink
+            maillog.error(f"{exc}")
         self.log_skipped(config)
         self.generation += 1
         now = time.monotonic()

@@ -67,6 +67,9 @@ class Dispatcher:
         self.opener = opener
         self.tables: dict[tuple[str, int], Table] = {}
         self.param_name = "proxy_write_maps" if self.writable else "proxy_read_maps"
+        # the worker clears this for a connection that already had its
+        # share of bad-request warnings (it counts and sums up the rest)
+        self.log_bad = True
 
     # -- the request entry point ------------------------------------------------
 
@@ -75,7 +78,8 @@ class Dispatcher:
         try:
             req = parse_request(attrs)
         except BadRequest as exc:
-            maillog.warning(f"{self.service}: bad request: {exc.reason}")
+            if self.log_bad:
+                maillog.warning(f"{self.service}: bad request: {exc.reason}")
             return encode_reply(exc.name, BAD, exc.layout)
         try:
             return self._answer(req)

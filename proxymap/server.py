@@ -16,6 +16,7 @@ group cannot interrupt an update).
 from __future__ import annotations
 
 import argparse
+import collections
 import errno
 import os
 import select
@@ -27,19 +28,23 @@ import time
 
 from master import maillog
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
-from proxymap.protocol import GREETING, Decoder, ProtocolError
+from proxymap.protocol import GREETING, Decoder, ProtocolError, is_bad_reply
 
 READ_CHUNK = 65536
 #: seconds between checks for expired connections (and on_tick calls)
 TICK = 1.0
 #: when stopping, a connection idle this long since our last reply is closed
 STOP_IDLE = 1.0
+#: bad-request warnings logged per connection; the rest are counted and
+#: summed up in the line that closes the connection
+BAD_LOGGED = 3
 
 
 class Connection:
     """One client: its socket, request decoder and unsent reply bytes."""
 
-    __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied")
+    __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied",
+                 "queue", "bad")
 
     def __init__(self, sock: socket.socket, decoder: Decoder, peer: str):
         self.sock = sock
@@ -53,6 +58,14 @@ class Connection:
         self.events = 0
         # monotonic time our last reply (or the greeting) was fully sent
         self.replied = time.monotonic()
+        # decoded requests not answered yet (at most max_pipeline)
+        self.queue: collections.deque = collections.deque()
+        # BAD replies sent on this connection
+        self.bad = 0
+
+    def idle(self) -> bool:
+        """Nothing owed either way: no request bytes, no unsent reply."""
+        return not self.out and not self.queue and not self.decoder.pending
 
 
 class Worker:
@@ -65,11 +78,19 @@ class Worker:
     """
 
     def __init__(self, dispatcher: Dispatcher, *, ipc_timeout: float = 3600,
-                 max_attrs: int = 32, max_message: int = 1 << 20):
+                 max_attrs: int = 32, max_message: int = 1 << 20,
+                 max_pipeline: int = 16, max_unsent: int = 65536, max_bad: int = 10):
         self.dispatcher = dispatcher
         self.ipc_timeout = ipc_timeout
         self.max_attrs = max_attrs
         self.max_message = max_message
+        # Bounded work per client: at most max_pipeline decoded requests
+        # wait for an answer, replies are produced only while less than
+        # max_unsent bytes of earlier replies are unsent, and a connection
+        # is closed at its max_bad'th BAD reply (0: never).
+        self.max_pipeline = max_pipeline
+        self.max_unsent = max_unsent
+        self.max_bad = max_bad
         # epoll directly rather than selectors: the loop runs once per request
         self._poll = select.epoll()
         self._handlers: dict[int, object] = {}   # fd -> Connection or (fileobj, callback)
@@ -123,8 +144,8 @@ class Worker:
         self._poll.register(conn.fd, select.EPOLLIN)
         self._handlers[conn.fd] = conn
         conn.events = select.EPOLLIN
-        self._flush(conn)
         self._changed()
+        self._pump(conn)
 
     def listen_on(self, listener: socket.socket) -> None:
         listener.setblocking(False)
@@ -157,7 +178,7 @@ class Worker:
                     continue
                 if type(handler) is Connection:
                     if events & out_events and handler.out:
-                        self._flush(handler)
+                        self._pump(handler)
                     if events & in_events and not handler.out and fd in self.conns:
                         self._read(handler)
                 else:
@@ -186,7 +207,7 @@ class Worker:
 
     def _close_idle(self, now: float) -> None:
         for conn in list(self.conns.values()):
-            if not conn.out and not conn.decoder.pending and now - conn.replied >= STOP_IDLE:
+            if conn.idle() and now - conn.replied >= STOP_IDLE:
                 self._close(conn)
 
     # -- per-connection I/O ---------------------------------------------------------
@@ -206,53 +227,95 @@ class Worker:
             self._close(conn)
             return
         try:
-            lists = conn.decoder.feed(data)
+            conn.queue.extend(conn.decoder.feed(data, self.max_pipeline))
         except ProtocolError as exc:
             maillog.warning(f"{exc} from {conn.peer}: closing the connection")
             self._close(conn)
             return
-        for attrs in lists:
-            conn.out += self.dispatcher.handle(attrs)
-            self.requests += 1
-        # ipc_timeout counts from the first byte of an unfinished request,
-        # so a client trickling one byte a second cannot keep it open
-        if not conn.decoder.pending:
-            conn.since = None
-        elif lists or conn.since is None:
-            conn.since = time.monotonic()   # a new request began in this read
-        if conn.out:
-            self._flush(conn)
-        if lists:
-            self._changed()
+        if not conn.queue:
+            # ipc_timeout counts from the first byte of an unfinished request,
+            # so a client trickling one byte a second cannot keep it open
+            if conn.since is None:
+                conn.since = time.monotonic()
+            return
+        self._pump(conn)
 
-    def _flush(self, conn: Connection) -> None:
-        if conn.out:
-            try:
-                sent = conn.sock.send(conn.out)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self._close(conn, None if exc.errno in (errno.EPIPE, errno.ECONNRESET)
-                            else f"write: {exc.strerror}")
-                return
-            del conn.out[:sent]
+    def _pump(self, conn: Connection) -> None:
+        """Answer the client's requests in order and send the replies.
+
+        Replies are made only while less than max_unsent bytes of earlier
+        ones wait to be sent, and at most max_pipeline decoded requests wait
+        to be answered: replies are produced as the client drains them, so
+        what one connection costs is bounded however much it pipelines.
+        While anything is owed, nothing more is read from the client."""
+        decoder, queue, dispatcher = conn.decoder, conn.queue, self.dispatcher
+        max_unsent = self.max_unsent
+        answered = 0
+        try:
+            while True:
+                while queue and len(conn.out) < max_unsent:
+                    dispatcher.log_bad = conn.bad < BAD_LOGGED
+                    reply = dispatcher.handle(queue.popleft())
+                    conn.out += reply
+                    answered += 1
+                    if is_bad_reply(reply):
+                        conn.bad += 1
+                        if conn.bad == self.max_bad:
+                            self._close_for_bad(conn)
+                            return
+                if not queue and decoder.more and len(conn.out) < max_unsent:
+                    queue.extend(decoder.feed(b"", self.max_pipeline))
+                    continue
+                if conn.out:
+                    try:
+                        sent = conn.sock.send(conn.out)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    except OSError as exc:
+                        self._close(conn, None if exc.errno in (errno.EPIPE, errno.ECONNRESET)
+                                    else f"write: {exc.strerror}")
+                        return
+                    del conn.out[:sent]
+                    if not conn.out:
+                        conn.replied = time.monotonic()
+                        if queue or decoder.more:
+                            continue     # all sent: answer the next ones
+                break
+        except ProtocolError as exc:
+            maillog.warning(f"{exc} from {conn.peer}: closing the connection")
+            self._close(conn)
+            return
+        finally:
+            self.requests += answered
         # Back-pressure: while a reply is unsent, read nothing more from this
         # client, so one that never reads cannot make us buffer without bound.
         want = select.EPOLLOUT if conn.out else select.EPOLLIN
         if want != conn.events:
             self._poll.modify(conn.fd, want)
             conn.events = want
-        if conn.out:
-            if conn.since is None:
-                conn.since = time.monotonic()
+        if conn.out or queue or decoder.pending:
+            if answered or conn.since is None:
+                conn.since = time.monotonic()   # owed since this request
         else:
-            conn.replied = time.monotonic()
-            if not conn.decoder.pending:
-                conn.since = None
-            elif conn.since is None:
-                conn.since = conn.replied
-            if self.stopping and not conn.decoder.pending:
+            conn.since = None
+            if self.stopping:
                 self._close(conn)
+                return
+        if answered:
+            self._changed()
+
+    def _close_for_bad(self, conn: Connection) -> None:
+        """Postfix drops a client at its first malformed request; we answer
+        a few BAD first (a client may be confused, not hostile), then send
+        what is owed, best effort, and hang up with one summary line."""
+        unlogged = conn.bad - BAD_LOGGED
+        more = f" ({unlogged} more not logged)" if unlogged > 0 else ""
+        maillog.warning(f"{conn.peer}: {conn.bad} bad requests{more}: closing the connection")
+        try:
+            conn.sock.send(conn.out)
+        except OSError:
+            pass
+        self._close(conn)
 
     def _expire(self) -> None:
         """Close connections that kept a request or a reply unfinished for
@@ -312,7 +375,10 @@ def make_worker(config, service: str) -> Worker:
     return Worker(make_dispatcher(config, service),
                   ipc_timeout=config.get_time("ipc_timeout"),
                   max_attrs=config.get_int("proxymap_max_attributes"),
-                  max_message=config.get_int("proxymap_max_request_size"))
+                  max_message=config.get_int("proxymap_max_request_size"),
+                  max_pipeline=config.get_int("proxymap_max_pipelined_requests"),
+                  max_unsent=config.get_int("proxymap_max_unsent_reply_bytes"),
+                  max_bad=config.get_int("proxymap_max_bad_requests"))
 
 
 class ParamView:
@@ -390,8 +456,12 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"proxymap: fatal: {exc}", file=sys.stderr)
         return 1
-    maillog.setup(f"{config.get('syslog_name')}/{service}", config.get("maillog_file"),
-                  stderr=args.stderr, verbose=args.verbose)
+    try:
+        maillog.setup(f"{config.get('syslog_name')}/{service}", config.get("maillog_file"),
+                      stderr=args.stderr, verbose=args.verbose,
+                      prefixes=config.get("maillog_file_prefixes"))
+    except maillog.LogFileError as exc:
+        maillog.fatal(str(exc))     # to the sink in use: syslog or stderr
     role = role_of(service, config)
     if role is None:
         maillog.fatal(f"service name must be one of {READ_SERVICE} or {WRITE_SERVICE}, not {service!r}")

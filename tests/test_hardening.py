@@ -1,0 +1,309 @@
+"""Attacks of issue 9, each rerun against a standalone worker (or a master).
+
+Every test here failed on the code before the fix it names:
+* pipelined lookups of a huge value, never read: worker memory bounded,
+  replies made as the client drains them (proxymap/server.py);
+* a flood of NUL bytes: a bounded number of BAD replies and log lines,
+  then the connection is closed;
+* a table name that is not UTF-8: refused and logged, escaped;
+* maillog_file through a symlink, or outside maillog_file_prefixes:
+  refused with a one-line fatal, nothing written to the link's target.
+Figures (RSS, log lines) are printed for docs/security.md.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from proxymap.protocol import Decoder, encode
+from worker_fixture import Instance, RawClient
+
+BIG = 1_000_000     # bytes in the huge value
+PIPELINED = 400     # lookups of it sent at once, never read meanwhile
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM (peak) of a process, in KiB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                out[name] = int(rest.split()[0])
+    return out
+
+
+def wait_until(cond, what: str, limit: float = 20.0) -> None:
+    deadline = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def lookup_bytes(table: str, key: str) -> bytes:
+    return encode([("request", "lookup"), ("table", table), ("flags", 0), ("key", key)])
+
+
+@pytest.fixture
+def big(tmp_path):
+    inst = Instance(tmp_path, read_maps=f"proxy:hash:{tmp_path}/big proxy:inline:{{a=b}}",
+                    extra="ipc_timeout = 60s")
+    with open(f"{tmp_path}/big", "w") as f:
+        f.write("k " + "v" * BIG + "\nsmall s\n")
+    assert inst.postmap(f"hash:{tmp_path}/big").returncode == 0
+    proc = inst.start()
+    yield inst, proc, f"hash:{tmp_path}/big"
+    inst.stop()
+
+
+def served(inst) -> bool:
+    c = RawClient(inst.socket_path())
+    try:
+        return c.request(request="lookup", table="inline:{a=b}", flags=0, key="a") == \
+            {b"status": b"0", b"value": b"b"}
+    finally:
+        c.close()
+
+
+def test_pipelined_huge_replies_keep_worker_memory_bounded(big):
+    """Issue 9 attack 1: 400 lookups of a 1 MB value in one 31 KB write.
+    Before: the worker answered all of them in one read (+400 MB RSS)."""
+    inst, proc, table = big
+    # warm up: the table is open and one huge reply has been made once
+    c = RawClient(inst.socket_path())
+    assert len(c.request(request="lookup", table=table, flags=0, key="k")[b"value"]) == BIG
+    c.close()
+    before = proc_status(proc.pid)
+    attacker = RawClient(inst.socket_path())
+    attacker.send(lookup_bytes(table, "k") * PIPELINED)
+    # the worker has read our requests once it starts replying
+    assert select.select([attacker.sock], [], [], 20)[0]
+    assert served(inst)          # and it went round its loop since
+    during = proc_status(proc.pid)
+    # now read everything: replies are produced as we drain them
+    got, decoder = 0, Decoder(max_attrs=8, max_message=BIG * 2)
+    while got < PIPELINED:
+        data = attacker.sock.recv(1 << 20)
+        assert data, "server closed the connection"
+        for attrs in decoder.feed(data):
+            assert attrs == [(b"status", b"0"), (b"value", b"v" * BIG)]
+            got += 1
+    attacker.close()
+    wait_until(lambda: served(inst), "a fresh client to be served")
+    after = proc_status(proc.pid)
+    growth_peak = after["VmHWM"] - before["VmHWM"]
+    print(f"\nFIGURES pipelined huge replies: RSS before {before['VmRSS']} KiB, "
+          f"while pipelined {during['VmRSS']} KiB, after {after['VmRSS']} KiB, "
+          f"peak growth {growth_peak} KiB")
+    assert during["VmHWM"] - before["VmHWM"] < 16 * 1024
+    assert growth_peak < 16 * 1024
+    assert after["VmRSS"] - before["VmRSS"] < 8 * 1024
+
+
+def test_pipelining_beyond_the_bound_is_answered_in_order(tmp_path):
+    """A client pipelining far beyond proxymap_max_pipelined_requests gets
+    every answer, in order, with no reply made before the previous ones
+    were drained beyond the bound."""
+    inst = Instance(tmp_path, read_maps="proxy:inline:{a=1,b=2}",
+                    extra="proxymap_max_pipelined_requests = 2\n"
+                          "proxymap_max_unsent_reply_bytes = 16")
+    inst.start()
+    try:
+        c = RawClient(inst.socket_path())
+        keys = ["a", "b", "c"] * 300
+        c.send(b"".join(lookup_bytes("inline:{a=1,b=2}", k) for k in keys))
+        values = [dict(c.read())[b"value"] for _ in keys]
+        assert values == [{"a": b"1", "b": b"2", "c": b""}[k] for k in keys]
+    finally:
+        inst.stop()
+
+
+def test_nul_flood_gets_bounded_replies_and_log_lines(tmp_path):
+    """Issue 9 attack 4: 1,000,000 NUL bytes. Before: one BAD reply and one
+    warning per NUL (~400,000 log lines). Now: proxymap_max_bad_requests
+    BAD replies, three warnings and one summary, then the connection closes."""
+    inst = Instance(tmp_path, read_maps="proxy:inline:{a=b}")
+    inst.start()
+    try:
+        c = RawClient(inst.socket_path())
+        c.sock.settimeout(20)
+        try:
+            c.send(b"\0" * 1_000_000)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        replies = 0
+        try:
+            while True:
+                data = c.sock.recv(65536)
+                if not data:
+                    break
+                replies += len(c.decoder.feed(data))
+        except ConnectionResetError:
+            pass
+        assert served(inst)
+        log = inst.read_log().splitlines()
+        bad_lines = [line for line in log if "bad request" in line]
+        print(f"\nFIGURES NUL flood: {replies} BAD replies, {len(log)} log lines "
+              f"({sum(len(x) + 1 for x in log)} bytes) for 1,000,000 bytes sent")
+        assert replies == 10
+        assert len(bad_lines) == 4
+        assert "10 bad requests (7 more not logged): closing the connection" in bad_lines[-1]
+        assert len(log) < 20
+    finally:
+        inst.stop()
+
+
+def test_bad_request_limit_zero_never_closes(tmp_path):
+    inst = Instance(tmp_path, read_maps="proxy:inline:{a=b}",
+                    extra="proxymap_max_bad_requests = 0")
+    inst.start()
+    try:
+        c = RawClient(inst.socket_path())
+        c.send(b"\0" * 100)
+        for _ in range(100):
+            assert c.read() == [(b"status", b"3")]
+        assert c.request(request="lookup", table="inline:{a=b}", flags=0, key="a")[b"value"] == b"b"
+    finally:
+        inst.stop()
+
+
+def start_logging_worker(inst, maillog_file, prefixes):
+    """A worker that logs to maillog_file (no --stderr); its stderr goes to
+    inst.log. Returns the Popen once it answers or has exited."""
+    inst.write_main_cf(read_maps="proxy:inline:{a=b}",
+                       extra=f"maillog_file = {maillog_file}\nmaillog_file_prefixes = {prefixes}")
+    with open(inst.log, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "proxymap.server", "-c", inst.etc,
+                                 "-n", "proxymap", "--listen", inst.socket_path()],
+                                stdout=logf, stderr=logf)
+    inst.procs.append(proc)
+
+    def up():
+        if proc.poll() is not None:
+            return True
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(inst.socket_path())
+                return True
+        except OSError:
+            return False
+    wait_until(up, "the worker to answer or exit")
+    return proc
+
+
+def test_invalid_utf8_table_name_is_refused_and_logged(tmp_path):
+    """Issue 9 attack 5: before, the refusal of `hash:/etc/secret\\xff` was
+    lost to the log file's encoding error."""
+    inst = Instance(tmp_path)
+    logfile = f"{tmp_path}/maillog"
+    start_logging_worker(inst, logfile, str(tmp_path))
+    try:
+        c = RawClient(inst.socket_path())
+        c.send(b"request\0lookup\0table\0hash:/etc/secret\xff\0flags\x000\0key\0k\0\0")
+        assert dict(c.read())[b"status"] == b"4"
+        assert served(inst)
+        wait_until(lambda: "secret" in open(logfile, errors="replace").read(), "the log line")
+        text = open(logfile, "rb").read()
+        assert b'request for unapproved table: "hash:/etc/secret\\xff"' in text
+        assert b"proxy:hash:/etc/secret\\xff in proxy_read_maps" in text
+    finally:
+        inst.stop()
+
+
+def test_symlinked_maillog_file_is_refused(tmp_path):
+    """Issue 9 attack 2: a symlink at maillog_file (a world-writable log
+    directory) pointing at a file elsewhere. Before: log lines were
+    appended to the target. Now: a fatal and the target untouched."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    os.chmod(logdir, 0o1777)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, logdir / "maillog")
+    inst = Instance(tmp_path)
+    proc = start_logging_worker(inst, logdir / "maillog", str(tmp_path))
+    assert proc.wait(10) == 1
+    assert victim.read_text() == "precious\n"
+    assert f"fatal: open logfile '{logdir}/maillog': file is a symbolic link" in inst.read_log()
+    assert "Traceback" not in inst.read_log()
+
+
+def test_hard_linked_maillog_file_is_refused(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.link(victim, tmp_path / "maillog")
+    inst = Instance(tmp_path)
+    proc = start_logging_worker(inst, tmp_path / "maillog", str(tmp_path))
+    assert proc.wait(10) == 1
+    assert victim.read_text() == "precious\n"
+    assert "file has 2 hard links" in inst.read_log()
+
+
+def test_maillog_file_outside_the_prefixes_is_refused(tmp_path):
+    inst = Instance(tmp_path)
+    proc = start_logging_worker(inst, tmp_path / "maillog", "/var, /dev/stdout")
+    assert proc.wait(10) == 1
+    assert not (tmp_path / "maillog").exists()
+    assert (f"fatal: maillog_file value '{tmp_path}/maillog' does not match any prefix "
+            f"in maillog_file_prefixes") in inst.read_log()
+
+
+def test_maillog_file_is_created_private_and_used(tmp_path):
+    inst = Instance(tmp_path)
+    start_logging_worker(inst, tmp_path / "maillog", f"/nowhere, {tmp_path}")
+    try:
+        assert served(inst)
+        wait_until(lambda: (tmp_path / "maillog").exists()
+                   and "listening on" in (tmp_path / "maillog").read_text(), "a log line")
+        assert os.stat(tmp_path / "maillog").st_mode & 0o777 == 0o600
+    finally:
+        inst.stop()
+
+
+def drain(decoder: Decoder, data: bytes, limit: int) -> list:
+    out = decoder.feed(data, limit)
+    assert len(out) <= limit
+    while decoder.more:
+        more = decoder.feed(b"", limit)
+        assert len(more) <= limit
+        out += more
+    return out
+
+
+def test_decoder_limit_returns_the_same_lists_in_order():
+    """feed() with a limit, drained with feed(b"", limit), sees exactly the
+    lists (and the errors) an unlimited feed() sees, however cut."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from proxymap.protocol import ProtocolError
+
+    token = st.sampled_from([b"", b"request", b"lookup", b"k", b"x" * 40])
+    stream = st.lists(st.tuples(token, st.booleans()), max_size=60).map(
+        lambda parts: b"".join(t + (b"\0" if nul else b"") for t, nul in parts))
+
+    @settings(max_examples=300, deadline=None)
+    @given(stream, st.integers(1, 5), st.lists(st.integers(0, 400), max_size=4))
+    def check(data, limit, cuts):
+        def run(lim):
+            d, got = Decoder(max_attrs=4, max_message=100), []
+            pieces, last = [], 0
+            for cut in sorted(c % (len(data) + 1) for c in cuts) + [len(data)]:
+                pieces.append(data[last:cut])
+                last = cut
+            try:
+                for piece in pieces:
+                    got += drain(d, piece, lim) if lim else d.feed(piece)
+            except ProtocolError as exc:
+                return got, str(exc)
+            return got, bytes(d.buf)
+        assert run(limit) == run(0)
+    check()
