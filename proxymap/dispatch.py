@@ -19,6 +19,7 @@ from proxymap import dictflags as F
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                BadRequest, Request, encode_reply, parse_request)
 from proxymap.tables import Table, TableError, TableOpenError, open_table, strip_proxy
+from proxymap.tables.filelock import LockBusy
 from proxymap.utf8 import is_utf8, utf8_key
 
 #: seconds before a table that failed to open is tried again
@@ -70,19 +71,34 @@ class Dispatcher:
         # the worker clears this for a connection that already had its
         # share of bad-request warnings (it counts and sums up the rest)
         self.log_bad = True
+        self._client: object = None
+        # proxywrite instances opened with OPEN_LOCK -> the clients that used
+        # them: the lock is given back when the last of them has gone
+        self.lock_users: dict[tuple[str, int], set] = {}
 
     # -- the request entry point ------------------------------------------------
 
-    def handle(self, attrs: list[tuple[bytes, bytes]]) -> bytes:
-        """One decoded attribute list in, one encoded reply out. Never raises."""
+    def handle(self, attrs: list[tuple[bytes, bytes]], may_wait: bool = False,
+               client: object = None) -> bytes | None:
+        """One decoded attribute list in, one encoded reply out. Never raises.
+
+        With `may_wait`, a table lock that another process holds gives None
+        instead (ask again later); without, RETRY. `client` names the
+        connection, for instances that hold a lock while someone uses them."""
         try:
             req = parse_request(attrs)
         except BadRequest as exc:
             if self.log_bad:
                 maillog.warning(f"{self.service}: bad request: {exc.reason}")
             return encode_reply(exc.name, BAD, exc.layout)
+        self._client = client
         try:
             return self._answer(req)
+        except LockBusy as exc:
+            if may_wait:
+                return None
+            maillog.warning(exc.reason)
+            return encode_reply(req.name, RETRY, req.layout)
         except Exception as exc:  # a bug must not cost the client its answer
             maillog.error(f"{req.name} {req.table}: unexpected {type(exc).__name__}: {exc}")
             return encode_reply(req.name, RETRY, req.layout)
@@ -145,6 +161,8 @@ class Dispatcher:
                 return encode_reply(name, OK, layout, flags=table.flags,
                                     key=record[0], value=record[1])
             return encode_reply(name, OK if done else NOKEY, layout, flags=table.flags)
+        except LockBusy:
+            raise
         except TableError as exc:
             maillog.warning(exc.reason)
             return encode_reply(name, exc.status, layout)
@@ -163,9 +181,12 @@ class Dispatcher:
                 if time.monotonic() - table.failed_at < OPEN_RETRY_INTERVAL:
                     return table
             elif not table.changed():
+                if inst & F.OPEN_LOCK and self.writable:
+                    self._note_lock_user(regkey)
                 return table
             else:
                 maillog.info(f"table {spec}: has changed -- reopening")
+            del self.tables[regkey]
             self._close(table)
         # OPEN_LOCK holds an exclusive lock for the life of the instance: a
         # reader has no business with it, and a client of the read service
@@ -173,11 +194,33 @@ class Dispatcher:
         flags = req.flags if self.writable else req.flags & ~F.OPEN_LOCK
         table = self._open(spec, flags)
         self.tables[regkey] = table
+        if inst & F.OPEN_LOCK and self.writable:
+            self._note_lock_user(regkey)
         return table
+
+    def _note_lock_user(self, regkey) -> None:
+        if self._client is not None:
+            self.lock_users.setdefault(regkey, set()).add(self._client)
+
+    def client_gone(self, client: object) -> None:
+        """A connection has ended: an OPEN_LOCK instance that no remaining
+        client has used is closed, which gives its lock back (Postfix keeps
+        it for the life of the process: one client could lock every other
+        user of the file out for good)."""
+        for regkey, users in list(self.lock_users.items()):
+            users.discard(client)
+            if not users:
+                del self.lock_users[regkey]
+                table = self.tables.pop(regkey, None)
+                if table is not None:
+                    maillog.debug(f"table {regkey[0]}: last OPEN_LOCK user gone -- closing")
+                    self._close(table)
 
     def _open(self, spec: str, flags: int) -> Table:
         try:
             table = self.opener(spec, flags, self.writable, self.params)
+        except LockBusy:
+            raise
         except TableOpenError as exc:
             maillog.error(f"open table {spec}: {exc}")
             return SurrogateTable(spec, flags, str(exc))

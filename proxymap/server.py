@@ -29,12 +29,16 @@ import time
 from master import maillog
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
 from proxymap.protocol import GREETING, Decoder, ProtocolError, is_bad_reply
+from proxymap.tables import filelock
 
 READ_CHUNK = 65536
 #: seconds between checks for expired connections (and on_tick calls)
 TICK = 1.0
 #: when stopping, a connection idle this long since our last reply is closed
 STOP_IDLE = 1.0
+#: seconds between attempts at a request whose table lock another process
+#: holds (for at most filelock.LOCK_WAIT_LIMIT, then RETRY)
+LOCK_RETRY = 0.01
 #: bad-request warnings logged per connection; the rest are counted and
 #: summed up in the line that closes the connection
 BAD_LOGGED = 3
@@ -44,7 +48,7 @@ class Connection:
     """One client: its socket, request decoder and unsent reply bytes."""
 
     __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied",
-                 "queue", "bad")
+                 "queue", "bad", "wait_until")
 
     def __init__(self, sock: socket.socket, decoder: Decoder, peer: str):
         self.sock = sock
@@ -62,6 +66,9 @@ class Connection:
         self.queue: collections.deque = collections.deque()
         # BAD replies sent on this connection
         self.bad = 0
+        # while the first queued request waits for a table lock: when to
+        # give up on it and answer RETRY
+        self.wait_until: float | None = None
 
     def idle(self) -> bool:
         """Nothing owed either way: no request bytes, no unsent reply."""
@@ -95,6 +102,7 @@ class Worker:
         self._poll = select.epoll()
         self._handlers: dict[int, object] = {}   # fd -> Connection or (fileobj, callback)
         self.conns: dict[int, Connection] = {}
+        self.waiting: dict[int, Connection] = {}   # requests waiting for a lock
         self.requests = 0
         self.accepted = 0
         self.stopping = False
@@ -171,18 +179,30 @@ class Worker:
         handlers = self._handlers
         out_events = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
         in_events = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+        hangup = select.EPOLLERR | select.EPOLLHUP
+        # the loop never sleeps on a lock: a busy one defers the request
+        filelock.wait_limit = 0
         while not (self.stopping and not self.conns):
-            for fd, events in self._poll.poll(TICK):
+            waiting = self.waiting
+            for fd, events in self._poll.poll(LOCK_RETRY if waiting else TICK):
                 handler = handlers.get(fd)
                 if handler is None:
                     continue
                 if type(handler) is Connection:
+                    if handler.wait_until is not None:
+                        if events & hangup:      # gone while its request waited
+                            self._close(handler)
+                        continue
                     if events & out_events and handler.out:
                         self._pump(handler)
                     if events & in_events and not handler.out and fd in self.conns:
                         self._read(handler)
                 else:
                     handler[1](handler[0])
+            if waiting:
+                for conn in list(waiting.values()):
+                    if conn.fd in self.conns:
+                        self._pump(conn)
             now = time.monotonic()
             if now - self._ticked >= TICK:
                 self._ticked = now
@@ -255,7 +275,17 @@ class Worker:
             while True:
                 while queue and len(conn.out) < max_unsent:
                     dispatcher.log_bad = conn.bad < BAD_LOGGED
-                    reply = dispatcher.handle(queue.popleft())
+                    may_wait = conn.wait_until is None or time.monotonic() < conn.wait_until
+                    reply = dispatcher.handle(queue[0], may_wait, conn)
+                    if reply is None:        # a table lock is busy: later
+                        if conn.wait_until is None:
+                            conn.wait_until = time.monotonic() + filelock.LOCK_WAIT_LIMIT
+                            self.waiting[conn.fd] = conn
+                        break
+                    queue.popleft()
+                    if conn.wait_until is not None:
+                        conn.wait_until = None
+                        del self.waiting[conn.fd]
                     conn.out += reply
                     answered += 1
                     if is_bad_reply(reply):
@@ -263,7 +293,8 @@ class Worker:
                         if conn.bad == self.max_bad:
                             self._close_for_bad(conn)
                             return
-                if not queue and decoder.more and len(conn.out) < max_unsent:
+                if not queue and decoder.more and len(conn.out) < max_unsent \
+                        and conn.wait_until is None:
                     queue.extend(decoder.feed(b"", self.max_pipeline))
                     continue
                 if conn.out:
@@ -278,7 +309,7 @@ class Worker:
                     del conn.out[:sent]
                     if not conn.out:
                         conn.replied = time.monotonic()
-                        if queue or decoder.more:
+                        if (queue or decoder.more) and conn.wait_until is None:
                             continue     # all sent: answer the next ones
                 break
         except ProtocolError as exc:
@@ -289,7 +320,10 @@ class Worker:
             self.requests += answered
         # Back-pressure: while a reply is unsent, read nothing more from this
         # client, so one that never reads cannot make us buffer without bound.
-        want = select.EPOLLOUT if conn.out else select.EPOLLIN
+        # While a request waits for a lock, nothing is read either (only a
+        # hang-up is reported).
+        want = select.EPOLLOUT if conn.out else 0 if conn.wait_until is not None \
+            else select.EPOLLIN
         if want != conn.events:
             self._poll.modify(conn.fd, want)
             conn.events = want
@@ -332,6 +366,8 @@ class Worker:
         if why:
             maillog.warning(f"{conn.peer}: {why}: closing the connection")
         self.conns.pop(conn.fd, None)
+        self.waiting.pop(conn.fd, None)
+        self.dispatcher.client_gone(conn)
         if self._handlers.pop(conn.fd, None) is not None:
             try:
                 self._poll.unregister(conn.fd)

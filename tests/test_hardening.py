@@ -229,8 +229,11 @@ def test_symlinked_maillog_file_is_refused(tmp_path):
     victim.write_text("precious\n")
     os.symlink(victim, logdir / "maillog")
     inst = Instance(tmp_path)
-    proc = start_logging_worker(inst, logdir / "maillog", str(tmp_path))
-    assert proc.wait(10) == 1
+    try:
+        proc = start_logging_worker(inst, logdir / "maillog", str(tmp_path))
+        assert proc.wait(10) == 1
+    finally:
+        inst.stop()
     assert victim.read_text() == "precious\n"
     assert f"fatal: open logfile '{logdir}/maillog': file is a symbolic link" in inst.read_log()
     assert "Traceback" not in inst.read_log()
@@ -241,16 +244,22 @@ def test_hard_linked_maillog_file_is_refused(tmp_path):
     victim.write_text("precious\n")
     os.link(victim, tmp_path / "maillog")
     inst = Instance(tmp_path)
-    proc = start_logging_worker(inst, tmp_path / "maillog", str(tmp_path))
-    assert proc.wait(10) == 1
+    try:
+        proc = start_logging_worker(inst, tmp_path / "maillog", str(tmp_path))
+        assert proc.wait(10) == 1
+    finally:
+        inst.stop()
     assert victim.read_text() == "precious\n"
     assert "file has 2 hard links" in inst.read_log()
 
 
 def test_maillog_file_outside_the_prefixes_is_refused(tmp_path):
     inst = Instance(tmp_path)
-    proc = start_logging_worker(inst, tmp_path / "maillog", "/var, /dev/stdout")
-    assert proc.wait(10) == 1
+    try:
+        proc = start_logging_worker(inst, tmp_path / "maillog", "/var, /dev/stdout")
+        assert proc.wait(10) == 1
+    finally:
+        inst.stop()
     assert not (tmp_path / "maillog").exists()
     assert (f"fatal: maillog_file value '{tmp_path}/maillog' does not match any prefix "
             f"in maillog_file_prefixes") in inst.read_log()
@@ -307,3 +316,65 @@ def test_decoder_limit_returns_the_same_lists_in_order():
             return got, bytes(d.buf)
         assert run(limit) == run(0)
     check()
+
+
+# -- a lock holder cannot stall the other clients (issue 9 attack 3) ---------------
+
+def count_served_while_waiting(waiter, other, limit=30.0) -> int:
+    """Lookups of an unrelated table answered to `other` before `waiter`'s
+    reply arrives (bounded by `limit` seconds)."""
+    count, deadline = 0, time.monotonic() + limit
+    while not select.select([waiter.sock], [], [], 0)[0]:
+        assert time.monotonic() < deadline, "the waiting request was never answered"
+        assert other.request(request="lookup", table="inline:{a=b}", flags=0, key="a") == \
+            {b"status": b"0", b"value": b"b"}
+        count += 1
+    return count
+
+
+@pytest.mark.parametrize("holder", ["proxywrite-open-lock", "rebuild-flock"])
+def test_lock_holder_does_not_stall_other_clients(tmp_path, holder):
+    """While another process holds a table's lock, a LOCK lookup of that
+    table waits (bounded, then RETRY) and other clients of the same read
+    worker are answered meanwhile. Before: the worker slept in flock for
+    1 s, and every other client waited with it (at most one or two answers
+    in that second); and a proxywrite OPEN_LOCK instance kept its lock
+    after its only client had left, so that RETRY went on for good."""
+    import fcntl
+
+    from proxymap import dictflags as F
+    table = f"hash:{tmp_path}/shared"
+    with open(f"{tmp_path}/shared", "w") as f:
+        f.write("k v\n")
+    inst = Instance(tmp_path, read_maps=f"proxy:{table} proxy:inline:{{a=b}}",
+                    write_maps=f"proxy:{table}")
+    assert inst.postmap(table).returncode == 0
+    inst.start("proxymap")
+    inst.start("proxywrite")
+    try:
+        if holder == "proxywrite-open-lock":
+            lock_holder = RawClient(inst.socket_path("proxywrite"))
+            assert lock_holder.request(request="open", table=table,
+                                       flags=F.OPEN_LOCK)[b"status"] == b"0"
+            release = lock_holder.close
+        else:   # what postmap does while it rebuilds the file
+            fd = os.open(f"{tmp_path}/shared.db", os.O_RDWR)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            release = lambda: os.close(fd)   # noqa: E731
+        waiter = RawClient(inst.socket_path())
+        other = RawClient(inst.socket_path())
+        waiter.send(lookup_bytes(table, "k").replace(b"flags\x000", b"flags\x00%d" % F.LOCK))
+        count = count_served_while_waiting(waiter, other)
+        assert dict(waiter.read())[b"status"] == b"2"      # RETRY after the bounded wait
+        print(f"\nFIGURES lock held ({holder}): {count} lookups of another table answered "
+              f"while one LOCK lookup waited")
+        assert count >= 20
+        assert "table is locked by another process (waited 1s)" in inst.read_log()
+        release()
+
+        def answered_ok():
+            reply = waiter.request(request="lookup", table=table, flags=F.LOCK, key="k")
+            return reply == {b"status": b"0", b"value": b"v"}
+        wait_until(answered_ok, "the lock to be given back", limit=15)
+    finally:
+        inst.stop()
