@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import setproctitle
 
-from master import handoff, maillog, pidfile, sdnotify
+from master import fdlimit, handoff, maillog, pidfile, sdnotify
 from master.config import (ConfigError, MainConfig, Service, load_main_cf, load_master_cf,
                            proxy_allow_set)
 from master.workerslot import READY, RETIRING, STARTING, WorkerSlot, pick_worker
@@ -183,8 +183,10 @@ class Settings:
     daemon_timeout: int
     throttle_time: int
     maxproc: int
-    #: a worker with this many open connections counts as busy: when every
-    #: worker of a service is busy the master starts another (up to maxproc).
+    #: a worker with this many active connections (a request in the last
+    #: second; idle ones cost little and are not counted) counts as busy:
+    #: when every worker of a service is busy the master starts another (up
+    #: to maxproc).
     #: One event loop serves many clients; a worker per core or so is what
     #: helps throughput, a worker per handful of clients only costs memory.
     busy_clients: int
@@ -300,6 +302,8 @@ class Master:
                 from None
         os.environ["MAIL_CONFIG"] = self.config_dir
         self.install_signals()
+        fdlimit.raise_open_limit()
+        self.accept_guard = fdlimit.AcceptGuard("accept connection")
         preload_worker()
         self.log_skipped(config)
         for service in config.services:
@@ -371,11 +375,11 @@ class Master:
             if state.listener is None or not state.listening:
                 return
             try:
-                client, _ = state.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
+                client = self.accept_guard.accept(state.listener)
             except OSError as exc:
                 maillog.warning(f"accept connection: {exc.strerror}")
+                return
+            if client is None:
                 return
             self.dispatch(state, client)
 
@@ -411,7 +415,7 @@ class Master:
         current = state.current()
         if any(s.state == STARTING for s in current):
             return
-        if current and min(s.load for s in current) < state.settings.busy_clients:
+        if current and min(s.active_load for s in current) < state.settings.busy_clients:
             return
         if state.under_limit() and not state.throttled(now) and not state.removed:
             self.spawn(state)

@@ -26,7 +26,7 @@ import struct
 import sys
 import time
 
-from master import maillog
+from master import fdlimit, maillog
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
 from proxymap.protocol import GREETING, Decoder, ProtocolError, is_bad_reply
 from proxymap.tables import filelock
@@ -36,6 +36,9 @@ READ_CHUNK = 65536
 TICK = 1.0
 #: when stopping, a connection idle this long since our last reply is closed
 STOP_IDLE = 1.0
+#: a connection that had a request or reply in this many seconds counts as
+#: active (the master adds workers for active connections, not idle ones)
+ACTIVE_WINDOW = 1.0
 #: seconds between attempts at a request whose table lock another process
 #: holds (for at most filelock.LOCK_WAIT_LIMIT, then RETRY)
 LOCK_RETRY = 0.01
@@ -48,7 +51,7 @@ class Connection:
     """One client: its socket, request decoder and unsent reply bytes."""
 
     __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied",
-                 "queue", "bad", "wait_until")
+                 "queue", "bad", "wait_until", "answered_at")
 
     def __init__(self, sock: socket.socket, decoder: Decoder, peer: str):
         self.sock = sock
@@ -66,6 +69,8 @@ class Connection:
         self.queue: collections.deque = collections.deque()
         # BAD replies sent on this connection
         self.bad = 0
+        # monotonic time of our last answer (0: none yet; the greeting is none)
+        self.answered_at = 0.0
         # while the first queued request waits for a table lock: when to
         # give up on it and answer RETRY
         self.wait_until: float | None = None
@@ -103,8 +108,10 @@ class Worker:
         self._handlers: dict[int, object] = {}   # fd -> Connection or (fileobj, callback)
         self.conns: dict[int, Connection] = {}
         self.waiting: dict[int, Connection] = {}   # requests waiting for a lock
+        self._accept_guard = None
         self.requests = 0
         self.accepted = 0
+        self.refused = 0     # clients lost at the descriptor limit
         self.stopping = False
         self.on_change = None   # called when clients or requests change
         self.on_tick = None     # called at least once a second
@@ -114,6 +121,15 @@ class Worker:
     @property
     def clients(self) -> int:
         return len(self.conns)
+
+    def active_clients(self) -> int:
+        """Connections with a request or reply in progress, or one finished
+        less than ACTIVE_WINDOW seconds ago: the load that more workers
+        would help with. A client that keeps its connection open between
+        rare requests (as Postfix daemons do) is not counted."""
+        since = time.monotonic() - ACTIVE_WINDOW
+        return sum(1 for c in self.conns.values()
+                   if c.since is not None or c.queue or c.answered_at > since)
 
     def close(self) -> None:
         """Release the event loop's descriptor (a worker that never ran)."""
@@ -160,16 +176,18 @@ class Worker:
         self.watch(listener, self._accept)
 
     def _accept(self, listener: socket.socket) -> None:
+        if self._accept_guard is None:
+            self._accept_guard = fdlimit.AcceptGuard("accept")
         for _ in range(64):
             try:
-                sock, _addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
+                sock = self._accept_guard.accept(listener)
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno in (errno.ENOBUFS, errno.ENOMEM):
                     maillog.warning(f"accept: {exc.strerror}")
                     return
                 raise
+            if sock is None:
+                return
             self.add_client(sock)
 
     # -- the loop -------------------------------------------------------------
@@ -327,6 +345,8 @@ class Worker:
         if want != conn.events:
             self._poll.modify(conn.fd, want)
             conn.events = want
+        if answered:
+            conn.answered_at = time.monotonic()
         if conn.out or queue or decoder.pending:
             if answered or conn.since is None:
                 conn.since = time.monotonic()   # owed since this request
@@ -501,6 +521,7 @@ def main(argv=None) -> int:
     role = role_of(service, config)
     if role is None:
         maillog.fatal(f"service name must be one of {READ_SERVICE} or {WRITE_SERVICE}, not {service!r}")
+    fdlimit.raise_open_limit()     # as Postfix's event loop does
     if role == WRITE_SERVICE:
         try:
             os.setsid()

@@ -378,3 +378,108 @@ def test_lock_holder_does_not_stall_other_clients(tmp_path, holder):
         wait_until(answered_ok, "the lock to be given back", limit=15)
     finally:
         inst.stop()
+
+
+# -- idle connections and the descriptor limit (issue 9, "also seen") --------------
+
+def greeted_or_closed(path: str, timeout: float = 10.0):
+    """Connect; 'greeted' (the socket, kept open), 'closed', or 'waiting'
+    when neither happened within `timeout` (the failure this guards)."""
+    from tests.instance import GREETING_LEN
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        data = b""
+        while len(data) < GREETING_LEN:
+            chunk = sock.recv(64)
+            if not chunk:
+                sock.close()
+                return "closed", None
+            data += chunk
+        return "greeted", sock
+    except (ConnectionResetError, BrokenPipeError, ConnectionRefusedError):
+        sock.close()
+        return "closed", None
+    except socket.timeout:
+        sock.close()
+        return "waiting", None
+
+
+def service_rss_kib(master_pid: int) -> int:
+    import psutil
+    master = psutil.Process(master_pid)
+    return sum(p.memory_info().rss for p in [master] + master.children()) // 1024
+
+
+IDLE_CLIENTS = 400
+
+
+def test_idle_connections_do_not_add_workers(tmp_path):
+    """400 idle clients (greeted, then silent, as Postfix daemons keep their
+    connections). Before: a worker per 32 idle clients (13 workers). Now:
+    the one worker holds them all; memory grows by a few KiB per client."""
+    from tests.instance import temporary_instance
+    # max_use high: retiring a worker every 100 clients would add workers
+    # too; the default busy threshold (the instance's 4 is within reach of
+    # the few connections in transit between master and worker)
+    with temporary_instance(tmp_path, main_extra={
+            "max_use": "1000000", "proxymap_worker_busy_clients": "32"}) as inst:
+        inst.run_foreground()
+        master = inst.master_pid()
+        before = service_rss_kib(master)
+        held = []
+        try:
+            for _ in range(IDLE_CLIENTS):
+                state, sock = greeted_or_closed(inst.socket_path())
+                assert state == "greeted"
+                held.append(sock)
+            wait_until(lambda: sum(w["clients"] for w in inst.workers("proxymap"))
+                       == IDLE_CLIENTS, "the worker to report every client")
+            workers = inst.workers("proxymap")
+            during = service_rss_kib(master)
+            print(f"\nFIGURES idle clients: {IDLE_CLIENTS} idle connections on "
+                  f"{len(workers)} proxymap worker(s); master+workers RSS {before} -> "
+                  f"{during} KiB ({(during - before) * 1024 // IDLE_CLIENTS} bytes per client)")
+            assert len(workers) == 1
+            assert during - before < 24 * 1024
+            assert inst.lookup("alice") == "alice@example.org"
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_clients_beyond_the_descriptor_limit_are_closed_at_once(tmp_path):
+    """At a 64-descriptor limit, 200 clients connecting and staying: each is
+    greeted or closed at once, none left waiting; the limit is logged once
+    per process, not once per client. Before: clients were left in the
+    listen queue, never greeted nor closed, and every one logged a line."""
+    import resource
+
+    from tests.instance import temporary_instance
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    with temporary_instance(tmp_path, main_extra={"default_process_limit": "2",
+                                                  "max_use": "1000000"}) as inst:
+        inst.run_foreground(preexec_fn=limit)
+        held, states = [], {"greeted": 0, "closed": 0, "waiting": 0}
+        try:
+            for _ in range(200):
+                state, sock = greeted_or_closed(inst.socket_path(), timeout=5)
+                states[state] += 1
+                if sock is not None:
+                    held.append(sock)
+            log = inst.log().splitlines()
+            limit_lines = [line for line in log if "descriptor" in line
+                           or "Too many open files" in line]
+            print(f"\nFIGURES descriptor limit 64: of 200 clients {states}; "
+                  f"{len(limit_lines)} log lines about the limit")
+            assert states["waiting"] == 0
+            assert states["closed"] > 0 and states["greeted"] > 0
+            assert 1 <= len(limit_lines) <= 4
+        finally:
+            for sock in held:
+                sock.close()
+        # once the clients are gone, service is normal again
+        wait_until(lambda: inst.lookup("alice") == "alice@example.org", "service again")
