@@ -19,6 +19,7 @@ import pytest
 from proxymap.tables.pcre import compile_pcre
 from proxymap.tables.regexp import compile_regexp
 from worker_fixture import Instance
+from tests.instance import instance  # noqa: F401 - the fixture
 
 POSTMAP = "/usr/sbin/postmap"
 pytestmark = [pytest.mark.interop,
@@ -360,3 +361,32 @@ def test_the_same_answers_through_proxy(corpus):
         direct = _postmap(inst.etc, f"{kind}:{path}", keys)
         proxied = _postmap(inst.etc, f"proxy:{kind}:{path}", keys)
         assert proxied.stdout == direct.stdout, (kind, theme, proxied.stderr)
+
+
+def test_check_lists_every_rule_a_reload_would_skip(instance):  # noqa: F811
+    """`proxymap-master check` reports, before a reload makes them live,
+    the very warnings a worker (and real postmap) gives for each pattern
+    table in proxy_read_maps."""
+    tables = instance.table_dir
+    files = {"regexp": b"/^ok/ fine\n/(/ broken\n/^a(.)/ $2\nIF /x/\n",
+             "pcre": b"/^ok/ fine\n/a\\K(/ broken\n/x/Q flag\n/^(y)/ $3\n",
+             "cidr": b"10.0.0.0/8 ten\n1.2.3.4/24 hostbits\n1.2.3.4/33 mask\nENDIF\n"}
+    specs = []
+    for kind, rules in files.items():
+        path = os.path.join(tables, f"check.{kind}")
+        with open(path, "wb") as f:
+            f.write(rules)
+        os.chmod(path, 0o644)
+        specs.append(f"{kind}:{path}")
+    instance.write_main_cf(proxy_read_maps=" ".join(f"proxy:{s}" for s in specs))
+    result = instance.control("check")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    got = [line.split(": warning: ", 1)[1] for line in result.stderr.splitlines()
+           if ": warning: " in line]
+    for spec in specs:
+        real = subprocess.run([POSTMAP, "-c", instance.config_dir, "-q", "nothing", spec],
+                              capture_output=True, timeout=30)
+        expected = _warnings(real.stderr)
+        assert len(expected) >= 3, expected
+        for text in expected:
+            assert text in got, (text, got)
