@@ -184,7 +184,7 @@ class Dispatcher:
                 if inst & F.OPEN_LOCK and self.writable:
                     self._note_lock_user(regkey)
                 return table
-            else:
+            elif table.modified():      # one line per change, not per unsettled reopen
                 maillog.info(f"table {spec}: has changed -- reopening")
             del self.tables[regkey]
             self._close(table)

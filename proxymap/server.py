@@ -27,6 +27,7 @@ import sys
 import time
 
 from master import fdlimit, maillog
+from proxymap import version_line
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
 from proxymap.protocol import GREETING, Decoder, ProtocolError, is_bad_reply
 from proxymap.tables import filelock
@@ -488,6 +489,7 @@ def parse_args(argv):
     p.add_argument("--master-fd", type=int, default=None,
                    help="control channel to our master (descriptor number)")
     p.add_argument("--stderr", action="store_true", help="log to stderr")
+    p.add_argument("--version", action="version", version=version_line("proxymap"))
     # Flags a Postfix master passes to its children; accepted and ignored.
     for flag in ("-t",):
         p.add_argument(flag, dest="transport", default="unix")
@@ -512,10 +514,14 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"proxymap: fatal: {exc}", file=sys.stderr)
         return 1
-    try:
+    def open_log() -> None:
+        """Raises maillog.LogFileError for an unusable maillog_file."""
+        maillog.set_hostname(config.get("myhostname"))
         maillog.setup(f"{config.get('syslog_name')}/{service}", config.get("maillog_file"),
                       stderr=args.stderr, verbose=args.verbose,
                       prefixes=config.get("maillog_file_prefixes"))
+    try:
+        open_log()
     except maillog.LogFileError as exc:
         maillog.fatal(str(exc))     # to the sink in use: syslog or stderr
     role = role_of(service, config)
@@ -546,6 +552,13 @@ def main(argv=None) -> int:
             return
         if any(b in (signal.SIGTERM, signal.SIGINT) for b in data):
             worker.shutdown()
+        elif signal.SIGHUP in data:
+            try:
+                open_log()      # let go of a rotated log file
+            except maillog.LogFileError as exc:
+                maillog.error(f"{exc}: the log file already open stays in use")
+            except OSError as exc:
+                maillog.warning(f"reopen {config.get('maillog_file')}: {exc.strerror}")
 
     worker.watch(wake_r, on_signal)
     if args.master_fd is not None:

@@ -483,3 +483,41 @@ def test_clients_beyond_the_descriptor_limit_are_closed_at_once(tmp_path):
                 sock.close()
         # once the clients are gone, service is normal again
         wait_until(lambda: inst.lookup("alice") == "alice@example.org", "service again")
+
+
+def test_master_refuses_a_symlinked_maillog_file_at_check_start_and_reload(tmp_path):
+    """The master (root) opens maillog_file for itself and its workers:
+    `check` and `start` fail with the reason, and a reload after the file
+    was replaced by a symlink keeps the file already open, with an error."""
+    from tests.instance import temporary_instance, wait_for
+    with temporary_instance(tmp_path) as inst:
+        logdir = os.path.join(inst.root, "logs")
+        os.mkdir(logdir)
+        os.chmod(logdir, 0o1777)
+        victim = os.path.join(inst.root, "victim")
+        with open(victim, "w") as f:
+            f.write("precious\n")
+        maillog = os.path.join(logdir, "maillog")
+        os.symlink(victim, maillog)
+        inst.write_main_cf(maillog_file=maillog, maillog_file_prefixes=inst.root)
+        reason = f"open logfile '{maillog}': file is a symbolic link"
+        check = inst.control("check")
+        assert check.returncode != 0 and reason in check.stderr
+        start = inst.control("start")
+        assert start.returncode != 0 and reason in start.stderr + start.stdout
+        assert "Traceback" not in start.stderr
+        assert open(victim).read() == "precious\n"
+        # a regular file: start; then the attacker swaps in a symlink and
+        # the administrator reloads (log rotation)
+        os.unlink(maillog)
+        inst.start()
+        wait_for(lambda: "daemon started" in open(maillog).read(), 20, what="the log")
+        os.rename(maillog, maillog + ".1")
+        os.symlink(victim, maillog)
+        reload = inst.control("reload")         # checks first, and refuses
+        assert reload.returncode != 0 and reason in reload.stderr
+        import signal
+        os.kill(inst.master_pid(), signal.SIGHUP)  # the master's own check
+        wait_for(lambda: reason in open(maillog + ".1").read(), 20, what="the refusal")
+        assert inst.lookup("alice") == "alice@example.org"
+        assert open(victim).read() == "precious\n"
