@@ -27,6 +27,7 @@ import time
 from collections import deque
 
 from master import maillog
+from proxymap import version_line
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
 from proxymap.offload import Offloader
 from proxymap.protocol import GREETING, Decoder, ProtocolError
@@ -420,6 +421,7 @@ def parse_args(argv):
     p.add_argument("--master-fd", type=int, default=None,
                    help="control channel to our master (descriptor number)")
     p.add_argument("--stderr", action="store_true", help="log to stderr")
+    p.add_argument("--version", action="version", version=version_line("proxymap"))
     # Flags a Postfix master passes to its children; accepted and ignored.
     for flag in ("-t",):
         p.add_argument(flag, dest="transport", default="unix")
