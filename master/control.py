@@ -126,6 +126,9 @@ def cmd_start(args) -> int:
     pid = master_pid(config)
     if pid:
         raise Failure(f"the {PROGRAM} is already running (pid {pid})")
+    if maillog.lines_lost(config.main.get("maillog_file")):
+        maillog.warning("neither /dev/log nor maillog_file: the detached master and its "
+                        "workers will log nowhere (set maillog_file, or use `run --stderr`)")
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:

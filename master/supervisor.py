@@ -278,6 +278,7 @@ class Master:
     # -- configuration ----------------------------------------------------------
 
     def setup_logging(self, main: MainConfig) -> None:
+        maillog.set_hostname(main.get("myhostname"))
         maillog.setup(f"{main.get('syslog_name')}/{PROGRAM}", main.get("maillog_file"),
                       stderr=self.stderr, verbose=self.verbose)
 
@@ -626,7 +627,6 @@ class Master:
     # -- reload ---------------------------------------------------------------------
 
     def reload(self) -> None:
-        maillog.info(f"reload -- configuration {self.config_dir}")
         sdnotify.reloading()
         self.reloads += 1
         try:
@@ -634,17 +634,37 @@ class Master:
                                         services_from=self.services_from)
         except ConfigError as exc:
             self.reload_error = str(exc)
+            self.setup_logging(self.config.main)        # reopen the log all the same
+            maillog.info(f"reload -- configuration {self.config_dir}")
             maillog.error(f"{exc}")
             maillog.error("reload rejected -- the running configuration is unchanged")
         else:
             self.reload_error = ""
             self.apply(config)
+        self.reopen_worker_logs()
         self.status_dirty = True
         sdnotify.ready()
+
+    def reopen_worker_logs(self) -> None:
+        """Pass the maillog_file just reopened to every worker: workers kept
+        across the reload would otherwise write to a rotated file for ever,
+        and having dropped privileges they may not reopen it themselves."""
+        fd = maillog.log_file_descriptor()
+        if fd is None:
+            return
+        for slot in list(self.by_pid.values()):
+            if slot.chan is None:
+                continue
+            try:
+                handoff.send_descriptor(slot.chan, handoff.LOG_FILE, fd)
+            except OSError:
+                pass    # a full or dead channel: that worker is on its way out
 
     def apply(self, config: Configuration) -> None:
         old = self.config
         main = config.main
+        self.setup_logging(main)            # reopens maillog_file (log rotation)
+        maillog.info(f"reload -- configuration {self.config_dir}")
         main_changed = old is None or old.main.explicit() != main.explicit()
         if main.get("queue_directory") != self.queue_directory:
             maillog.warning("ignoring queue_directory parameter value change")
@@ -654,7 +674,6 @@ class Master:
         if old is not None and (config.owner != old.owner):
             maillog.warning("mail_owner changed: sockets keep their old owner until restart")
         self.config = config
-        self.setup_logging(main)
         self.log_skipped(config)
         self.generation += 1
         now = time.monotonic()

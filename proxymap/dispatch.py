@@ -168,7 +168,7 @@ class Dispatcher:
                     return table
             elif not table.changed():
                 return table
-            else:
+            elif table.modified():      # one line per change, not per unsettled reopen
                 maillog.info(f"table {spec}: has changed -- reopening")
             self._close(table)
         # OPEN_LOCK holds an exclusive lock for the life of the instance: a

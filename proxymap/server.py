@@ -446,8 +446,11 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"proxymap: fatal: {exc}", file=sys.stderr)
         return 1
-    maillog.setup(f"{config.get('syslog_name')}/{service}", config.get("maillog_file"),
-                  stderr=args.stderr, verbose=args.verbose)
+    def open_log() -> None:
+        maillog.set_hostname(config.get("myhostname"))
+        maillog.setup(f"{config.get('syslog_name')}/{service}", config.get("maillog_file"),
+                      stderr=args.stderr, verbose=args.verbose)
+    open_log()
     role = role_of(service, config)
     if role is None:
         maillog.fatal(f"service name must be one of {READ_SERVICE} or {WRITE_SERVICE}, not {service!r}")
@@ -475,6 +478,11 @@ def main(argv=None) -> int:
             return
         if any(b in (signal.SIGTERM, signal.SIGINT) for b in data):
             worker.shutdown()
+        elif signal.SIGHUP in data:
+            try:
+                open_log()      # let go of a rotated log file
+            except OSError as exc:
+                maillog.warning(f"reopen {config.get('maillog_file')}: {exc.strerror}")
 
     worker.watch(wake_r, on_signal)
     if args.master_fd is not None:

@@ -184,3 +184,92 @@ def test_closed_pipe_ends_quietly(instance):
     for args in (["status", "--json"], ["status"], ["config", "-n"]):
         result = run_into_closed_pipe("-c", instance.config_dir, *args)
         assert (result.returncode, result.stderr) == (0, ""), args
+
+
+# -- 5. logs as Postfix writes them ---------------------------------------------------------
+
+LINE = r"^[A-Z][a-z]{2} [ 0-9]\d \d\d:\d\d:\d\d (\S+) (\S+)\[(\d+)\]: (.*)$"
+
+
+@pytest.fixture
+def logged(tmp_path):
+    """An instance logging to maillog_file, with myhostname mx.example.com."""
+    from tests.instance import temporary_instance
+    with temporary_instance(tmp_path) as inst:
+        inst.maillog = os.path.join(inst.root, "maillog")
+        inst.write_main_cf(maillog_file=inst.maillog, maillog_file_prefixes=inst.root,
+                           myhostname="mx.example.com")
+        yield inst
+
+
+def log_lines(path: str) -> list[tuple[str, ...]]:
+    import re
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    lines = text.splitlines()
+    parsed = [re.match(LINE, line) for line in lines]
+    assert all(parsed), lines          # every line in the one format
+    return [m.groups() for m in parsed]
+
+
+def test_log_lines_have_the_hostname_field_as_postfix_writes_it(logged):
+    # what real Postfix writes to the same maillog_file
+    subprocess.run(["/usr/sbin/postlog", "-c", logged.config_dir, "-t", "postfix/probe",
+                    "hello"], check=True, timeout=60, capture_output=True)
+    logged.start()
+    unapproved_lookup(logged)
+    lines = wait_for(lambda: (ls := log_lines(logged.maillog)) and
+                     any("unapproved" in line[3] for line in ls) and ls,
+                     what="the worker's warning")
+    real = [line for line in lines if line[1] == "postfix/probe"]
+    assert real == [("mx", "postfix/probe", real[0][2], "hello")]
+    ours = [line for line in lines if line[1] != "postfix/probe"]
+    assert {line[0] for line in ours} == {"mx"}
+    assert any(line[1] == "postfix/proxymap-master" and
+               line[3].startswith("daemon started") for line in ours)
+    assert any(line[1] == "postfix/proxymap" and "unapproved" in line[3] for line in ours)
+
+
+def unapproved_lookup(inst) -> None:
+    result = inst.postmap("-q", "x", "proxy:hash:/not/listed")
+    assert result.returncode != 0
+
+
+def test_reload_reopens_the_log_in_every_process(logged):
+    logged.start()
+    unapproved_lookup(logged)
+    first = wait_for(lambda: [line for line in log_lines(logged.maillog)
+                              if "unapproved" in line[3]], what="the worker's warning")
+    worker = first[0][2]
+    os.rename(logged.maillog, logged.maillog + ".1")       # what logrotate does
+    assert logged.control("reload").returncode == 0
+    unapproved_lookup(logged)
+    new = wait_for(lambda: [line for line in log_lines(logged.maillog)
+                            if "unapproved" in line[3]], what="a warning in the new file")
+    assert worker in {line[2] for line in new}, (worker, new)   # the same, kept worker
+    assert any(line[3].startswith("reload") for line in log_lines(logged.maillog))
+    old = log_lines(logged.maillog + ".1")
+    assert sum("unapproved" in line[3] for line in old) == len(first)
+
+
+def test_one_line_per_table_change(logged):
+    logged.start()
+    assert logged.lookup("alice") == "alice@example.org"
+    logged.make_tables()
+    future = 4102444800                 # an mtime that never settles: every request reopens
+    os.utime(logged.read_table.split(":", 1)[1] + ".db", (future, future))
+    for _ in range(4):
+        assert logged.lookup("bob") == "bob@example.org"
+    changed = [line for line in log_lines(logged.maillog) if "has changed" in line[3]]
+    pids = [line[2] for line in changed]
+    assert changed and len(pids) == len(set(pids)), changed     # one line per worker
+
+
+def test_start_warns_when_lines_would_go_nowhere(instance):
+    result = instance.control("start")
+    assert result.returncode == 0, result.stderr
+    warned = "will log nowhere" in result.stderr
+    assert warned == (not os.path.exists("/dev/log")), result.stderr
