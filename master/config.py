@@ -206,6 +206,12 @@ DEFAULTS.update({
     # Our own: the master.cf-format file proxymap-master takes its services
     # from (beside Postfix's master, a file of its own; -m FILE overrides).
     "proxymap_master_cf": "$config_directory/master.cf",
+    # Our own: lanes of threads for tables that wait on a server
+    # (proxymap/offload.py): threads per table, requests that may wait for
+    # them, seconds before an unanswered request is answered RETRY.
+    "proxymap_backend_threads": "4",
+    "proxymap_backend_queue": "64",
+    "proxymap_backend_timeout": "10s",
     # Our own: bounded work per client connection (proxymap/server.py):
     # decoded requests waiting for an answer, reply bytes unsent before the
     # next reply is made, BAD replies before the connection is closed (0:
@@ -218,6 +224,7 @@ DEFAULTS.update({
 #: parameters of this project that Postfix does not know
 OWN_PARAMETERS = ("proxymap_max_attributes", "proxymap_max_request_size",
                   "proxymap_worker_busy_clients", "proxymap_master_cf",
+                  "proxymap_backend_threads", "proxymap_backend_queue", "proxymap_backend_timeout",
                   "proxymap_max_pipelined_requests", "proxymap_max_unsent_reply_bytes",
                   "proxymap_max_bad_requests")
 
@@ -232,6 +239,7 @@ LIMITS: dict[str, tuple[int | None, int | None]] = {
         "berkeley_db_read_buffer_size", "berkeley_db_create_buffer_size",
         "proxymap_max_attributes", "proxymap_max_request_size",
         "proxymap_worker_busy_clients",
+        "proxymap_backend_threads", "proxymap_backend_queue", "proxymap_backend_timeout",
         "proxymap_max_pipelined_requests", "proxymap_max_unsent_reply_bytes")
 }
 LIMITS["proxymap_max_bad_requests"] = (0, None)

@@ -16,7 +16,6 @@ group cannot interrupt an update).
 from __future__ import annotations
 
 import argparse
-import collections
 import errno
 import os
 import select
@@ -25,10 +24,12 @@ import socket
 import struct
 import sys
 import time
+from collections import deque
 
 from master import fdlimit, maillog
 from proxymap import version_line
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
+from proxymap.offload import Offloader
 from proxymap.protocol import GREETING, Decoder, ProtocolError, is_bad_reply
 from proxymap.tables import filelock
 
@@ -49,10 +50,12 @@ BAD_LOGGED = 3
 
 
 class Connection:
-    """One client: its socket, request decoder and unsent reply bytes."""
+    """One client: its socket, request decoder and unsent reply bytes.
+    `waiting` holds, in request order, replies not yet known (an
+    offload.Pending) and the replies that came after them."""
 
     __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied",
-                 "queue", "bad", "wait_until", "answered_at")
+                 "queue", "bad", "wait_until", "answered_at", "waiting", "held")
 
     def __init__(self, sock: socket.socket, decoder: Decoder, peer: str):
         self.sock = sock
@@ -67,7 +70,7 @@ class Connection:
         # monotonic time our last reply (or the greeting) was fully sent
         self.replied = time.monotonic()
         # decoded requests not answered yet (at most max_pipeline)
-        self.queue: collections.deque = collections.deque()
+        self.queue: deque = deque()
         # BAD replies sent on this connection
         self.bad = 0
         # monotonic time of our last answer (0: none yet; the greeting is none)
@@ -75,10 +78,14 @@ class Connection:
         # while the first queued request waits for a table lock: when to
         # give up on it and answer RETRY
         self.wait_until: float | None = None
+        self.waiting: deque = deque()
+        # bytes of the encoded replies in `waiting` (behind a Pending)
+        self.held = 0
 
     def idle(self) -> bool:
         """Nothing owed either way: no request bytes, no unsent reply."""
-        return not self.out and not self.queue and not self.decoder.pending
+        return not self.out and not self.queue and not self.waiting \
+            and not self.decoder.pending
 
 
 class Worker:
@@ -108,7 +115,7 @@ class Worker:
         self._poll = select.epoll()
         self._handlers: dict[int, object] = {}   # fd -> Connection or (fileobj, callback)
         self.conns: dict[int, Connection] = {}
-        self.waiting: dict[int, Connection] = {}   # requests waiting for a lock
+        self.lock_waiting: dict[int, Connection] = {}   # requests waiting for a lock
         self._accept_guard = None
         self.requests = 0
         self.accepted = 0
@@ -118,6 +125,9 @@ class Worker:
         self.on_tick = None     # called at least once a second
         self.idle_since = time.monotonic()
         self._ticked = 0.0
+        self.offload = getattr(dispatcher, "offload", None)
+        if self.offload is not None:
+            self.watch(self.offload, self._offload_done)
 
     @property
     def clients(self) -> int:
@@ -130,11 +140,13 @@ class Worker:
         rare requests (as Postfix daemons do) is not counted."""
         since = time.monotonic() - ACTIVE_WINDOW
         return sum(1 for c in self.conns.values()
-                   if c.since is not None or c.queue or c.answered_at > since)
+                   if c.since is not None or c.queue or c.waiting or c.answered_at > since)
 
     def close(self) -> None:
         """Release the event loop's descriptor (a worker that never ran)."""
         self._poll.close()
+        if self.offload is not None:
+            self.offload.close()
 
     # -- plugging in -----------------------------------------------------------
 
@@ -202,13 +214,13 @@ class Worker:
         # the loop never sleeps on a lock: a busy one defers the request
         filelock.wait_limit = 0
         while not (self.stopping and not self.conns):
-            waiting = self.waiting
+            waiting = self.lock_waiting
             for fd, events in self._poll.poll(LOCK_RETRY if waiting else TICK):
                 handler = handlers.get(fd)
                 if handler is None:
                     continue
                 if type(handler) is Connection:
-                    if handler.wait_until is not None:
+                    if handler.wait_until is not None or handler.waiting and not handler.out:
                         if events & hangup:      # gone while its request waited
                             self._close(handler)
                         continue
@@ -225,6 +237,8 @@ class Worker:
             now = time.monotonic()
             if now - self._ticked >= TICK:
                 self._ticked = now
+                if self.offload is not None:
+                    self._deliver(self.offload.expire(now))
                 self._expire()
                 if self.on_tick is not None:
                     self.on_tick(self)
@@ -288,32 +302,42 @@ class Worker:
         what one connection costs is bounded however much it pipelines.
         While anything is owed, nothing more is read from the client."""
         decoder, queue, dispatcher = conn.decoder, conn.queue, self.dispatcher
-        max_unsent = self.max_unsent
+        max_unsent, max_pipeline = self.max_unsent, self.max_pipeline
+        waiting = conn.waiting
         answered = 0
         try:
             while True:
-                while queue and len(conn.out) < max_unsent:
+                while queue and len(conn.out) + conn.held < max_unsent \
+                        and len(waiting) < max_pipeline:
                     dispatcher.log_bad = conn.bad < BAD_LOGGED
                     may_wait = conn.wait_until is None or time.monotonic() < conn.wait_until
                     reply = dispatcher.handle(queue[0], may_wait, conn)
                     if reply is None:        # a table lock is busy: later
                         if conn.wait_until is None:
                             conn.wait_until = time.monotonic() + filelock.LOCK_WAIT_LIMIT
-                            self.waiting[conn.fd] = conn
+                            self.lock_waiting[conn.fd] = conn
                         break
                     queue.popleft()
                     if conn.wait_until is not None:
                         conn.wait_until = None
-                        del self.waiting[conn.fd]
-                    conn.out += reply
+                        del self.lock_waiting[conn.fd]
                     answered += 1
+                    if type(reply) is not bytes:    # offloaded: comes later
+                        reply.owner = conn
+                        waiting.append(reply)
+                        continue
+                    if waiting:                     # in order, behind one
+                        waiting.append(reply)
+                        conn.held += len(reply)
+                    else:
+                        conn.out += reply
                     if is_bad_reply(reply):
                         conn.bad += 1
                         if conn.bad == self.max_bad:
                             self._close_for_bad(conn)
                             return
-                if not queue and decoder.more and len(conn.out) < max_unsent \
-                        and conn.wait_until is None:
+                if not queue and decoder.more and len(conn.out) + conn.held < max_unsent \
+                        and conn.wait_until is None and len(waiting) < max_pipeline:
                     queue.extend(decoder.feed(b"", self.max_pipeline))
                     continue
                 if conn.out:
@@ -328,7 +352,8 @@ class Worker:
                     del conn.out[:sent]
                     if not conn.out:
                         conn.replied = time.monotonic()
-                        if (queue or decoder.more) and conn.wait_until is None:
+                        if (queue or decoder.more) and conn.wait_until is None \
+                                and len(waiting) < max_pipeline:
                             continue     # all sent: answer the next ones
                 break
         except ProtocolError as exc:
@@ -339,16 +364,16 @@ class Worker:
             self.requests += answered
         # Back-pressure: while a reply is unsent, read nothing more from this
         # client, so one that never reads cannot make us buffer without bound.
-        # While a request waits for a lock, nothing is read either (only a
-        # hang-up is reported).
-        want = select.EPOLLOUT if conn.out else 0 if conn.wait_until is not None \
-            else select.EPOLLIN
+        # While a request waits for a lock or an offloaded reply, nothing is
+        # read either (only a hang-up is reported).
+        want = select.EPOLLOUT if conn.out else \
+            0 if conn.wait_until is not None or waiting else select.EPOLLIN
         if want != conn.events:
             self._poll.modify(conn.fd, want)
             conn.events = want
         if answered:
             conn.answered_at = time.monotonic()
-        if conn.out or queue or decoder.pending:
+        if conn.out or queue or waiting or decoder.pending:
             if answered or conn.since is None:
                 conn.since = time.monotonic()   # owed since this request
         else:
@@ -372,6 +397,38 @@ class Worker:
             pass
         self._close(conn)
 
+    # -- replies of offloaded operations ------------------------------------------
+
+    def _offload_done(self, offload) -> None:
+        self._deliver(offload.drain())
+
+    def _deliver(self, answered) -> None:
+        """Move the replies now known to their connections, in order."""
+        touched = []
+        for pending in answered:
+            conn = pending.owner
+            if conn is None or self.conns.get(conn.fd) is not conn:
+                continue   # the client went away meanwhile
+            moved = False
+            while conn.waiting:
+                head = conn.waiting[0]
+                if type(head) is not bytes:
+                    if head.reply is None:
+                        break
+                    head = head.reply
+                else:
+                    conn.held -= len(head)
+                conn.out += head
+                conn.waiting.popleft()
+                moved = True
+            if moved:
+                touched.append(conn)
+        for conn in touched:
+            if self.conns.get(conn.fd) is conn:
+                self._pump(conn)
+        if touched:
+            self._changed()
+
     def _expire(self) -> None:
         """Close connections that kept a request or a reply unfinished for
         longer than ipc_timeout."""
@@ -387,7 +444,7 @@ class Worker:
         if why:
             maillog.warning(f"{conn.peer}: {why}: closing the connection")
         self.conns.pop(conn.fd, None)
-        self.waiting.pop(conn.fd, None)
+        self.lock_waiting.pop(conn.fd, None)
         self.dispatcher.client_gone(conn)
         if self._handlers.pop(conn.fd, None) is not None:
             try:
@@ -424,8 +481,11 @@ def make_dispatcher(config, service: str) -> Dispatcher:
         service == WRITE_SERVICE else READ_SERVICE
     param = "proxy_write_maps" if role == WRITE_SERVICE else "proxy_read_maps"
     allowed = proxy_allow_set(config.get(param))
+    offload = Offloader(lane_size=config.get_int("proxymap_backend_threads"),
+                        lane_queue=config.get_int("proxymap_backend_queue"),
+                        timeout=config.get_time("proxymap_backend_timeout"))
     return Dispatcher(role, allowed, ParamView(config),
-                      smtputf8=config.get_bool("smtputf8_enable"))
+                      smtputf8=config.get_bool("smtputf8_enable"), offload=offload)
 
 
 def make_worker(config, service: str) -> Worker:
