@@ -4,7 +4,6 @@ postmap(1) for the same rule files, plus direct tests of the translators."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 

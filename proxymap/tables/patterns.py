@@ -307,6 +307,129 @@ def parse_template(value: bytes, range_word: str, say: Say) -> Template:
 
 
 # ---------------------------------------------------------------------------
+# Rule lines of regexp: and pcre: (dict_regexp_parseline / dict_pcre_parse_rule)
+# ---------------------------------------------------------------------------
+
+@dataclass
+class PatternSpec:
+    """`[!]<d>regex<d>flags` before compiling: the regex (backslashes kept),
+    the engine's option bits and whether the pattern is negated."""
+    regex: bytes
+    options: int
+    match: bool
+
+
+class RegexDialect:
+    """What differs between the regexp: and pcre: rule parsers of Postfix.
+    `get_pattern(line, i, say)` returns (PatternSpec, index after);
+    `compile(spec, max_sub, say)` returns (compiled, test) where
+    `compiled.groups` is the pattern's group count and
+    `compiled.group(key, n)` the text of `$n` after a true test."""
+
+    kind = ""
+    range_word = ""            # mac_parse pre-scan wording for $0
+    second_pattern = False     # /re1/!/re2/ (regexp only)
+
+    def get_pattern(self, line: bytes, i: int, say) -> tuple[PatternSpec, int]:
+        raise NotImplementedError
+
+    def compile(self, spec: PatternSpec, max_sub: int, say):
+        raise NotImplementedError
+
+
+def delimited(line: bytes, i: int, verb: str) -> tuple[bool, bytes, int]:
+    """The shared part of dict_regexp_get_pat() and dict_pcre_get_pattern():
+    negations, any delimiter (a backslash keeps the next byte and stays in
+    the pattern). Returns (match, regex, index after the closing delimiter)."""
+    match, i = negations(line, i)
+    n = len(line)
+    if i >= n:
+        raise RuleError("no regexp: skipping this rule")
+    delim = line[i]
+    start = j = i + 1
+    while j < n:
+        if line[j] == 0x5C:
+            j += 1
+            if j >= n:
+                break
+        elif line[j] == delim:
+            break
+        j += 1
+    if j >= n:
+        raise RuleError(f'no closing regexp delimiter "{chr(delim)}": {verb} this rule')
+    return match, line[start:j], j + 1
+
+
+def parse_regex_line(dialect: RegexDialect, line: bytes, number: int, nesting: int,
+                     say, flags: int):
+    """A regexp:/pcre: line, checked in Postfix's order: patterns and flags,
+    result text, `$n` pre-scan, negation and NO_REGSUB, compilation, group
+    count; then IF, ENDIF, anything else."""
+    if line[0] not in ALNUM:
+        first, i = dialect.get_pattern(line, 0, say)
+        second = None
+        if dialect.second_pattern and i < len(line) and line[i] == 0x21:
+            second, i = dialect.get_pattern(line, i, say)
+        value = line[skip_space(line, i):]
+        if not value:
+            say("no replacement text: using empty string")
+        template = parse_template(value, dialect.range_word, say)
+        if template.max_sub and not first.match:
+            raise RuleError("$number found in negative match replacement text: skipping this rule")
+        if template.max_sub and flags & F.NO_REGSUB:
+            raise RuleError("regular expression substitution is not allowed: skipping this rule")
+        compiled, test = dialect.compile(first, template.max_sub, say)
+        if template.max_sub > compiled.groups:
+            raise RuleError(f'out of range replacement index "{c_int(template.max_sub)}": '
+                            "skipping this rule")
+        if second is not None:
+            one, two = test, dialect.compile(second, 0, say)[1]
+
+            def test(key: bytes, one=one, two=two):
+                return one(key) and two(key)
+        return Rule(number, test, template_result(template, compiled.group))
+    rest = keyword(line, b"IF")
+    if rest is not None:
+        spec, i = dialect.get_pattern(line, skip_space(line, 2), say)
+        i = skip_space(line, i)
+        if i < len(line):
+            say(f'ignoring extra text after IF statement: "{text(line[i:])}"')
+            say("do not prepend whitespace to statements between IF and ENDIF")
+        return IfRule(dialect.compile(spec, 0, say)[1])
+    rest = keyword(line, b"ENDIF")
+    if rest is not None:
+        if nesting == 0:
+            say("ignoring ENDIF without matching IF")
+            return None
+        if skip_space(rest) < len(rest):
+            say("ignoring extra text after ENDIF")
+        return ENDIF
+    say("ignoring unrecognized request")
+    return None
+
+
+def template_result(template: Template, group) -> Callable[[bytes], bytes]:
+    """The function that builds a rule's value after its test was true;
+    `group(key, n)` gives the text of `$n` (empty when unmatched)."""
+    if not template.max_sub:
+        constant = template.literal
+        return lambda _key: constant
+    parts = [(p, isinstance(p, int)) for p in template.parts]
+
+    def result(key: bytes) -> bytes:
+        return b"".join(group(key, p) if is_group else p for p, is_group in parts)
+    return result
+
+
+def compile_regex_rules(dialect: RegexDialect, data: bytes, name: str, flags: int,
+                        warn) -> Program:
+    """Compile a regexp:/pcre: rule file with the dialect's parser."""
+    return compile_rules(data, dialect.kind, name,
+                         lambda line, number, nesting, say:
+                         parse_regex_line(dialect, line, number, nesting, say, flags), warn)
+
+
+# ---------------------------------------------------------------------------
 # The Table
 # ---------------------------------------------------------------------------
 
