@@ -392,7 +392,12 @@ def test_literal_shortcut_never_changes_an_answer(kind):
             continue
         flags = rng.choice([b"", b"i"])
         negate = rng.random() < 0.3
-        line = (b"!" if negate else b"") + b"/" + pattern + b"/" + flags + b" hit\n"
+        line = (b"!" if negate else b"") + b"/" + pattern + b"/" + flags
+        if kind == "regexp" and rng.random() < 0.3:     # /re1/!/re2/
+            second = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 4)))
+            if b"/" not in second:
+                line += b"!" * rng.randint(1, 2) + b"/" + second + b"/"
+        line += b" hit\n"
         engine = regexp_mod if kind == "regexp" else pcre_mod
         program = engine.compile_regexp(line) if kind == "regexp" else engine.compile_pcre(line)
         if not program.rules:

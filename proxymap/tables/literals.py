@@ -144,32 +144,3 @@ def _scan(p: bytes, pcre: bool) -> bytes | None:
     end_run()
     best = max(runs, key=len)
     return best or None
-
-
-# The key of the last lookup, lower-cased once for all the rules it meets.
-_last: list = [None, b""]
-
-
-def guarded(find, literal: bytes, caseless: bool, match: bool):
-    """`find` behind the literal test: a key without the literal gets the
-    engine's "no match" (True for a negated pattern) without a call."""
-    miss = not match
-    if not caseless:
-        def test(key: bytes):
-            if literal not in key:
-                return miss
-            return find(key)
-        return test
-    literal = literal.lower()
-    last = _last
-
-    def test_caseless(key: bytes):
-        if key is last[0]:
-            folded = last[1]
-        else:
-            folded = key.lower()
-            last[0], last[1] = key, folded
-        if literal not in folded:
-            return miss
-        return find(key)
-    return test_caseless

@@ -132,10 +132,7 @@ class Pcre2Dialect(RegexDialect):
     def compile(self, spec: PatternSpec, max_sub: int, say):
         compiled = Pcre2Pattern(spec.regex, spec.options, spec.match, say)
         literal = None if spec.options & EXTENDED else literals.pcre_literal(spec.regex)
-        if literal is None:
-            return compiled, compiled.find
-        return compiled, literals.guarded(compiled.find, literal,
-                                          bool(spec.options & CASELESS), spec.match)
+        return compiled, None if literal is None else (literal, bool(spec.options & CASELESS))
 
 
 DIALECT = Pcre2Dialect()

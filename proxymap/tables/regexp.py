@@ -128,10 +128,7 @@ class PosixDialect(RegexDialect):
         compiled = PosixRegex(spec.regex, spec.options | (0 if max_sub else REG_NOSUB),
                               spec.match, max_sub, say)
         literal = literals.posix_literal(spec.regex) if spec.options & REG_EXTENDED else None
-        if literal is None:
-            return compiled, compiled.find
-        return compiled, literals.guarded(compiled.find, literal,
-                                          bool(spec.options & REG_ICASE), spec.match)
+        return compiled, None if literal is None else (literal, bool(spec.options & REG_ICASE))
 
 
 FLAG_OPTIONS = {ord("i"): REG_ICASE, ord("m"): REG_NEWLINE, ord("x"): REG_EXTENDED}
