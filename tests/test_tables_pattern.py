@@ -452,3 +452,17 @@ def test_indexed_cidr_lookup_agrees_with_the_rule_by_rule_scan():
     assert not isinstance(compile_cidr(b"!10.0.0.0/8 x\n"), IndexedCidrProgram)
     assert not isinstance(compile_cidr(b"IF 10.0.0.0/8\n10.1.0.0/16 x\nENDIF\n"),
                           IndexedCidrProgram)
+
+
+def test_a_match_error_is_logged_and_the_rule_does_not_apply():
+    """dict_pcre: a pcre2_match() error (here a (*UTF) pattern meeting a
+    key that is not UTF-8) logs PCRE2's message and counts as "no", even
+    for a negated pattern; the next rule still gets its turn."""
+    warnings = []
+    program = compile_pcre(b"/(*UTF)^.$/ one\n!/(*UTF)x/ negated\n/./ next\n", "/u.pcre", 0,
+                           warnings.append)
+    assert program.lookup("é".encode()) == b"one"
+    assert not warnings
+    assert program.lookup(b"\xff") == b"next"
+    assert warnings == ["pcre map /u.pcre, line 1: UTF-8 error: illegal byte (0xfe or 0xff)",
+                        "pcre map /u.pcre, line 2: UTF-8 error: illegal byte (0xfe or 0xff)"]

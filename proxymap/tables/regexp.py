@@ -40,7 +40,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 _regcomp = _libc.regcomp
 _regcomp.argtypes = [ctypes.POINTER(_RegexT), ctypes.c_char_p, ctypes.c_int]
 _regexec = _libc.regexec
-_regexec.argtypes = [ctypes.POINTER(_RegexT), ctypes.c_char_p, ctypes.c_size_t,
+_regexec.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
                      ctypes.c_void_p, ctypes.c_int]
 _regerror = _libc.regerror
 _regerror.argtypes = [ctypes.c_int, ctypes.POINTER(_RegexT), ctypes.c_char_p, ctypes.c_size_t]
@@ -77,13 +77,16 @@ class PosixRegex:
         self.say = say
         self.nmatch = nsub_wanted + 1 if nsub_wanted else 0
         self.pmatch = (_RegMatch * self.nmatch)() if self.nmatch else None
+        # plain addresses: the cheapest arguments for ctypes to pass
+        self._regex_at = ctypes.addressof(self.regex)
+        self._pmatch_at = ctypes.addressof(self.pmatch) if self.nmatch else None
 
     def __del__(self):
         if getattr(self, "_compiled", False):
             _regfree(ctypes.byref(self.regex))
 
     def find(self, key: bytes) -> bool:
-        error = _regexec(self.regex, key, self.nmatch, self.pmatch, 0)
+        error = _regexec(self._regex_at, key, self.nmatch, self._pmatch_at, 0)
         if error == REG_NOMATCH:
             return not self.match
         if error == 0:
