@@ -8,6 +8,8 @@ proxy_write_maps), refuses writes on the read service, turns open failures
 into a surrogate that answers RETRY (and is retried later instead of being
 remembered forever), reopens a table whose file changed on disk, and
 answers sanely where Postfix 3.7 aborts (unsupported operations -> CONFIG).
+Operations of tables that may block (database clients, plugins) are handed
+to the worker's Offloader and answered later (see proxymap/offload.py).
 """
 
 from __future__ import annotations
@@ -58,20 +60,23 @@ class Dispatcher:
     """Turns decoded requests into encoded replies for one service role."""
 
     def __init__(self, service: str, allowed: set[str], params, *, smtputf8: bool = True,
-                 opener=open_table):
+                 opener=open_table, offload=None):
         self.service = service
         self.writable = service == WRITE_SERVICE
         self.allowed = allowed
         self.params = params
         self.smtputf8 = smtputf8
         self.opener = opener
+        #: runs blocking tables' operations off the loop; None: inline
+        self.offload = offload
         self.tables: dict[tuple[str, int], Table] = {}
         self.param_name = "proxy_write_maps" if self.writable else "proxy_read_maps"
 
     # -- the request entry point ------------------------------------------------
 
-    def handle(self, attrs: list[tuple[bytes, bytes]]) -> bytes:
-        """One decoded attribute list in, one encoded reply out. Never raises."""
+    def handle(self, attrs: list[tuple[bytes, bytes]]):
+        """One decoded attribute list in, one encoded reply out, or an
+        offload.Pending whose reply comes later. Never raises."""
         try:
             req = parse_request(attrs)
         except BadRequest as exc:
@@ -111,6 +116,9 @@ class Dispatcher:
         if name == "sequence" and req.function not in (SEQ_FIRST, SEQ_NEXT):
             maillog.warning(f"{spec}: unknown sequence function {req.function}")
             return encode_reply(name, BAD, req.layout)
+        if table.blocking and self.offload is not None:
+            return self.offload.submit(table, table.flags, lambda: self._operate(table, req),
+                                       encode_reply(name, RETRY, req.layout))
         return self._operate(table, req)
 
     def _operate(self, table: Table, req: Request) -> bytes:
@@ -185,8 +193,10 @@ class Dispatcher:
             table.flags |= F.UTF8_ACTIVE
         return table
 
-    @staticmethod
-    def _close(table: Table) -> None:
+    def _close(self, table: Table) -> None:
+        if table.blocking and self.offload is not None:
+            self.offload.retire(table)   # after the operations it still has
+            return
         try:
             table.close()
         except Exception as exc:
@@ -196,4 +206,6 @@ class Dispatcher:
         for table in self.tables.values():
             self._close(table)
         self.tables.clear()
+        if self.offload is not None:
+            self.offload.close()
 

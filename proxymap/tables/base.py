@@ -48,6 +48,9 @@ class Table:
     impl_flags = F.FIXED
     #: file whose change on disk means the instance must be reopened
     path: str | None = None
+    #: operations may wait on something outside this process (a server, a
+    #: socket): the dispatcher runs them in a lane of threads (offload.py)
+    blocking = False
 
     def __init__(self, type_name: str, name: str, flags: int, writable: bool, params):
         self.type_name = type_name
