@@ -37,9 +37,9 @@ STOP_IDLE = 1.0
 
 
 class Connection:
-    """One client: its socket, request decoder and unsent reply bytes."""
+    """One client: its socket, request decoder, unsent reply bytes and walks."""
 
-    __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied")
+    __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied", "walks")
 
     def __init__(self, sock: socket.socket, decoder: Decoder, peer: str):
         self.sock = sock
@@ -53,6 +53,8 @@ class Connection:
         self.events = 0
         # monotonic time our last reply (or the greeting) was fully sent
         self.replied = time.monotonic()
+        # this client's sequence positions, per table instance
+        self.walks: dict = {}
 
 
 class Worker:
@@ -212,7 +214,7 @@ class Worker:
             self._close(conn)
             return
         for attrs in lists:
-            conn.out += self.dispatcher.handle(attrs)
+            conn.out += self.dispatcher.handle(attrs, conn.walks)
             self.requests += 1
         # ipc_timeout counts from the first byte of an unfinished request,
         # so a client trickling one byte a second cannot keep it open
