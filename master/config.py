@@ -203,11 +203,14 @@ DEFAULTS.update({
     # Our own: open connections at which a worker counts as busy; the master
     # starts another worker when every worker of a service is busy.
     "proxymap_worker_busy_clients": "32",
+    # Our own: the master.cf-format file proxymap-master takes its services
+    # from (beside Postfix's master, a file of its own; -m FILE overrides).
+    "proxymap_master_cf": "$config_directory/master.cf",
 })
 
 #: parameters of this project that Postfix does not know
 OWN_PARAMETERS = ("proxymap_max_attributes", "proxymap_max_request_size",
-                  "proxymap_worker_busy_clients")
+                  "proxymap_worker_busy_clients", "proxymap_master_cf")
 
 DYNAMIC_DEFAULTS = ("myhostname", "mydomain", "mynetworks", "process_id", "process_name")
 READ_ONLY = ("process_id", "process_name")
@@ -842,10 +845,18 @@ class MainConfig:
         parameter list is known here)."""
         referenced: set[str] = set()
         for setting in self._settings.values():
-            referenced.update(re.findall(r"\$[{(]?[ \t]*([A-Za-z0-9_]+)", setting.value))
+            referenced.update(referenced_names(setting.value))
         return [name for name in self._explicit
                 if name not in DEFAULTS and name not in DYNAMIC_DEFAULTS
                 and name not in referenced]
+
+
+_REFERENCE = re.compile(r"\$[{(]?[ \t]*([A-Za-z0-9_]+)")
+
+
+def referenced_names(value: str) -> list[str]:
+    """Parameter names a value refers to as $name, ${name...} or $(name)."""
+    return _REFERENCE.findall(value)
 
 
 def read_settled(path: str, settle: bool = False, attempts: int = 20,
@@ -1086,11 +1097,12 @@ def parse_master_cf(data: bytes, path: str, main: MainConfig,
 def load_master_cf(config_dir: str, main: MainConfig,
                    warn: Callable[[str], None] | None = None,
                    strict_duplicates: bool = True,
-                   apply_disable: bool = True, settle: bool = False) -> list[Service]:
-    """Read config_dir/master.cf. Entries matched by master_service_disable
-    are left out when apply_disable (as the master does); `settle` as for
-    load_main_cf()."""
-    path = os.path.join(os.path.abspath(config_dir), "master.cf")
+                   apply_disable: bool = True, settle: bool = False,
+                   path: str | None = None) -> list[Service]:
+    """Read config_dir/master.cf, or `path` (relative to config_dir) when
+    given. Entries matched by master_service_disable are left out when
+    apply_disable (as the master does); `settle` as for load_main_cf()."""
+    path = os.path.join(os.path.abspath(config_dir), path or "master.cf")
     if warn is None:
         from master import maillog
         warn = maillog.warning

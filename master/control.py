@@ -22,8 +22,10 @@ import time
 
 from master import maillog, pidfile
 from master.config import ConfigError, load_main_cf
-from proxymap.protocol import GREETING
+from master.output import emit
 from master.supervisor import PROGRAM, Master, load_configuration, status_path
+from proxymap import version_line
+from proxymap.protocol import GREETING
 
 #: seconds `start` waits for the daemon to report its workers ready
 START_TIMEOUT = 30.0
@@ -44,9 +46,10 @@ def fatal(text: str) -> int:
 
 # -- helpers ------------------------------------------------------------------------
 
-def load(config_dir: str, workers: bool = False):
+def load(args, workers: bool = False):
     try:
-        return load_configuration(config_dir, workers=workers)
+        return load_configuration(args.config_dir, workers=workers,
+                                  services_from=args.services_from)
     except ConfigError as exc:
         raise Failure(str(exc)) from None
 
@@ -95,18 +98,22 @@ def check_greeting(path: str, timeout: float) -> str | None:
 # -- commands -----------------------------------------------------------------------
 
 def cmd_check(args) -> int:
-    config = load(args.config_dir, workers=True)
+    config = load(args, workers=True)
     for service in config.skipped:
         maillog.warning(f"{service.filename}: line {service.line}: service "
                         f"{service.name}/{service.type}: command {service.command} is not "
                         f"served by {PROGRAM} -- it will be skipped")
     if not config.services:
-        raise Failure(f"{config.main.config_directory}/master.cf: no proxymap service")
+        raise Failure(f"{config.service_file}: no proxymap service")
+    from master.checks import configuration_warnings
+    for text in configuration_warnings(config):
+        maillog.warning(text)
     return 0
 
 
 def cmd_run(args) -> int:
-    master = Master(args.config_dir, stderr=args.stderr, verbose=args.verbose)
+    master = Master(args.config_dir, stderr=args.stderr, verbose=args.verbose,
+                    services_from=args.services_from)
     try:
         master.start()
     except (ConfigError, OSError) as exc:
@@ -115,10 +122,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_start(args) -> int:
-    config = load(args.config_dir)
+    config = load(args)
     pid = master_pid(config)
     if pid:
         raise Failure(f"the {PROGRAM} is already running (pid {pid})")
+    if maillog.lines_lost(config.main.get("maillog_file")):
+        maillog.warning("neither /dev/log nor maillog_file: the detached master and its "
+                        "workers will log nowhere (set maillog_file, or use `run --stderr`)")
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:
@@ -180,7 +190,8 @@ def _become_daemon(args, report_fd: int) -> None:
         context = daemon.DaemonContext(detach_process=True, files_preserve=[report_fd],
                                        umask=0o022, working_directory="/")
         context.open()
-        master = Master(args.config_dir, stderr=False, verbose=args.verbose)
+        master = Master(args.config_dir, stderr=False, verbose=args.verbose,
+                        services_from=args.services_from)
 
         def report(error):
             text = f"ok {os.getpid()}\n" if error is None else f"error {os.getpid()} {error}\n"
@@ -210,7 +221,7 @@ def _become_daemon(args, report_fd: int) -> None:
 
 
 def cmd_stop(args) -> int:
-    config = load(args.config_dir)
+    config = load(args)
     path = pidfile.pid_path(config.main.get("queue_directory"))
     pid = pidfile.running_pid(path)
     if not pid:
@@ -312,9 +323,9 @@ def format_status(status: dict) -> str:
 def cmd_status(args) -> int:
     status = collect_status(args.config_dir)
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+        emit(json.dumps(status, indent=2, sort_keys=True))
     else:
-        print(format_status(status))
+        emit(format_status(status))
     return 0 if status.get("running") else 1
 
 
@@ -356,7 +367,7 @@ def cmd_config(args) -> int:
         raise Failure(str(exc)) from None
     for name in unknown:
         print(f"{PROGRAM}: warning: {name}: unknown parameter", file=sys.stderr)
-    print("\n".join(lines))
+    emit("\n".join(lines))
     return 0
 
 
@@ -369,6 +380,10 @@ def parse_args(argv):
                                 "Control the pre-forking proxymap/proxywrite master")
     p.add_argument("-c", dest="config_dir", default=os.environ.get("MAIL_CONFIG", "/etc/postfix"),
                    help="configuration directory with main.cf and master.cf")
+    p.add_argument("-m", dest="services_from", metavar="FILE", default=None,
+                   help="take the services from FILE (master.cf format) instead of "
+                        "$proxymap_master_cf (default DIR/master.cf)")
+    p.add_argument("--version", action="version", version=version_line(PROGRAM))
     p.add_argument("-v", dest="verbose", action="count", default=0)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("start", help="start a detached master; wait until it serves")

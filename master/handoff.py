@@ -11,6 +11,8 @@ record per message, never merged or split):
                        b"R"                                   retire: exit once no client is left
                        b"T"                                   stop: close idle clients, exit soon
                        b"P"                                   ping: report now
+                       b"L" + one descriptor (SCM_RIGHTS)   log to this maillog_file
+                                                              from now on (reload)
     worker -> master   b"S" + STATUS_FORMAT                   load report
 
 As with Postfix's status pipe, end-of-file on the channel means "the master
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 
 from master import maillog
 
-CLIENT, RETIRE, STOP, PING, STATUS = b"C", b"R", b"T", b"P", b"S"
+CLIENT, RETIRE, STOP, PING, STATUS, LOG_FILE = b"C", b"R", b"T", b"P", b"S", b"L"
 
 #: busy connections, open connections, connections accepted, requests answered
 STATUS_FORMAT = "!IIQQ"
@@ -86,8 +88,13 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 def send_client(chan: socket.socket, client: socket.socket) -> None:
     """Pass `client` over `chan`. The caller closes its own copy afterwards.
     Raises BlockingIOError when the channel is full, OSError when it is dead."""
-    fds = array.array("i", [client.fileno()])
-    chan.sendmsg([CLIENT], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+    send_descriptor(chan, CLIENT, client.fileno())
+
+
+def send_descriptor(chan: socket.socket, kind: bytes, fd: int) -> None:
+    """A record `kind` carrying descriptor `fd` (SCM_RIGHTS)."""
+    fds = array.array("i", [fd])
+    chan.sendmsg([kind], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
 
 
 def send_command(chan: socket.socket, command: bytes) -> None:
@@ -200,6 +207,10 @@ class WorkerChannel:
             kind = data[:1]
             if kind == CLIENT and fds:
                 self.worker.add_client(socket.socket(fileno=fds[0]))
+                for extra in fds[1:]:
+                    _close_fd(extra)
+            elif kind == LOG_FILE and fds:
+                maillog.adopt_log_file(fds[0])
                 for extra in fds[1:]:
                     _close_fd(extra)
             else:

@@ -4,6 +4,12 @@ Postfix programs log `<syslog_name>/<program>[pid]: <severity>: text`
 (severity omitted for info). We log to syslog when /dev/log exists,
 otherwise to stderr, or to `maillog_file` when main.cf sets it. `fatal`
 logs and exits 1, like msg_fatal().
+
+Lines written to `maillog_file` carry a time stamp and the host name field,
+the first label of $myhostname, as Postfix's own log writer puts them:
+`Dec 01 18:57:06 mx postfix/proxymap[1234]: text`. Callers reopen the file
+by calling setup() again (the master on reload, workers on SIGHUP), so a
+rotated log is let go of by every process.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import os
 import sys
 
 _logger = logging.getLogger("postfix")
-_state = {"tag": "proxymap", "verbose": 0}
+_state = {"tag": "proxymap", "verbose": 0, "hostname": ""}
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in range(32)} | {127: "\\x7f"}
@@ -38,7 +44,9 @@ class _Formatter(logging.Formatter):
         prefix = f"{_state['tag']}[{os.getpid()}]: {self.LEVELS.get(record.levelno, '')}"
         text = prefix + escape_controls(record.getMessage())
         if self.with_time:
-            text = self.formatTime(record, "%b %d %H:%M:%S") + " " + text
+            host = _state["hostname"]
+            text = self.formatTime(record, "%b %d %H:%M:%S") + " " + \
+                (f"{host} " if host else "") + text
         return text
 
 
@@ -67,6 +75,56 @@ def setup(tag: str, maillog_file: str = "", stderr: bool = False, verbose: int =
     _logger.addHandler(handler)
     _logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     _logger.propagate = False
+
+
+class _LogFileHandler(logging.StreamHandler):
+    """Lines appended to an already opened maillog_file stream (closed with
+    the handler, unlike a plain StreamHandler's)."""
+
+    def close(self):
+        try:
+            self.stream.close()
+        finally:
+            super().close()
+
+
+def log_file_descriptor() -> int | None:
+    """The descriptor of the maillog_file in use, None when logging
+    elsewhere (the master passes it to its workers on reload)."""
+    for handler in _logger.handlers:
+        if isinstance(handler, (logging.FileHandler, _LogFileHandler)):
+            stream = handler.stream
+            if stream is not None and not stream.closed:
+                return stream.fileno()
+    return None
+
+
+def adopt_log_file(fd: int) -> None:
+    """Log to the open maillog_file `fd` from now on (a worker that has
+    dropped privileges cannot reopen a root-owned file; its master opens
+    the new file and passes it over)."""
+    stream = os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+    handler = _LogFileHandler(stream)
+    handler.setFormatter(_Formatter(with_time=True))
+    for old in list(_logger.handlers):
+        _logger.removeHandler(old)
+        try:
+            old.close()
+        except OSError:
+            pass
+    _logger.addHandler(handler)
+
+
+def set_hostname(myhostname: str) -> None:
+    """The host name field of maillog_file lines: the first label of
+    $myhostname, as Postfix writes it."""
+    _state["hostname"] = myhostname.split(".", 1)[0]
+
+
+def lines_lost(maillog_file: str) -> bool:
+    """Whether a detached process (no stderr) would log into nothing: no
+    maillog_file and no syslog socket."""
+    return not maillog_file and not os.path.exists("/dev/log")
 
 
 def info(msg: str) -> None:

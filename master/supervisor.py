@@ -118,15 +118,28 @@ class Configuration:
     services: list[Service]
     owner: Credentials | None
     skipped: list[Service] = field(default_factory=list)
+    #: the master.cf-format file the services came from
+    service_file: str = ""
 
 
-def load_configuration(config_dir: str, warn=None, workers: bool = False) -> Configuration:
-    """Read and check both files; ConfigError (one line, file and line) on
-    any problem, including the numbers the master itself needs. With
-    `workers` (check, reload) also the values only workers read, so a
-    reload cannot replace serving workers by ones that die at startup."""
+def service_file(main: MainConfig, override: str | None = None) -> str:
+    """The master.cf-format file our services come from: `-m FILE` when
+    given, else $proxymap_master_cf (default $config_directory/master.cf);
+    relative names are taken from the configuration directory."""
+    name = override or main.get("proxymap_master_cf") or "master.cf"
+    return os.path.join(main.config_directory, name)
+
+
+def load_configuration(config_dir: str, warn=None, workers: bool = False,
+                       services_from: str | None = None) -> Configuration:
+    """Read and check main.cf and the service file (see service_file());
+    ConfigError (one line, file and line) on any problem, including the
+    numbers the master itself needs. With `workers` (check, reload) also
+    the values only workers read, so a reload cannot replace serving
+    workers by ones that die at startup."""
     main = load_main_cf(config_dir, warn=warn)
-    services = load_master_cf(config_dir, main, warn=warn)
+    services = load_master_cf(config_dir, main, warn=warn,
+                              path=service_file(main, services_from))
     owner = mail_owner_credentials(main) if os.geteuid() == 0 else None
     for name in ("queue_directory",):
         if not main.get(name).startswith("/"):
@@ -149,7 +162,7 @@ def load_configuration(config_dir: str, warn=None, workers: bool = False) -> Con
             used.append(service)
         else:
             skipped.append(service)
-    return Configuration(main, used, owner, skipped)
+    return Configuration(main, used, owner, skipped, service_file(main, services_from))
 
 
 def check_worker_settings(main: MainConfig, service: Service) -> None:
@@ -238,8 +251,11 @@ class ServiceState:
 
 
 class Master:
-    def __init__(self, config_dir: str, stderr: bool = False, verbose: int = 0):
+    def __init__(self, config_dir: str, stderr: bool = False, verbose: int = 0,
+                 services_from: str | None = None):
         self.config_dir = os.path.abspath(config_dir)
+        #: `-m FILE`: the service file named on the command line (kept for reloads)
+        self.services_from = os.path.abspath(services_from) if services_from else None
         self.stderr = stderr
         self.verbose = verbose
         self.services: dict[tuple[str, str], ServiceState] = {}
@@ -262,6 +278,7 @@ class Master:
     # -- configuration ----------------------------------------------------------
 
     def setup_logging(self, main: MainConfig) -> None:
+        maillog.set_hostname(main.get("myhostname"))
         maillog.setup(f"{main.get('syslog_name')}/{PROGRAM}", main.get("maillog_file"),
                       stderr=self.stderr, verbose=self.verbose)
 
@@ -276,7 +293,7 @@ class Master:
     def start(self) -> None:
         """Read the configuration, lock, bind and spawn. Raises ConfigError or
         OSError (callers turn them into one-line fatals)."""
-        config = load_configuration(self.config_dir)
+        config = load_configuration(self.config_dir, services_from=self.services_from)
         self.config = config
         main = config.main
         self.setup_logging(main)
@@ -610,24 +627,44 @@ class Master:
     # -- reload ---------------------------------------------------------------------
 
     def reload(self) -> None:
-        maillog.info(f"reload -- configuration {self.config_dir}")
         sdnotify.reloading()
         self.reloads += 1
         try:
-            config = load_configuration(self.config_dir, workers=True)
+            config = load_configuration(self.config_dir, workers=True,
+                                        services_from=self.services_from)
         except ConfigError as exc:
             self.reload_error = str(exc)
+            self.setup_logging(self.config.main)        # reopen the log all the same
+            maillog.info(f"reload -- configuration {self.config_dir}")
             maillog.error(f"{exc}")
             maillog.error("reload rejected -- the running configuration is unchanged")
         else:
             self.reload_error = ""
             self.apply(config)
+        self.reopen_worker_logs()
         self.status_dirty = True
         sdnotify.ready()
+
+    def reopen_worker_logs(self) -> None:
+        """Pass the maillog_file just reopened to every worker: workers kept
+        across the reload would otherwise write to a rotated file for ever,
+        and having dropped privileges they may not reopen it themselves."""
+        fd = maillog.log_file_descriptor()
+        if fd is None:
+            return
+        for slot in list(self.by_pid.values()):
+            if slot.chan is None:
+                continue
+            try:
+                handoff.send_descriptor(slot.chan, handoff.LOG_FILE, fd)
+            except OSError:
+                pass    # a full or dead channel: that worker is on its way out
 
     def apply(self, config: Configuration) -> None:
         old = self.config
         main = config.main
+        self.setup_logging(main)            # reopens maillog_file (log rotation)
+        maillog.info(f"reload -- configuration {self.config_dir}")
         main_changed = old is None or old.main.explicit() != main.explicit()
         if main.get("queue_directory") != self.queue_directory:
             maillog.warning("ignoring queue_directory parameter value change")
@@ -637,7 +674,6 @@ class Master:
         if old is not None and (config.owner != old.owner):
             maillog.warning("mail_owner changed: sockets keep their old owner until restart")
         self.config = config
-        self.setup_logging(main)
         self.log_skipped(config)
         self.generation += 1
         now = time.monotonic()

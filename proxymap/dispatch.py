@@ -215,7 +215,7 @@ class Dispatcher:
                     return table
             elif not table.changed():
                 return table
-            else:
+            elif table.modified():      # one line per change, not per unsettled reopen
                 maillog.info(f"table {spec}: has changed -- reopening")
             self._close(table)
         # 3.7 opens with the full flags of the first request, 3.11 with the

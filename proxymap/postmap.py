@@ -531,8 +531,14 @@ def main(argv: list[str] | None = None) -> int:
     from proxymap.server import ParamView
     maillog.setup(PROG, stderr=True)
     program = None
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:
+        from master.output import emit
+        from proxymap import version_line
+        emit(version_line(PROG))
+        return 0
     try:
-        opts = parse_args(sys.argv[1:] if argv is None else argv)
+        opts = parse_args(argv)
         config = load_config(opts.config_dir)
         maillog.setup(PROG, stderr=True, verbose=opts.verbose)
         program = Postmap(opts, config, ParamView(config))

@@ -26,6 +26,7 @@ import sys
 import time
 
 from master import maillog
+from proxymap import version_line
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
 from proxymap.protocol import GREETING, Decoder, ProtocolError
 
@@ -368,6 +369,7 @@ def parse_args(argv):
     p.add_argument("--master-fd", type=int, default=None,
                    help="control channel to our master (descriptor number)")
     p.add_argument("--stderr", action="store_true", help="log to stderr")
+    p.add_argument("--version", action="version", version=version_line("proxymap"))
     # Flags a Postfix master passes to its children; accepted and ignored.
     for flag in ("-t",):
         p.add_argument(flag, dest="transport", default="unix")
@@ -392,8 +394,11 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"proxymap: fatal: {exc}", file=sys.stderr)
         return 1
-    maillog.setup(f"{config.get('syslog_name')}/{service}", config.get("maillog_file"),
-                  stderr=args.stderr, verbose=args.verbose)
+    def open_log() -> None:
+        maillog.set_hostname(config.get("myhostname"))
+        maillog.setup(f"{config.get('syslog_name')}/{service}", config.get("maillog_file"),
+                      stderr=args.stderr, verbose=args.verbose)
+    open_log()
     role = role_of(service, config)
     if role is None:
         maillog.fatal(f"service name must be one of {READ_SERVICE} or {WRITE_SERVICE}, not {service!r}")
@@ -421,6 +426,11 @@ def main(argv=None) -> int:
             return
         if any(b in (signal.SIGTERM, signal.SIGINT) for b in data):
             worker.shutdown()
+        elif signal.SIGHUP in data:
+            try:
+                open_log()      # let go of a rotated log file
+            except OSError as exc:
+                maillog.warning(f"reopen {config.get('maillog_file')}: {exc.strerror}")
 
     worker.watch(wake_r, on_signal)
     if args.master_fd is not None:

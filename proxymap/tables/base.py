@@ -135,6 +135,11 @@ class Table:
             return False
         return not self._settled or file_stamp(self.path) != self._stamp
 
+    def modified(self) -> bool:
+        """The file differs from the one opened (a change worth a log line;
+        changed() is also true while an unchanged stamp is unsettled)."""
+        return self.path is not None and file_stamp(self.path) != self._stamp
+
 
 class _Mark:
     __slots__ = ("name",)
