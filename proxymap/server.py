@@ -29,6 +29,7 @@ from master import maillog
 from proxymap import version_line
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
 from proxymap.protocol import GREETING, Decoder, ProtocolError
+from proxymap.tables.source import logical_lines
 
 READ_CHUNK = 65536
 #: seconds between checks for expired connections (and on_tick calls)
@@ -306,9 +307,28 @@ def make_dispatcher(config, service: str) -> Dispatcher:
     role = WRITE_SERVICE if service == config.get("proxywrite_service_name") or \
         service == WRITE_SERVICE else READ_SERVICE
     param = "proxy_write_maps" if role == WRITE_SERVICE else "proxy_read_maps"
-    allowed = proxy_allow_set(config.get(param))
+    if config.postfix_release() < (3, 11):
+        allowed = proxy_allow_set(config.get(param))
+    else:
+        # 3.11+ also authorises tables named inside /file/name values and,
+        # for the read service, in the restriction classes
+        allowed = proxy_allow_set(config.get(param), file_lines)
+        if role == READ_SERVICE:
+            for name in config.get_list("smtpd_restriction_classes"):
+                allowed |= proxy_allow_set(config.get(name), file_lines)
     return Dispatcher(role, allowed, ParamView(config),
                       smtputf8=config.get_bool("smtputf8_enable"))
+
+
+def file_lines(path: str) -> list[str]:
+    """The logical lines of a /file/name an allow-list refers to; a file
+    that cannot be read is logged and authorises nothing, as in Postfix."""
+    try:
+        with open(path, "rb") as f:
+            return [line.decode("utf-8", "surrogateescape") for _, line in logical_lines(f)]
+    except OSError as exc:
+        maillog.warning(f"open {path}: {exc.strerror}")
+        return []
 
 
 def make_worker(config, service: str) -> Worker:
