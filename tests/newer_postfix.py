@@ -13,7 +13,9 @@ vanishes with the command's namespace, so nothing is left to unmount.
 
 `CPostfix` is a private instance of the chroot's real Postfix (its own
 master, its C proxymap and proxywrite) on a queue directory of its own: the
-reference every case is compared with.
+reference every case is compared with. Given our queue directory and a
+master.cf without proxymap/proxywrite, it runs the chroot's daemons beside
+our service instead.
 """
 
 from __future__ import annotations
@@ -106,11 +108,12 @@ class CPostfix:
     """The chroot's real Postfix serving proxymap/proxywrite on a private
     queue directory under `root`, with the main.cf settings given."""
 
-    def __init__(self, chroot: Chroot, root: str, settings: dict, master_cf: str = MASTER_CF):
+    def __init__(self, chroot: Chroot, root: str, settings: dict, master_cf: str = MASTER_CF,
+                 queue_dir: str | None = None):
         self.chroot = chroot
         self.root = root
         self.config_dir = os.path.join(root, "etc")
-        self.queue_dir = os.path.join(root, "queue")
+        self.queue_dir = queue_dir or os.path.join(root, "queue")
         self.data_dir = os.path.join(root, "data")
         self.maillog = os.path.join(root, "maillog")
         for d in (self.config_dir, self.queue_dir, self.data_dir):

@@ -24,8 +24,8 @@ import pytest
 from proxymap import dictflags as F
 from proxymap.client import NOKEY, OK, ProxyClient
 from proxymap.protocol import Decoder, GREETING, encode
-from tests.instance import POSTMAP, mail_owner, temporary_instance
-from tests.newer_postfix import CPostfix, chroot_for, needs_root
+from tests.instance import POSTMAP, mail_owner, temporary_instance, wait_for
+from tests.newer_postfix import MASTER_CF, CPostfix, chroot_for, needs_root
 
 pytestmark = [pytest.mark.interop, needs_root]
 
@@ -366,3 +366,125 @@ def test_walks_survive_changes(site, type_name):
             check_walk(keys, f"3.7 layout, round {round_}")
     assert not churn.errors, churn.errors
     assert churn.writes > 0
+
+
+# -- defaults that changed in 3.11 -------------------------------------------------------------
+
+def test_311_defaults_match_postconf_of_311():
+    """Our 3.11 defaults are sid's `postconf -d` text, and `config -d` shows
+    the other generation's proxy_read_maps beside the one in effect."""
+    from master.config import DEFAULTS_311, PROXY_READ_MAPS_DEFAULT, MainConfig
+    chroot = chroot_for("sid")
+    done = chroot.run("/usr/sbin/postconf", "-d", *sorted(DEFAULTS_311))
+    assert done.returncode == 0, done.stderr
+    theirs = dict(line.split(" =", 1) for line in done.stdout.splitlines())
+    assert {k: v.strip() for k, v in theirs.items()} == DEFAULTS_311
+    trixie = chroot_for("trixie").run("/usr/sbin/postconf", "-dh", "proxy_read_maps")
+    assert trixie.stdout.strip() == PROXY_READ_MAPS_DEFAULT
+    site_311 = MainConfig("/nonexistent", "/nonexistent/main.cf",
+                          {"proxymap_postfix_version": ("3.11.7", 1)})
+    assert site_311.defaults()["proxy_read_maps"] == DEFAULTS_311["proxy_read_maps"]
+
+
+def test_311_site_relying_on_defaults(tmp_path):
+    """A 3.11 site that relies on the defaults: tables named by a parameter
+    only 3.11's proxy_read_maps lists, inside a /file/name value, and in a
+    restriction class. Ours (proxymap_postfix_version = 3.11) serves them as
+    3.11's C proxymap does; with 3.7's rules all three would be DENY."""
+    chroot = chroot_for("sid")
+    with temporary_instance(tmp_path) as ours:
+        t = ours.table_dir
+        for name in ("peers", "networks", "classy"):
+            build(ours.postmap, f"{t}/{name}", {"k": name}, "hash")
+        with open(f"{t}/client-checks", "w") as f:
+            f.write("# a /file/name value\ncheck_client_access\n  proxy:hash:"
+                    f"{t}/networks\n")
+        settings = {
+            "debug_peer_list": f"proxy:hash:{t}/peers",
+            "smtpd_client_restrictions": f"{t}/client-checks",
+            "smtpd_restriction_classes": "myclass",
+            "myclass": f"check_sender_access proxy:hash:{t}/classy",
+        }
+        settings.update((k, v) for k, v in ours.main_settings().items()
+                        if k not in ("proxy_read_maps", "proxy_write_maps"))
+
+        def write_ours(version):
+            ours._replace("main.cf", "".join(
+                f"{k} = {v}\n" for k, v in {**settings, "proxymap_postfix_version": version}.items()))
+        c = CPostfix(chroot, f"{ours.root}/c", settings)
+        write_ours("3.11")
+        ours.start()
+        c.start(services=("proxymap",))
+        try:
+            for name in ("peers", "networks", "classy"):
+                answers = [chroot.postmap(server.config_dir, "-q", "k", f"proxy:hash:{t}/{name}")
+                           for server in (ours, c)]
+                assert [(a.returncode, a.stdout, a.stderr) for a in answers] == \
+                    [(0, f"{name}\n", "")] * 2
+            # the same site declared 3.7: only 3.7's rules
+            write_ours("3.7")
+            assert ours.control("reload").returncode == 0
+            def denied():
+                done = chroot.postmap(ours.config_dir, "-q", "k", f"proxy:hash:{t}/peers")
+                return done.returncode == 1 and "not configured" in done.stderr
+            wait_for(denied, 30, what="3.7 rules after reload")
+        finally:
+            c.stop()
+
+
+# -- a long-running 3.11 daemon: verify(8) and its cache cleanup ------------------------------
+
+VERIFY_CF = """\
+verify    unix  -  -  n  -  1  verify
+postlog   unix-dgram n - n - 1 postlogd
+"""
+MASTER_CF_WITH_VERIFY = MASTER_CF + "verify    unix  -  -  n  -  1  verify\n"
+VERIFY_CACHE = {"keep@example.com": "0:0:4102444800:ok", "old1@example.com": "0:0:1:ok",
+                "old2@example.com": "0:0:1:ok"}
+
+
+def test_verify_cache_cleanup_of_311(tmp_path):
+    """Real verify(8) of 3.11 runs its cache cleanup (open with OPEN_LOCK,
+    lookup, sequence with delete-behind, update) through our proxywrite;
+    the same daemon beside 3.11's own proxywrite leaves the same cache."""
+    chroot = chroot_for("sid")
+    with temporary_instance(tmp_path) as ours:
+        caches = {}
+        for side in ("ours", "c"):
+            path = f"{ours.table_dir}/verify-{side}"
+            build(ours.postmap, path, VERIFY_CACHE, "btree")
+            caches[side] = f"btree:{path}"
+
+        def settings(side):
+            return {**ours.main_settings(),
+                    "proxy_read_maps": f"proxy:{caches[side]}",
+                    "proxy_write_maps": f"proxy:{caches[side]}",
+                    "address_verify_map": f"proxy:{caches[side]}",
+                    "address_verify_cache_cleanup_interval": "1s"}
+        ours.write_main_cf(**settings("ours"))
+        ours.start()
+        beside = CPostfix(chroot, f"{ours.root}/beside", settings("ours"), VERIFY_CF,
+                          queue_dir=ours.queue_dir)
+        alone = CPostfix(chroot, f"{ours.root}/alone", settings("c"),
+                         MASTER_CF_WITH_VERIFY)
+        try:
+            for real in (beside, alone):
+                real.start(services=("verify",))
+                with socket.socket(socket.AF_UNIX) as s:   # waking verify starts the cleanup
+                    s.connect(real.socket_path("verify"))
+                    wait_for(lambda: "retained=1 dropped=2" in real.log(), 60,
+                             what=f"verify's cleanup ({real.root})")
+            assert "fatal" not in beside.log() and "panic" not in beside.log()
+        finally:
+            beside.stop()
+            alone.stop()
+            ours.stop()
+        dumps = [chroot.postmap(ours.config_dir, "-s", caches[side]) for side in ("ours", "c")]
+        # the same records; the cleanup stamp's value is the clock's
+        stamp = "_LAST_CACHE_CLEANUP_COMPLETED_\t"
+        lines = [sorted(stamp if line.startswith(stamp) else line
+                        for line in d.stdout.splitlines()) for d in dumps]
+        assert lines[0] == lines[1], (dumps[0].stderr, dumps[1].stderr)
+        keys = [line.split("\t")[0] for line in lines[0]]
+        assert "keep@example.com" in keys and "old1@example.com" not in keys
+        assert "_LAST_CACHE_CLEANUP_COMPLETED_" in keys
