@@ -13,7 +13,8 @@ the configuration the master would run:
   our own parameters, plus `-o` names of our service file that neither
   Postfix nor we know;
 * unknown table types and missing or unreadable table files in
-  proxy_read_maps / proxy_write_maps;
+  proxy_read_maps / proxy_write_maps, and every rule of their cidr:,
+  regexp: and pcre: tables that a worker would skip (Postfix's warnings);
 * master.cf fields the master does not act on (chroot, wakeup) and
   unpriv = n (workers then keep root privileges).
 
@@ -36,6 +37,8 @@ from master.config import (OWN_PARAMETERS, MainConfig, Service, proxy_allow_set,
 from proxymap.tables import TABLE_TYPES, table_class
 from proxymap.tables.base import TableOpenError
 
+#: table types whose rule files `check` compiles
+PATTERN_TYPES = frozenset({"cidr", "regexp", "pcre"})
 #: table types Debian ships as postfix-TYPE packages (dynamicmaps.cf)
 PACKAGED_TYPES = frozenset({"cdb", "ldap", "lmdb", "mysql", "pcre", "pgsql", "sqlite"})
 
@@ -215,7 +218,23 @@ def table_problems(cfg: MainConfig, owner: str | None) -> list[str]:
             problem = table_problem(spec, owner)
             if problem:
                 messages.append(f"{where}: {parameter}: table {spec}: {problem}")
+            else:
+                messages += skipped_rules(spec)
     return messages
+
+
+def skipped_rules(spec: str) -> list[str]:
+    """For a cidr:, regexp: or pcre: table: the warnings a worker would log
+    when opening it (each rule it would skip, IFs without ENDIF, ...), so
+    `check` shows them before a reload makes the file live."""
+    type_name, _, name = spec.partition(":")
+    if type_name not in PATTERN_TYPES:
+        return []
+    from proxymap.tables.patterns import rule_file_warnings
+    try:
+        return rule_file_warnings(type_name, name)
+    except OSError:
+        return []
 
 
 def ignored_fields(service: Service) -> list[str]:

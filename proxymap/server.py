@@ -392,7 +392,7 @@ def parse_args(argv):
     p.add_argument("--version", action="version", version=version_line("proxymap"))
     # Flags a Postfix master passes to its children; accepted and ignored.
     for flag in ("-t",):
-        p.add_argument(flag, dest="transport", default="unix")
+        p.add_argument(flag, dest="transport", default=None)
     for flag in ("-u", "-l", "-z", "-d", "-s", "-S"):
         p.add_argument(flag, action="store_true", dest="ignored_" + flag[1])
     return p.parse_args(argv)
@@ -453,9 +453,12 @@ def main(argv=None) -> int:
                 maillog.warning(f"reopen {config.get('maillog_file')}: {exc.strerror}")
 
     worker.watch(wake_r, on_signal)
+    from proxymap import multiserver
     if args.master_fd is not None:
         from master.handoff import attach_worker
         attach_worker(worker, args.master_fd)
+    elif args.listen is None and multiserver.started_by_postfix(args.transport):
+        multiserver.attach(worker, config, unprivileged=args.ignored_u)
     else:
         path = args.listen or os.path.join(config.get("queue_directory"), "private", service)
         try:

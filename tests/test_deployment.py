@@ -273,3 +273,30 @@ def test_start_warns_when_lines_would_go_nowhere(instance):
     assert result.returncode == 0, result.stderr
     warned = "will log nowhere" in result.stderr
     assert warned == (not os.path.exists("/dev/log")), result.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/logrotate"), reason="needs logrotate")
+def test_logrotate_snippet_rotates_every_process_log(logged):
+    with open(os.path.join(os.path.dirname(__file__), "..", "etc", "logrotate.d",
+                           "pyproxymap")) as f:
+        text = f.read()
+    text = text.replace("/var/log/proxymap.log", logged.maillog) \
+        .replace("/usr/local/bin/proxymap-master", MASTER) \
+        .replace("-c /etc/postfix", f"-c {logged.config_dir}")
+    conf = os.path.join(logged.root, "logrotate.conf")
+    with open(conf, "w") as f:
+        f.write(text)
+    logged.start()
+    unapproved_lookup(logged)
+    wait_for(lambda: any("unapproved" in line[3] for line in log_lines(logged.maillog)),
+             what="the worker's first warning")
+    result = subprocess.run(["/usr/sbin/logrotate", "-f", "-s",
+                             os.path.join(logged.root, "logrotate.state"), conf],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert os.path.exists(logged.maillog + ".1")
+    unapproved_lookup(logged)
+    new = wait_for(lambda: [line for line in log_lines(logged.maillog)
+                            if "unapproved" in line[3]], what="a warning in the new file")
+    assert {line[1] for line in new} == {"postfix/proxymap"}
+    assert any(line[3].startswith("reload") for line in log_lines(logged.maillog))

@@ -11,11 +11,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from proxymap.tables.patterns import (PatternFileTable, Program, ProgramBuilder, Rule,
-                                      RuleError, split_keyword)
-from proxymap.tables.source import logical_lines
-
-_SPACE = b" \t\r\n\v\f"
+from proxymap.tables.patterns import (ENDIF, IfRule, PatternFileTable, Program, Rule, RuleError,
+                                      SPACE, compile_rules, keyword, negations, skip_space, text)
 
 
 def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -66,84 +63,91 @@ class CidrPattern:
         return True if ((parsed[1] & self.mask) == self.base) != self.negate else None
 
 
-def parse_cidr_pattern(text: str) -> CidrPattern:
-    """Parse `[!]addr[/len]`, `[!][addr]/len` or `[!][addr/len]`."""
-    negate = False
-    i = 0
-    while i < len(text) and (text[i] == "!" or text[i] in " \t"):
-        negate ^= text[i] == "!"
-        i += 1
-    pattern = text[i:]
-    if not pattern:
-        raise RuleError("no address pattern")
-    body = pattern
-    if body.startswith("["):
-        close = body.find("]")
+def parse_cidr_pattern(pattern: str, match: bool = True) -> CidrPattern:
+    """cidr_match_parse(): `addr`, `addr/len`, `[addr]/len` or `[addr/len]`;
+    the RuleError text is Postfix's reason."""
+    mask_search = pattern
+    if pattern.startswith("["):
+        pattern = pattern[1:]
+        close = pattern.find("]")
         if close < 0:
-            raise RuleError(f'missing "]" after "{body}"')
-        after = body[close + 1:]
+            raise RuleError(f'missing \']\' character after "[{pattern}"')
+        after, pattern = pattern[close + 1:], pattern[:close]
         if after and not after.startswith("/"):
-            raise RuleError(f'bad address pattern: "{pattern}"')
-        body = body[1:close] + after
-    address_text, slash, mask_text = body.partition("/")
-    address = parse_address(address_text)
-    if address is None:
-        raise RuleError(f'bad address pattern: "{pattern}"')
-    if slash:
-        if not mask_text.isascii() or not mask_text.isdigit():
-            raise RuleError(f'bad mask value in "{pattern}"')
-        mask = int(mask_text)
-        if mask > address.max_prefixlen:
-            raise RuleError(f'bad mask length in "{pattern}"')
+            raise RuleError(f'garbage after "[{pattern}]"')
+        mask_search = after if after else pattern
     else:
-        mask = address.max_prefixlen
+        mask_search = pattern
+    if "/" in mask_search:
+        if mask_search is pattern:
+            pattern, _, mask_text = pattern.partition("/")
+        else:
+            mask_text = mask_search.partition("/")[2]
+        bits = 128 if ":" in pattern else 32
+        if not (mask_text.isascii() and mask_text.isdigit()):
+            reason = "bad mask value"
+        elif int(mask_text) > bits:
+            reason = "bad mask length"
+        elif parse_address(pattern) is None or parse_address(pattern).max_prefixlen != bits:
+            reason = "bad network value"
+        else:
+            reason = None
+        if reason:
+            raise RuleError(f'{reason} in "{pattern}/{mask_text}"')
+        address, mask = parse_address(pattern), int(mask_text)
+        network = ipaddress.ip_network(f"{address}/{mask}", strict=False)
+        if int(network.network_address) != int(address):
+            raise RuleError(f'non-null host address bits in "{pattern}/{mask_text}", '
+                            f'perhaps you should use "{network.network_address}/{mask}" instead')
+    else:
+        address = parse_address(pattern)
+        if address is None:
+            raise RuleError(f'bad address pattern: "{pattern}"')
+        network = ipaddress.ip_network(address)
+    return CidrPattern(not match, network)
+
+
+def parse_line(line: bytes, number: int, nesting: int, say):
+    """dict_cidr_parse_rule(); a RuleError is logged with ": skipping this
+    rule" after Postfix's reason."""
     try:
-        network = ipaddress.ip_network(f"{address}/{mask}")
-    except ValueError:
-        fixed = ipaddress.ip_network(f"{address}/{mask}", strict=False)
-        raise RuleError(f'"{pattern}" has host bits set beyond the /{mask} mask;'
-                        f' did you mean "{fixed}"?') from None
-    return CidrPattern(negate, network)
+        return _parse_line(line, number, nesting)
+    except RuleError as exc:
+        raise RuleError(f"{exc}: skipping this rule") from None
+
+
+def _parse_line(line: bytes, number: int, nesting: int):
+    rest = keyword(line, b"IF")
+    if rest is not None:
+        match, i = negations(rest)
+        if i >= len(rest):
+            raise RuleError("no address pattern")
+        pattern = parse_cidr_pattern(text(rest[i:].rstrip(SPACE)), match)
+        return IfRule(pattern.test)
+    rest = keyword(line, b"ENDIF")
+    if rest is not None:
+        if skip_space(rest) < len(rest):
+            raise RuleError("garbage after ENDIF")
+        if nesting == 0:
+            raise RuleError("ENDIF without IF")
+        return ENDIF
+    match, i = negations(line)
+    j = i
+    while j < len(line) and line[j] not in SPACE:
+        j += 1
+    token = line[i:j]
+    value = line[skip_space(line, j + 1):].rstrip(SPACE) if j < len(line) else b""
+    if not token:
+        raise RuleError("no address pattern")
+    pattern = parse_cidr_pattern(text(token), match)
+    if not value:
+        raise RuleError("no lookup result")
+    return Rule(number, pattern.test, lambda _key, r=value: r)
 
 
 def compile_cidr(data: bytes, name: str = "-", flags: int = 0, warn=None) -> Program:
     """Compile the content of a cidr: rule file; problems go to warn()."""
-    builder = ProgramBuilder()
-
-    for number, raw in logical_lines(data.splitlines()):
-        def say(text, number=number):
-            if warn:
-                warn(f"cidr map {name}, line {number}: {text}")
-        if raw[:1] in (b" ", b"\t"):
-            say("continuation line without a preceding rule: ignored")
-            continue
-        line = raw.decode("latin-1")
-        try:
-            keyword = split_keyword(raw)
-            if keyword is not None and keyword[0] == "ENDIF":
-                if keyword[1].strip(_SPACE):
-                    raise RuleError("text after ENDIF")
-                if not builder.close_if():
-                    raise RuleError("ENDIF without a matching IF")
-                continue
-            if keyword is not None:
-                pattern = parse_cidr_pattern(keyword[1].decode("latin-1").strip(" \t\r\n\v\f"))
-                builder.open_if(number, pattern.test)
-                continue
-            negation, rest = _take_negation(line)
-            token, _, value = _split_token(rest)
-            value = value.strip(" \t\r\n\v\f")
-            pattern = parse_cidr_pattern(negation + token)
-            if not value:
-                raise RuleError("no result after the address pattern")
-            result = value.encode("latin-1")
-            builder.add(Rule(number, pattern.test, lambda _m, r=result: r))
-        except RuleError as exc:
-            say(f"{exc}: skipping this rule")
-    program, unclosed = builder.finish()
-    for number in unclosed:
-        if warn:
-            warn(f"cidr map {name}, line {number}: IF has no matching ENDIF")
+    program = compile_rules(data, "cidr", name, parse_line, warn)
     return IndexedCidrProgram.of(program) or program
 
 
@@ -181,21 +185,7 @@ class IndexedCidrProgram(Program):
         if best is None:
             return None
         rule = self.rules[best]
-        return rule.result(True)
-
-
-def _take_negation(line: str) -> tuple[str, str]:
-    i = 0
-    while i < len(line) and (line[i] == "!" or line[i] in " \t"):
-        i += 1
-    return line[:i].replace(" ", "").replace("\t", ""), line[i:]
-
-
-def _split_token(text: str) -> tuple[str, str, str]:
-    for i, ch in enumerate(text):
-        if ch in " \t\r\n\v\f":
-            return text[:i], ch, text[i + 1:]
-    return text, "", ""
+        return rule.result(key)
 
 
 class CidrTable(PatternFileTable):
