@@ -34,7 +34,7 @@ import time
 
 from master.config import (OWN_PARAMETERS, MainConfig, Service, proxy_allow_set,
                            referenced_names)
-from proxymap.tables import TABLE_TYPES, table_class
+from proxymap.tables import TABLE_TYPES, plugin_types, table_class
 from proxymap.tables.base import TableOpenError
 
 #: table types whose rule files `check` compiles
@@ -165,7 +165,7 @@ def table_problem(spec: str, owner: str | None) -> str | None:
     """Why `type:name` cannot be served (type unknown, file missing or not
     readable by `owner`), or None."""
     type_name, _, name = spec.partition(":")
-    if type_name not in TABLE_TYPES:
+    if type_name not in TABLE_TYPES and type_name not in plugin_types():
         hint = (f". Is the postfix-{type_name} package installed?"
                 if type_name in PACKAGED_TYPES else "")
         return f"unsupported dictionary type: {type_name}{hint}"

@@ -249,6 +249,12 @@ DEFAULTS.update({
     # Our own: the master.cf-format file proxymap-master takes its services
     # from (beside Postfix's master, a file of its own; -m FILE overrides).
     "proxymap_master_cf": "$config_directory/master.cf",
+    # Our own: lanes of threads for tables that wait on a server
+    # (proxymap/offload.py): threads per table, requests that may wait for
+    # them, seconds before an unanswered request is answered RETRY.
+    "proxymap_backend_threads": "4",
+    "proxymap_backend_queue": "64",
+    "proxymap_backend_timeout": "10s",
     # Our own: the Postfix release whose defaults and allow-list rules apply
     # (3.11+: its longer proxy_read_maps, tables named in /file/name values
     # and restriction classes); "auto" asks the installed postconf(1).
@@ -258,6 +264,7 @@ DEFAULTS.update({
 #: parameters of this project that Postfix does not know
 OWN_PARAMETERS = ("proxymap_max_attributes", "proxymap_max_request_size",
                   "proxymap_worker_busy_clients", "proxymap_master_cf",
+                  "proxymap_backend_threads", "proxymap_backend_queue", "proxymap_backend_timeout",
                   "proxymap_postfix_version")
 
 DYNAMIC_DEFAULTS = ("myhostname", "mydomain", "mynetworks", "process_id", "process_name")
@@ -270,7 +277,8 @@ LIMITS: dict[str, tuple[int | None, int | None]] = {
         "ipc_ttl", "daemon_timeout", "service_throttle_time", "lmdb_map_size",
         "berkeley_db_read_buffer_size", "berkeley_db_create_buffer_size",
         "proxymap_max_attributes", "proxymap_max_request_size",
-        "proxymap_worker_busy_clients")
+        "proxymap_worker_busy_clients",
+        "proxymap_backend_threads", "proxymap_backend_queue", "proxymap_backend_timeout")
 }
 LIMITS["in_flow_delay"] = (0, 10)
 

@@ -252,8 +252,8 @@ class WorkerChannel:
 def preload_table_modules() -> None:
     """Import every table implementation while the interpreter's files are
     still readable (the interpreter may live where mail_owner cannot go)."""
-    from proxymap.tables import TABLE_TYPES
-    for target in TABLE_TYPES.values():
+    from proxymap.tables import TABLE_TYPES, plugin_types
+    for target in [*TABLE_TYPES.values(), *plugin_types().values()]:
         try:
             importlib.import_module(target.partition(":")[0])
         except Exception:   # noqa: BLE001 - a missing optional type is reported on use

@@ -17,6 +17,9 @@ requests did to it, and cdb tables can be listed. Requests in the 3.6-3.10
 layout keep 3.7's answers. Sequence walks are kept per connection (the
 `walks` mapping the server passes), so that reopening a table, for
 freshness or after a write, never restarts or disturbs a walk in progress.
+
+Operations of tables that may block (database clients, plugins) are handed
+to the worker's Offloader and answered later (see proxymap/offload.py).
 """
 
 from __future__ import annotations
@@ -85,13 +88,15 @@ class Dispatcher:
     """Turns decoded requests into encoded replies for one service role."""
 
     def __init__(self, service: str, allowed: set[str], params, *, smtputf8: bool = True,
-                 opener=open_table):
+                 opener=open_table, offload=None):
         self.service = service
         self.writable = service == WRITE_SERVICE
         self.allowed = allowed
         self.params = params
         self.smtputf8 = smtputf8
         self.opener = opener
+        #: runs blocking tables' operations off the loop; None: inline
+        self.offload = offload
         self.tables: dict[tuple[str, int], Table] = {}
         self.param_name = "proxy_write_maps" if self.writable else "proxy_read_maps"
         #: walk positions of callers that keep none of their own
@@ -99,9 +104,10 @@ class Dispatcher:
 
     # -- the request entry point ------------------------------------------------
 
-    def handle(self, attrs: list[tuple[bytes, bytes]], walks: dict | None = None) -> bytes:
-        """One decoded attribute list in, one encoded reply out. Never raises.
-        `walks` holds the sequence positions of the client's connection."""
+    def handle(self, attrs: list[tuple[bytes, bytes]], walks: dict | None = None):
+        """One decoded attribute list in, one encoded reply out, or an
+        offload.Pending whose reply comes later. Never raises. `walks` holds
+        the sequence positions of the client's connection."""
         try:
             req = parse_request(attrs)
         except BadRequest as exc:
@@ -134,19 +140,27 @@ class Dispatcher:
         if req.layout == 311:
             if name == "open":
                 return encode_reply(name, OK, 311, flags=fresh_flags(table, req.instance_flags))
-            # 3.11 uses the request's word as it is; the instance's own word
-            # is left as it was, so no request changes what another sees.
-            saved = table.flags
-            table.flags = req.flags | WRITE_FLAGS.get(name, 0)
-            try:
-                return self._operate(table, req, walks)
-            finally:
-                table.flags = saved
-        if name == "open":
+            # 3.11 uses the request's word as it is
+            flags = req.flags | WRITE_FLAGS.get(name, 0)
+        elif name == "open":
             return encode_reply(name, OK, 37, flags=table.flags)
-        table.flags = ((table.flags & ~F.RQST_MASK) | (req.flags & F.RQST_MASK)
-                       | WRITE_FLAGS.get(name, 0))
-        return self._operate(table, req, walks)
+        else:
+            flags = ((table.flags & ~F.RQST_MASK) | (req.flags & F.RQST_MASK)
+                     | WRITE_FLAGS.get(name, 0))
+            table.flags = flags
+        if table.blocking and self.offload is not None:
+            return self.offload.submit(table, flags, lambda: self._operate(table, req, walks),
+                                       encode_reply(name, RETRY, req.layout))
+        if req.layout == 37:
+            return self._operate(table, req, walks)
+        # a 3.11 request's word serves that request only: the instance's own
+        # word is left as it was, so no request changes what another sees
+        saved = table.flags
+        table.flags = flags
+        try:
+            return self._operate(table, req, walks)
+        finally:
+            table.flags = saved
 
     def _operate(self, table: Table, req: Request, walks: dict) -> bytes:
         name, layout = req.name, req.layout
@@ -246,8 +260,10 @@ class Dispatcher:
         table.open_flags, table.fresh_flags = flags, table.flags
         return table
 
-    @staticmethod
-    def _close(table: Table) -> None:
+    def _close(self, table: Table) -> None:
+        if table.blocking and self.offload is not None:
+            self.offload.retire(table)   # after the operations it still has
+            return
         try:
             table.close()
         except Exception as exc:
@@ -257,4 +273,6 @@ class Dispatcher:
         for table in self.tables.values():
             self._close(table)
         self.tables.clear()
+        if self.offload is not None:
+            self.offload.close()
 

@@ -24,10 +24,12 @@ import socket
 import struct
 import sys
 import time
+from collections import deque
 
 from master import maillog
 from proxymap import version_line
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
+from proxymap.offload import Offloader
 from proxymap.protocol import GREETING, Decoder, ProtocolError
 from proxymap.tables.source import logical_lines
 
@@ -39,9 +41,12 @@ STOP_IDLE = 1.0
 
 
 class Connection:
-    """One client: its socket, request decoder, unsent reply bytes and walks."""
+    """One client: its socket, request decoder, unsent reply bytes and walks.
+    `waiting` holds, in request order, replies not yet known (an
+    offload.Pending) and the replies that came after them."""
 
-    __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied", "walks")
+    __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied",
+                 "waiting", "walks")
 
     def __init__(self, sock: socket.socket, decoder: Decoder, peer: str):
         self.sock = sock
@@ -55,6 +60,7 @@ class Connection:
         self.events = 0
         # monotonic time our last reply (or the greeting) was fully sent
         self.replied = time.monotonic()
+        self.waiting: deque = deque()
         # this client's sequence positions, per table instance
         self.walks: dict = {}
 
@@ -85,6 +91,9 @@ class Worker:
         self.on_tick = None     # called at least once a second
         self.idle_since = time.monotonic()
         self._ticked = 0.0
+        self.offload = getattr(dispatcher, "offload", None)
+        if self.offload is not None:
+            self.watch(self.offload, self._offload_done)
 
     @property
     def clients(self) -> int:
@@ -93,6 +102,8 @@ class Worker:
     def close(self) -> None:
         """Release the event loop's descriptor (a worker that never ran)."""
         self._poll.close()
+        if self.offload is not None:
+            self.offload.close()
 
     # -- plugging in -----------------------------------------------------------
 
@@ -169,6 +180,8 @@ class Worker:
             now = time.monotonic()
             if now - self._ticked >= TICK:
                 self._ticked = now
+                if self.offload is not None:
+                    self._deliver(self.offload.expire(now))
                 self._expire()
                 if self.on_tick is not None:
                     self.on_tick(self)
@@ -190,7 +203,8 @@ class Worker:
 
     def _close_idle(self, now: float) -> None:
         for conn in list(self.conns.values()):
-            if not conn.out and not conn.decoder.pending and now - conn.replied >= STOP_IDLE:
+            if not conn.out and not conn.waiting and not conn.decoder.pending \
+                    and now - conn.replied >= STOP_IDLE:
                 self._close(conn)
 
     # -- per-connection I/O ---------------------------------------------------------
@@ -216,7 +230,13 @@ class Worker:
             self._close(conn)
             return
         for attrs in lists:
-            conn.out += self.dispatcher.handle(attrs, conn.walks)
+            reply = self.dispatcher.handle(attrs, conn.walks)
+            if type(reply) is bytes and not conn.waiting:
+                conn.out += reply
+            else:  # an offloaded operation, or a reply queued behind one
+                if type(reply) is not bytes:
+                    reply.owner = conn
+                conn.waiting.append(reply)
             self.requests += 1
         # ipc_timeout counts from the first byte of an unfinished request,
         # so a client trickling one byte a second cannot keep it open
@@ -224,7 +244,7 @@ class Worker:
             conn.since = None
         elif lists or conn.since is None:
             conn.since = time.monotonic()   # a new request began in this read
-        if conn.out:
+        if conn.out or conn.waiting:
             self._flush(conn)
         if lists:
             self._changed()
@@ -240,9 +260,10 @@ class Worker:
                             else f"write: {exc.strerror}")
                 return
             del conn.out[:sent]
-        # Back-pressure: while a reply is unsent, read nothing more from this
-        # client, so one that never reads cannot make us buffer without bound.
-        want = select.EPOLLOUT if conn.out else select.EPOLLIN
+        # Back-pressure: while a reply is unsent or still being worked on,
+        # read nothing more from this client, so one that never reads cannot
+        # make us buffer without bound (hang-ups are still reported).
+        want = select.EPOLLOUT if conn.out else 0 if conn.waiting else select.EPOLLIN
         if want != conn.events:
             self._poll.modify(conn.fd, want)
             conn.events = want
@@ -255,8 +276,38 @@ class Worker:
                 conn.since = None
             elif conn.since is None:
                 conn.since = conn.replied
-            if self.stopping and not conn.decoder.pending:
+            if self.stopping and not conn.decoder.pending and not conn.waiting:
                 self._close(conn)
+
+    # -- replies of offloaded operations ------------------------------------------
+
+    def _offload_done(self, offload) -> None:
+        self._deliver(offload.drain())
+
+    def _deliver(self, answered) -> None:
+        """Move the replies now known to their connections, in order."""
+        touched = []
+        for pending in answered:
+            conn = pending.owner
+            if conn is None or self.conns.get(conn.fd) is not conn:
+                continue   # the client went away meanwhile
+            moved = False
+            while conn.waiting:
+                head = conn.waiting[0]
+                if type(head) is not bytes:
+                    if head.reply is None:
+                        break
+                    head = head.reply
+                conn.out += head
+                conn.waiting.popleft()
+                moved = True
+            if moved:
+                touched.append(conn)
+        for conn in touched:
+            if self.conns.get(conn.fd) is conn:
+                self._flush(conn)
+        if touched:
+            self._changed()
 
     def _expire(self) -> None:
         """Close connections that kept a request or a reply unfinished for
@@ -316,8 +367,11 @@ def make_dispatcher(config, service: str) -> Dispatcher:
         if role == READ_SERVICE:
             for name in config.get_list("smtpd_restriction_classes"):
                 allowed |= proxy_allow_set(config.get(name), file_lines)
+    offload = Offloader(lane_size=config.get_int("proxymap_backend_threads"),
+                        lane_queue=config.get_int("proxymap_backend_queue"),
+                        timeout=config.get_time("proxymap_backend_timeout"))
     return Dispatcher(role, allowed, ParamView(config),
-                      smtputf8=config.get_bool("smtputf8_enable"))
+                      smtputf8=config.get_bool("smtputf8_enable"), offload=offload)
 
 
 def file_lines(path: str) -> list[str]:

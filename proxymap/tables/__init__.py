@@ -4,11 +4,14 @@
 name, imports the module that implements the type and returns an open Table.
 It mirrors Postfix's dict_open(): unknown types and open failures raise
 TableOpenError, which the dispatcher turns into a surrogate (RETRY).
+Types not built in are looked up among the installed plugins: entry points
+in the group `pyproxymap.tables` (see tables/backend.py).
 """
 
 from __future__ import annotations
 
 import importlib
+from importlib import metadata
 
 from proxymap.tables.base import Table, TableError, TableOpenError, Unsupported
 
@@ -29,7 +32,11 @@ TABLE_TYPES = {
     "pcre": "proxymap.tables.pcre:PcreTable",
     "unionmap": "proxymap.tables.composite:UnionTable",
     "pipemap": "proxymap.tables.composite:PipeTable",
+    "sqlite": "proxymap.tables.sqlite:SqliteTable",
 }
+
+#: entry-point group of plugin table types (base class: tables/backend.py)
+PLUGIN_GROUP = "pyproxymap.tables"
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -48,8 +55,25 @@ def strip_proxy(table: str) -> str:
     return table
 
 
+_plugins: dict[str, str] | None = None
+
+
+def plugin_types() -> dict[str, str]:
+    """Installed plugin table types: type name -> "module:class"; a plugin
+    never shadows a built-in type. Read once per process (the master reads
+    it before workers drop privileges, so they inherit it)."""
+    global _plugins
+    if _plugins is None:
+        found: dict[str, str] = {}
+        for ep in metadata.entry_points(group=PLUGIN_GROUP):
+            if ep.name not in TABLE_TYPES:
+                found.setdefault(ep.name, ep.value)
+        _plugins = found
+    return _plugins
+
+
 def table_class(type_name: str) -> type[Table]:
-    target = TABLE_TYPES.get(type_name)
+    target = TABLE_TYPES.get(type_name) or plugin_types().get(type_name)
     if target is None:
         raise TableOpenError(f"unsupported dictionary type: {type_name}")
     module_name, _, class_name = target.partition(":")
@@ -57,7 +81,10 @@ def table_class(type_name: str) -> type[Table]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise TableOpenError(f"dictionary type {type_name} is not available: {exc}") from None
-    return getattr(module, class_name)
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Table)):
+        raise TableOpenError(f"dictionary type {type_name}: {target} is not a Table class")
+    return cls
 
 
 def open_table(spec: str, flags: int, writable: bool, params) -> Table:
@@ -71,5 +98,5 @@ def open_table(spec: str, flags: int, writable: bool, params) -> Table:
     return cls(type_name, name, flags, writable, params)
 
 
-__all__ = ["Table", "TableError", "TableOpenError", "Unsupported", "TABLE_TYPES",
-           "open_table", "split_spec", "strip_proxy", "table_class"]
+__all__ = ["Table", "TableError", "TableOpenError", "Unsupported", "TABLE_TYPES", "PLUGIN_GROUP",
+           "open_table", "plugin_types", "split_spec", "strip_proxy", "table_class"]

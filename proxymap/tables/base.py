@@ -52,6 +52,9 @@ class Table:
     #: opened with and its flags word right after the open
     regkey = None
     open_flags = fresh_flags = 0
+    #: operations may wait on something outside this process (a server, a
+    #: socket): the dispatcher runs them in a lane of threads (offload.py)
+    blocking = False
 
     def __init__(self, type_name: str, name: str, flags: int, writable: bool, params):
         self.type_name = type_name

@@ -1,0 +1,68 @@
+"""The base class of tables served by another process, and of plugins.
+
+Postfix's network tables (pgsql, mysql, ldap, sqlite, memcache, socketmap,
+tcp) are DICT objects whose lookup waits for a server. `BackendTable` is
+ours: its operations run in a lane of threads (proxymap/offload.py) while
+the event loop goes on serving other clients, so it must be safe to call
+from several threads at once, and opening it must not wait for the server
+(connect lazily, in the first operation).
+
+It is also the documented base class for table types written in Python and
+installed as plugins: a distribution declares an entry point in the group
+`pyproxymap.tables` whose name is the table type and whose value is the
+class (`mytype = mypackage.module:MyTable`); then `proxy:mytype:NAME`
+works for every Postfix client once it is listed in proxy_read_maps.
+
+Contract (see docs/tables.md, "Table types in Python"):
+- `__init__(type_name, name, flags, writable, params)`: parse NAME (a file,
+  usually); raise TableOpenError(reason) when the table cannot be used.
+- `lookup(key) -> bytes | None`, `update(key, value) -> bool`,
+  `delete(key) -> bool`, `sequence(first) -> (key, value) | None`; keys and
+  values are bytes without NUL; `self.flags` is the flags word of the
+  request being served (thread-local), `self.fold(key)` applies FOLD_FIX.
+- Raise TableError(reason) for a temporary failure (answered RETRY with a
+  log line); any other exception is logged and answered RETRY as well, and
+  never takes the worker down.
+- Optional class attributes: `lane_size` (threads, i.e. concurrent
+  operations; default proxymap_backend_threads), `timeout` (seconds before
+  a request is answered RETRY; default proxymap_backend_timeout),
+  `impl_flags` (FIXED or PATTERN).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from proxymap.offload import RequestFlags
+from proxymap.tables.base import Table
+
+
+class BackendTable(Table):
+    """A table whose operations may block; see the module docstring."""
+
+    blocking = True
+    lane_size = 0
+    timeout = 0.0
+
+    def __init__(self, type_name: str, name: str, flags: int, writable: bool, params):
+        self._request = RequestFlags()
+        super().__init__(type_name, name, flags, writable, params)
+
+    # The dispatcher sets `flags` in the loop thread for each request; a lane
+    # thread sees the flags of the request it serves, whatever came since.
+    @property
+    def flags(self) -> int:
+        value = self._request.value
+        return self._flags if value is None else value
+
+    @flags.setter
+    def flags(self, value: int) -> None:
+        self._flags = value
+
+    @contextmanager
+    def serving(self, flags: int):
+        self._request.value = flags
+        try:
+            yield
+        finally:
+            self._request.value = None
