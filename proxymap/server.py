@@ -32,6 +32,7 @@ from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
 from proxymap.offload import Offloader
 from proxymap.protocol import GREETING, Decoder, ProtocolError, is_bad_reply
 from proxymap.tables import filelock
+from proxymap.tables.source import logical_lines
 
 READ_CHUNK = 65536
 #: seconds between checks for expired connections (and on_tick calls)
@@ -50,12 +51,12 @@ BAD_LOGGED = 3
 
 
 class Connection:
-    """One client: its socket, request decoder and unsent reply bytes.
+    """One client: its socket, request decoder, unsent reply bytes and walks.
     `waiting` holds, in request order, replies not yet known (an
     offload.Pending) and the replies that came after them."""
 
     __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied",
-                 "queue", "bad", "wait_until", "answered_at", "waiting", "held")
+                 "queue", "bad", "wait_until", "answered_at", "waiting", "held", "walks")
 
     def __init__(self, sock: socket.socket, decoder: Decoder, peer: str):
         self.sock = sock
@@ -81,6 +82,8 @@ class Connection:
         self.waiting: deque = deque()
         # bytes of the encoded replies in `waiting` (behind a Pending)
         self.held = 0
+        # this client's sequence positions, per table instance
+        self.walks: dict = {}
 
     def idle(self) -> bool:
         """Nothing owed either way: no request bytes, no unsent reply."""
@@ -311,7 +314,7 @@ class Worker:
                         and len(waiting) < max_pipeline:
                     dispatcher.log_bad = conn.bad < BAD_LOGGED
                     may_wait = conn.wait_until is None or time.monotonic() < conn.wait_until
-                    reply = dispatcher.handle(queue[0], may_wait, conn)
+                    reply = dispatcher.handle(queue[0], conn.walks, may_wait, conn)
                     if reply is None:        # a table lock is busy: later
                         if conn.wait_until is None:
                             conn.wait_until = time.monotonic() + filelock.LOCK_WAIT_LIMIT
@@ -480,12 +483,31 @@ def make_dispatcher(config, service: str) -> Dispatcher:
     role = WRITE_SERVICE if service == config.get("proxywrite_service_name") or \
         service == WRITE_SERVICE else READ_SERVICE
     param = "proxy_write_maps" if role == WRITE_SERVICE else "proxy_read_maps"
-    allowed = proxy_allow_set(config.get(param))
+    if config.postfix_release() < (3, 11):
+        allowed = proxy_allow_set(config.get(param))
+    else:
+        # 3.11+ also authorises tables named inside /file/name values and,
+        # for the read service, in the restriction classes
+        allowed = proxy_allow_set(config.get(param), file_lines)
+        if role == READ_SERVICE:
+            for name in config.get_list("smtpd_restriction_classes"):
+                allowed |= proxy_allow_set(config.get(name), file_lines)
     offload = Offloader(lane_size=config.get_int("proxymap_backend_threads"),
                         lane_queue=config.get_int("proxymap_backend_queue"),
                         timeout=config.get_time("proxymap_backend_timeout"))
     return Dispatcher(role, allowed, ParamView(config),
                       smtputf8=config.get_bool("smtputf8_enable"), offload=offload)
+
+
+def file_lines(path: str) -> list[str]:
+    """The logical lines of a /file/name an allow-list refers to; a file
+    that cannot be read is logged and authorises nothing, as in Postfix."""
+    try:
+        with open(path, "rb") as f:
+            return [line.decode("utf-8", "surrogateescape") for _, line in logical_lines(f)]
+    except OSError as exc:
+        maillog.warning(f"open {path}: {exc.strerror}")
+        return []
 
 
 def make_worker(config, service: str) -> Worker:
