@@ -33,6 +33,8 @@ TABLE_TYPES = {
     "unionmap": "proxymap.tables.composite:UnionTable",
     "pipemap": "proxymap.tables.composite:PipeTable",
     "sqlite": "proxymap.tables.sqlite:SqliteTable",
+    "pgsql": "proxymap.tables.pgsql:PgsqlTable",
+    "mysql": "proxymap.tables.mysql:MysqlTable",
 }
 
 #: entry-point group of plugin table types (base class: tables/backend.py)

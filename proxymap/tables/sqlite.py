@@ -90,7 +90,7 @@ class SqliteTable(BackendTable):
 
     def lookup(self, key: bytes) -> bytes | None:
         name = lookup_key(key, self.flags)
-        if name is None or not self.templates.domain_allows(name):
+        if not self.templates.domain_allows(name):
             return None
         query = self.templates.expand_query(name, quote)
         if query is None:
