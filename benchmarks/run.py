@@ -123,7 +123,7 @@ def setup(base: str, sizes: tuple, ours_mode: str, servers: list,
         f.write(f"compatibility_level = 3.6\nqueue_directory = {base}/build-queue\n"
                 f"data_directory = {base}/build-data\nmail_owner = postfix\n")
     ts = tables.build(os.path.join(base, "tables"), *sizes, config_dir=build_etc)
-    read_maps = [ts.hash, ts.btree, ts.cidr, ts.regexp]
+    read_maps = [ts.hash, ts.btree, ts.cidr, ts.regexp, ts.pcre]
     for name in ("c", "ours"):
         wdir = os.path.join(base, f"wtables-{name}")
         write_tables = {t: tables.copy_btree(ts, wdir, t) for t in ("write", "verify")}

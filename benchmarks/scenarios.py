@@ -26,7 +26,7 @@ class Scenario:
     group: str           # rows with the same group are plotted against conns
     client: str          # "postmap" or a loadgen workload kind
     service: str         # proxymap or proxywrite
-    table: str           # hash, btree, cidr, regexp, write, verify
+    table: str           # hash, btree, cidr, regexp, pcre, write, verify
     conns: int
 
 
@@ -38,7 +38,7 @@ def plan(quick: bool) -> list[Scenario]:
     else:
         lookup_conns, postmap_procs, churn, writers, verify = \
             [1, 4, 16, 64], [1, 4, 16], [1, 16], [1, 4], [1, 4]
-        other_tables, other_conns = ["btree", "cidr", "regexp"], 16
+        other_tables, other_conns = ["btree", "cidr", "regexp", "pcre"], 16
     out = [Scenario(f"postmap -q - hash p{p}", "postmap", "postmap", "proxymap", "hash", p)
            for p in postmap_procs]
     out += [Scenario(f"lookup hash c{c}", "lookup hash", "lookup", "proxymap", "hash", c)

@@ -39,6 +39,12 @@ def regexp_rule(n: int) -> tuple[str, str]:
     return rf"/^user[0-9]{{4}}{n % 100:02d}@example{n // 100 + 7}\.org$/", f"OK regexp{n}"
 
 
+def pcre_rule(n: int) -> tuple[str, str]:
+    """Rule n of the pcre table: the regexp rule in PCRE syntax, with a
+    capture in the result."""
+    return rf"/^(user\d{{4}}){n % 100:02d}@example{n // 100 + 7}\.org$/", f"OK pcre{n} $1"
+
+
 @dataclass
 class TableSet:
     """Where the tables are and what keys to ask for."""
@@ -51,6 +57,7 @@ class TableSet:
     btree: str = ""
     cidr: str = ""
     regexp: str = ""
+    pcre: str = ""
     specs: dict = field(default_factory=dict)
 
     def lookup_keys(self, kind: str, count: int, seed: int = 1, miss: float = 0.1) -> list[bytes]:
@@ -69,7 +76,7 @@ class TableSet:
                     keys.append(f"{net}.{rng.randrange(1, 255)}".encode())
                 else:
                     keys.append(f"192.0.2.{rng.randrange(1, 255)}".encode())
-            elif kind == "regexp":
+            elif kind in ("regexp", "pcre"):
                 if hit:
                     n = rng.randrange(self.regexp_rules)
                     keys.append(f"user{rng.randrange(10 ** 4):04d}{n % 100:02d}"
@@ -105,7 +112,12 @@ def build(root: str, entries: int, cidr_rules: int, regexp_rules: int,
     with open(regexp, "w") as f:
         f.writelines("%s %s\n" % regexp_rule(n) for n in range(regexp_rules))
     ts.regexp = f"regexp:{regexp}"
-    ts.specs = {"hash": ts.hash, "btree": ts.btree, "cidr": ts.cidr, "regexp": ts.regexp}
+    pcre = os.path.join(root, "senders.pcre")
+    with open(pcre, "w") as f:
+        f.writelines("%s %s\n" % pcre_rule(n) for n in range(regexp_rules))
+    ts.pcre = f"pcre:{pcre}"
+    ts.specs = {"hash": ts.hash, "btree": ts.btree, "cidr": ts.cidr, "regexp": ts.regexp,
+                "pcre": ts.pcre}
     chown_tree(root, owner)
     return ts
 

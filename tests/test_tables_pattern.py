@@ -4,7 +4,6 @@ postmap(1) for the same rule files, plus direct tests of the translators."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 
@@ -393,7 +392,12 @@ def test_literal_shortcut_never_changes_an_answer(kind):
             continue
         flags = rng.choice([b"", b"i"])
         negate = rng.random() < 0.3
-        line = (b"!" if negate else b"") + b"/" + pattern + b"/" + flags + b" hit\n"
+        line = (b"!" if negate else b"") + b"/" + pattern + b"/" + flags
+        if kind == "regexp" and rng.random() < 0.3:     # /re1/!/re2/
+            second = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 4)))
+            if b"/" not in second:
+                line += b"!" * rng.randint(1, 2) + b"/" + second + b"/"
+        line += b" hit\n"
         engine = regexp_mod if kind == "regexp" else pcre_mod
         program = engine.compile_regexp(line) if kind == "regexp" else engine.compile_pcre(line)
         if not program.rules:
@@ -448,3 +452,17 @@ def test_indexed_cidr_lookup_agrees_with_the_rule_by_rule_scan():
     assert not isinstance(compile_cidr(b"!10.0.0.0/8 x\n"), IndexedCidrProgram)
     assert not isinstance(compile_cidr(b"IF 10.0.0.0/8\n10.1.0.0/16 x\nENDIF\n"),
                           IndexedCidrProgram)
+
+
+def test_a_match_error_is_logged_and_the_rule_does_not_apply():
+    """dict_pcre: a pcre2_match() error (here a (*UTF) pattern meeting a
+    key that is not UTF-8) logs PCRE2's message and counts as "no", even
+    for a negated pattern; the next rule still gets its turn."""
+    warnings = []
+    program = compile_pcre(b"/(*UTF)^.$/ one\n!/(*UTF)x/ negated\n/./ next\n", "/u.pcre", 0,
+                           warnings.append)
+    assert program.lookup("é".encode()) == b"one"
+    assert not warnings
+    assert program.lookup(b"\xff") == b"next"
+    assert warnings == ["pcre map /u.pcre, line 1: UTF-8 error: illegal byte (0xfe or 0xff)",
+                        "pcre map /u.pcre, line 2: UTF-8 error: illegal byte (0xfe or 0xff)"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from proxymap.tables.patterns import (ENDIF, IfRule, PatternFileTable, Program, Rule, RuleError,
+from proxymap.tables.patterns import (ENDIF, PatternFileTable, Program, Rule, RuleError,
                                       SPACE, compile_rules, keyword, negations, skip_space, text)
 
 
@@ -123,7 +123,7 @@ def _parse_line(line: bytes, number: int, nesting: int):
         if i >= len(rest):
             raise RuleError("no address pattern")
         pattern = parse_cidr_pattern(text(rest[i:].rstrip(SPACE)), match)
-        return IfRule(pattern.test)
+        return Rule(number, pattern.test, None)
     rest = keyword(line, b"ENDIF")
     if rest is not None:
         if skip_space(rest) < len(rest):

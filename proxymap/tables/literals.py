@@ -25,35 +25,17 @@ _INTERVAL_POSIX = re.compile(rb"\{[0-9]*(,[0-9]*)?\}")
 _INTERVAL_PCRE = re.compile(rb"\{[0-9]+(,[0-9]*)?\}")
 #: PCRE escapes of one character that match a class or an assertion
 _PCRE_ONE_CHAR_ESCAPES = frozenset(b"dDwWsSbBhHvVRAzZGKXC")
-_PCRE_OPTION_START = frozenset(b"imnsxUJ-^)")
+_PCRE_OPTION_SETTING = re.compile(rb"\(\?[imnsxUJ^-]*\)")
 
 
 class _NoShortcut(Exception):
     pass
 
 
-def _skip_posix_bracket(p: bytes, i: int) -> int:
-    """Index after a POSIX bracket expression whose `[` is at p[i-1]."""
-    n = len(p)
-    if i < n and p[i] == 0x5E:
-        i += 1
-    if i < n and p[i] == 0x5D:
-        i += 1
-    while i < n:
-        if p[i] == 0x5D:
-            return i + 1
-        if p[i] == 0x5B and i + 1 < n and p[i + 1] in b":.=":
-            end = p.find(bytes([p[i + 1], 0x5D]), i + 2)
-            if end < 0:
-                raise _NoShortcut
-            i = end + 2
-            continue
-        i += 1
-    raise _NoShortcut
-
-
-def _skip_pcre_class(p: bytes, i: int) -> int:
-    """Index after a PCRE character class whose `[` is at p[i-1]."""
+def _skip_class(p: bytes, i: int, backslash_escapes: bool) -> int:
+    """Index after a bracket expression whose `[` is at p[i-1]: `]` first
+    is a member, `[:name:]`, `[.x.]`, `[=x=]` are single items, and in
+    PCRE (not POSIX) a backslash escapes the next byte."""
     n = len(p)
     if i < n and p[i] == 0x5E:
         i += 1
@@ -61,7 +43,7 @@ def _skip_pcre_class(p: bytes, i: int) -> int:
         i += 1
     while i < n:
         c = p[i]
-        if c == 0x5C:
+        if c == 0x5C and backslash_escapes:
             i += 2
             continue
         if c == 0x5D:
@@ -71,30 +53,42 @@ def _skip_pcre_class(p: bytes, i: int) -> int:
             if end >= 0:
                 i = end + 2
                 continue
+            if not backslash_escapes:
+                raise _NoShortcut
         i += 1
     raise _NoShortcut
-
-
-def _longest(runs: list[bytes]) -> bytes | None:
-    best = max(runs, key=len) if runs else b""
-    return best or None
 
 
 def posix_literal(p: bytes) -> bytes | None:
     """The longest run of literal bytes every match of the POSIX extended
     RE `p` contains, or None."""
+    return _scan(p, pcre=False)
+
+
+def pcre_literal(p: bytes) -> bytes | None:
+    """The same for a PCRE2 pattern compiled without PCRE2_EXTENDED."""
+    if b"(*" in p or b"\\Q" in p or b"(?#" in p:
+        return None
+    return _scan(p, pcre=True)
+
+
+def _scan(p: bytes, pcre: bool) -> bytes | None:
     runs: list[bytes] = []
     run = bytearray()
     i, n, depth = 0, len(p), 0
+
+    def end_run():
+        runs.append(bytes(run))
+        run.clear()
     try:
         while i < n:
             c = p[i]
-            if depth:
+            if depth:                       # inside a group: only find its end
                 if c == 0x5C:
                     i += 2
                     continue
                 if c == 0x5B:
-                    i = _skip_posix_bracket(p, i + 1)
+                    i = _skip_class(p, i + 1, pcre)
                     continue
                 depth += (c == 0x28) - (c == 0x29)
                 i += 1
@@ -103,35 +97,42 @@ def posix_literal(p: bytes) -> bytes | None:
                 if i + 1 >= n:
                     return None
                 e = p[i + 1]
-                if e in ALNUM or e >= 0x80 or e in b"<>`'":  # GNU operators, back-references
-                    runs.append(bytes(run))
-                    run.clear()
+                if pcre and e in _PCRE_ONE_CHAR_ESCAPES:
+                    end_run()
+                elif pcre and (e in ALNUM or e >= 0x80):
+                    return None             # escapes with arguments, code points, ...
+                elif not pcre and (e in ALNUM or e >= 0x80 or e in b"<>`'"):
+                    end_run()               # GNU operators, back-references
                 else:
                     run.append(e)
                 i += 2
                 continue
             if c in b"*+?{":
                 if c == 0x7B:
-                    m = _INTERVAL_POSIX.match(p, i)
+                    m = (_INTERVAL_PCRE if pcre else _INTERVAL_POSIX).match(p, i)
                     if m is None:
-                        return None
+                        if not pcre:
+                            return None
+                        end_run()           # PCRE: a literal brace
+                        i += 1
+                        continue
                     i = m.end()
                 else:
                     i += 1
                 if run:
-                    run.pop()
-                runs.append(bytes(run))
-                run.clear()
+                    run.pop()               # the quantified byte is optional
+                end_run()
                 continue
             if c in b"|)":
                 return None
             if c in b"[(.^$":
-                runs.append(bytes(run))
-                run.clear()
+                end_run()
                 if c == 0x5B:
-                    i = _skip_posix_bracket(p, i + 1)
+                    i = _skip_class(p, i + 1, pcre)
                     continue
                 if c == 0x28:
+                    if pcre and _PCRE_OPTION_SETTING.match(p, i):
+                        return None         # changes the options of what follows
                     depth = 1
             else:
                 run.append(c)
@@ -140,109 +141,6 @@ def posix_literal(p: bytes) -> bytes | None:
         return None
     if depth:
         return None
-    runs.append(bytes(run))
-    return _longest(runs)
-
-
-def pcre_literal(p: bytes) -> bytes | None:
-    """The same for a PCRE2 pattern compiled without PCRE2_EXTENDED."""
-    if b"(*" in p or b"\\Q" in p or b"(?#" in p:
-        return None
-    runs: list[bytes] = []
-    run = bytearray()
-    i, n, depth = 0, len(p), 0
-    try:
-        while i < n:
-            c = p[i]
-            if depth:
-                if c == 0x5C:
-                    i += 2
-                    continue
-                if c == 0x5B:
-                    i = _skip_pcre_class(p, i + 1)
-                    continue
-                depth += (c == 0x28) - (c == 0x29)
-                i += 1
-                continue
-            if c == 0x5C:
-                if i + 1 >= n:
-                    return None
-                e = p[i + 1]
-                if e in _PCRE_ONE_CHAR_ESCAPES:
-                    runs.append(bytes(run))
-                    run.clear()
-                elif e in ALNUM or e >= 0x80:
-                    return None
-                else:
-                    run.append(e)
-                i += 2
-                continue
-            if c in b"*+?":
-                i += 1
-            elif c == 0x7B:
-                m = _INTERVAL_PCRE.match(p, i)
-                if m is None:         # a literal brace: end the run there
-                    runs.append(bytes(run))
-                    run.clear()
-                    i += 1
-                    continue
-                i = m.end()
-            elif c in b"|)":
-                return None
-            elif c in b"[(.^$":
-                runs.append(bytes(run))
-                run.clear()
-                if c == 0x5B:
-                    i = _skip_pcre_class(p, i + 1)
-                    continue
-                if c == 0x28:
-                    if p[i + 1:i + 2] == b"?" and i + 2 < n and p[i + 2] in _PCRE_OPTION_START:
-                        if re.match(rb"\(\?[imnsxUJ^-]*\)", p[i:]):
-                            return None   # an option setting for the rest
-                    depth = 1
-                i += 1
-                continue
-            else:
-                run.append(c)
-                i += 1
-                continue
-            # a quantifier
-            if run:
-                run.pop()
-            runs.append(bytes(run))
-            run.clear()
-    except _NoShortcut:
-        return None
-    if depth:
-        return None
-    runs.append(bytes(run))
-    return _longest(runs)
-
-
-# The key of the last lookup, lower-cased once for all the rules it meets.
-_last: list = [None, b""]
-
-
-def guarded(find, literal: bytes, caseless: bool, match: bool):
-    """`find` behind the literal test: a key without the literal gets the
-    engine's "no match" (True for a negated pattern) without a call."""
-    miss = not match
-    if not caseless:
-        def test(key: bytes):
-            if literal not in key:
-                return miss
-            return find(key)
-        return test
-    literal = literal.lower()
-    last = _last
-
-    def test_caseless(key: bytes):
-        if key is last[0]:
-            folded = last[1]
-        else:
-            folded = key.lower()
-            last[0], last[1] = key, folded
-        if literal not in folded:
-            return miss
-        return find(key)
-    return test_caseless
+    end_run()
+    best = max(runs, key=len)
+    return best or None

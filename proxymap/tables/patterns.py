@@ -13,6 +13,9 @@ first rule that matches. This module is that common part, in one place:
 * `parse_template`: the `$n ${n} $(n) $$` result text, checked the way
   Postfix's mac_parse() and its pre-scan callbacks check it, with their
   warnings;
+* `parse_regex_line`: the rule line of regexp: and pcre: (Postfix's two
+  parsers are the same but for what a `RegexDialect` supplies: pattern
+  flags, the engine, `/re1/!/re2/`, a word in one warning);
 * `PatternFileTable`: the Table subclass that loads a rule file.
 
 The regular expressions themselves are compiled and run by the engines
@@ -51,11 +54,18 @@ def text(data: bytes) -> str:
 class Rule:
     """One rule. `test(key)` says whether the rule applies; `result(key)`,
     called right after a true test, builds the value. An IF rule has
-    result None and `skip` = index of the first rule after its ENDIF."""
+    result None and `skip` = index of the first rule after its ENDIF.
+
+    `literal` (with `caseless`) is text every match contains: a key
+    without it is decided at once, as the engine would decide it (the rule
+    applies only when `negated`), without calling `test`."""
     line: int
     test: Callable[[bytes], object]
     result: Callable[[bytes], bytes] | None = None
     skip: int = 0
+    literal: bytes | None = None
+    caseless: bool = False
+    negated: bool = False
 
 
 @dataclass
@@ -65,11 +75,23 @@ class Program:
     def lookup(self, key: bytes) -> bytes | None:
         rules = self.rules
         i, n = 0, len(rules)
+        folded = None
         while i < n:
             rule = rules[i]
+            literal = rule.literal
+            if literal is None:
+                applies = rule.test(key)
+            else:
+                if rule.caseless:
+                    if folded is None:
+                        folded = key.lower()
+                    present = literal in folded
+                else:
+                    present = literal in key
+                applies = rule.test(key) if present else rule.negated
             if rule.result is None:  # IF
-                i = i + 1 if rule.test(key) else rule.skip
-            elif rule.test(key):
+                i = i + 1 if applies else rule.skip
+            elif applies:
                 return rule.result(key)
             else:
                 i += 1
@@ -92,8 +114,8 @@ class ProgramBuilder:
     def add(self, rule: Rule) -> None:
         self.program.rules.append(rule)
 
-    def open_if(self, line: int, test) -> None:
-        rule = Rule(line, test, None)
+    def open_if(self, rule: Rule) -> None:
+        """Add an IF rule (its result is None)."""
         self.program.rules.append(rule)
         self._open.append(rule)
 
@@ -127,18 +149,13 @@ def keyword(line: bytes, word: bytes) -> bytes | None:
 ENDIF = object()
 
 
-@dataclass
-class IfRule:
-    """What a per-line parser returns for an IF line."""
-    test: Callable[[bytes], object]
-
-
 def compile_rules(data: bytes, kind: str, name: str, parse_line, warn) -> Program:
     """Compile a rule file the way Postfix's dict_<kind>_open() does.
 
     `parse_line(line, number, nesting, say)` gets each logical line (C
-    string semantics: up to a NUL byte) and returns a `Rule`, an `IfRule`,
-    `ENDIF`, or None for a line it has already reported; it raises
+    string semantics: up to a NUL byte) and returns a `Rule` (an IF when
+    its result is None), `ENDIF`, or None for a line it has already
+    reported; it raises
     `RuleError` for a rule to skip. `say(text)` logs
     "<kind> map <name>, line <n>: text"; every message goes to warn()."""
     warn = warn or (lambda _text: None)
@@ -162,8 +179,8 @@ def compile_rules(data: bytes, kind: str, name: str, parse_line, warn) -> Progra
             continue
         if op is ENDIF:
             builder.close_if()
-        elif isinstance(op, IfRule):
-            builder.open_if(number, op.test)
+        elif op.result is None:
+            builder.open_if(op)
         else:
             builder.add(op)
     program, unclosed = builder.finish()
@@ -304,6 +321,157 @@ def parse_template(value: bytes, range_word: str, say: Say) -> Template:
         parts.append(bytes(literal))
     constant = b"".join(p for p in parts if isinstance(p, bytes)) if not max_sub else b""
     return Template(parts, max_sub, constant)
+
+
+# ---------------------------------------------------------------------------
+# Rule lines of regexp: and pcre: (dict_regexp_parseline / dict_pcre_parse_rule)
+# ---------------------------------------------------------------------------
+
+@dataclass
+class PatternSpec:
+    """`[!]<d>regex<d>flags` before compiling: the regex (backslashes kept),
+    the engine's option bits and whether the pattern is negated."""
+    regex: bytes
+    options: int
+    match: bool
+
+
+class RegexDialect:
+    """What differs between the regexp: and pcre: rule parsers of Postfix.
+    `get_pattern(line, i, say)` returns (PatternSpec, index after);
+    `compile(spec, max_sub, say)` returns (compiled, shortcut) where
+    `compiled.find(key)` runs the engine (negation applied),
+    `compiled.groups` is the pattern's group count,
+    `compiled.group(key, n)` the text of `$n` after a true find, and
+    `shortcut` is None or (literal, caseless) from literals.py."""
+
+    kind = ""
+    range_word = ""            # mac_parse pre-scan wording for $0
+    second_pattern = False     # /re1/!/re2/ (regexp only)
+
+    def get_pattern(self, line: bytes, i: int, say) -> tuple[PatternSpec, int]:
+        raise NotImplementedError
+
+    def compile(self, spec: PatternSpec, max_sub: int, say):
+        raise NotImplementedError
+
+
+def delimited(line: bytes, i: int, verb: str) -> tuple[bool, bytes, int]:
+    """The shared part of dict_regexp_get_pat() and dict_pcre_get_pattern():
+    negations, any delimiter (a backslash keeps the next byte and stays in
+    the pattern). Returns (match, regex, index after the closing delimiter)."""
+    match, i = negations(line, i)
+    n = len(line)
+    if i >= n:
+        raise RuleError("no regexp: skipping this rule")
+    delim = line[i]
+    start = j = i + 1
+    while j < n:
+        if line[j] == 0x5C:
+            j += 1
+            if j >= n:
+                break
+        elif line[j] == delim:
+            break
+        j += 1
+    if j >= n:
+        raise RuleError(f'no closing regexp delimiter "{chr(delim)}": {verb} this rule')
+    return match, line[start:j], j + 1
+
+
+def parse_regex_line(dialect: RegexDialect, line: bytes, number: int, nesting: int,
+                     say, flags: int):
+    """A regexp:/pcre: line, checked in Postfix's order: patterns and flags,
+    result text, `$n` pre-scan, negation and NO_REGSUB, compilation, group
+    count; then IF, ENDIF, anything else."""
+    if line[0] not in ALNUM:
+        first, i = dialect.get_pattern(line, 0, say)
+        second = None
+        if dialect.second_pattern and i < len(line) and line[i] == 0x21:
+            second, i = dialect.get_pattern(line, i, say)
+        value = line[skip_space(line, i):]
+        if not value:
+            say("no replacement text: using empty string")
+        template = parse_template(value, dialect.range_word, say)
+        if template.max_sub and not first.match:
+            raise RuleError("$number found in negative match replacement text: skipping this rule")
+        if template.max_sub and flags & F.NO_REGSUB:
+            raise RuleError("regular expression substitution is not allowed: skipping this rule")
+        compiled, shortcut = dialect.compile(first, template.max_sub, say)
+        if template.max_sub > compiled.groups:
+            raise RuleError(f'out of range replacement index "{c_int(template.max_sub)}": '
+                            "skipping this rule")
+        result = template_result(template, compiled.group)
+        if second is None:
+            return shortcut_rule(number, compiled, shortcut, result)
+        one = guarded(compiled, shortcut)
+        two = guarded(*dialect.compile(second, 0, say))
+
+        def test(key: bytes) -> bool:
+            return one(key) and two(key)
+        return Rule(number, test, result)
+    rest = keyword(line, b"IF")
+    if rest is not None:
+        spec, i = dialect.get_pattern(line, skip_space(line, 2), say)
+        i = skip_space(line, i)
+        if i < len(line):
+            say(f'ignoring extra text after IF statement: "{text(line[i:])}"')
+            say("do not prepend whitespace to statements between IF and ENDIF")
+        return shortcut_rule(number, *dialect.compile(spec, 0, say), None)
+    rest = keyword(line, b"ENDIF")
+    if rest is not None:
+        if nesting == 0:
+            say("ignoring ENDIF without matching IF")
+            return None
+        if skip_space(rest) < len(rest):
+            say("ignoring extra text after ENDIF")
+        return ENDIF
+    say("ignoring unrecognized request")
+    return None
+
+
+def shortcut_rule(number: int, compiled, shortcut, result) -> Rule:
+    """A rule of one pattern, with its necessary literal when it has one."""
+    rule = Rule(number, compiled.find, result, negated=not compiled.match)
+    if shortcut is not None:
+        rule.literal, rule.caseless = shortcut
+        if rule.caseless:
+            rule.literal = rule.literal.lower()
+    return rule
+
+
+def guarded(compiled, shortcut):
+    """compiled.find behind its literal (for rules of two patterns)."""
+    find = compiled.find
+    if shortcut is None:
+        return find
+    literal, caseless = shortcut
+    miss = not compiled.match
+    if caseless:
+        literal = literal.lower()
+        return lambda key: find(key) if literal in key.lower() else miss
+    return lambda key: find(key) if literal in key else miss
+
+
+def template_result(template: Template, group) -> Callable[[bytes], bytes]:
+    """The function that builds a rule's value after its test was true;
+    `group(key, n)` gives the text of `$n` (empty when unmatched)."""
+    if not template.max_sub:
+        constant = template.literal
+        return lambda _key: constant
+    parts = [(p, isinstance(p, int)) for p in template.parts]
+
+    def result(key: bytes) -> bytes:
+        return b"".join(group(key, p) if is_group else p for p, is_group in parts)
+    return result
+
+
+def compile_regex_rules(dialect: RegexDialect, data: bytes, name: str, flags: int,
+                        warn) -> Program:
+    """Compile a regexp:/pcre: rule file with the dialect's parser."""
+    return compile_rules(data, dialect.kind, name,
+                         lambda line, number, nesting, say:
+                         parse_regex_line(dialect, line, number, nesting, say, flags), warn)
 
 
 # ---------------------------------------------------------------------------

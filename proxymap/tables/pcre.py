@@ -14,11 +14,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-from proxymap import dictflags as F
 from proxymap.tables import literals
-from proxymap.tables.patterns import (ALNUM, ENDIF, IfRule, PatternFileTable, Program, Rule,
-                                      RuleError, SPACE, c_int, compile_rules, keyword,
-                                      negations, parse_template, skip_space, text)
+from proxymap.tables.patterns import (SPACE, PatternFileTable, PatternSpec, Program,
+                                      RegexDialect, RuleError, compile_regex_rules, delimited,
+                                      text)
 
 CASELESS, MULTILINE, DOTALL, EXTENDED = 0x8, 0x400, 0x20, 0x80
 ANCHORED, DOLLAR_ENDONLY, UNGREEDY = 0x80000000, 0x10, 0x40000
@@ -85,7 +84,6 @@ class Pcre2Pattern:
         self.ovector = _ovector(self.data)
         self.match = match
         self.say = say
-        self.prefilter = None
 
     def __del__(self):
         if getattr(self, "data", None):
@@ -109,100 +107,40 @@ class Pcre2Pattern:
         return key[start:end]
 
 
-def get_pattern(line: bytes, i: int, say) -> tuple[bytes, int, bool, int]:
-    """dict_pcre_get_pattern(): (regex, options, match, index after)."""
-    match, i = negations(line, i)
-    n = len(line)
-    if i >= n:
-        raise RuleError("no regexp: skipping this rule")
-    delim = line[i]
-    start = j = i + 1
-    while j < n:
-        if line[j] == 0x5C:
-            j += 1
-            if j >= n:
-                break
-        elif line[j] == delim:
-            break
-        j += 1
-    if j >= n:
-        raise RuleError(f'no closing regexp delimiter "{chr(delim)}": ignoring this rule')
-    regex = line[start:j]
-    options = CASELESS | DOTALL
-    k = j + 1
-    while k < n and line[k] not in SPACE:
-        c = line[k]
-        if c in FLAG_OPTIONS:
-            options ^= FLAG_OPTIONS[c]
-        elif c == 0x58:
-            say(f'ignoring obsolete regexp option "{chr(c)}"')
-        else:
-            raise RuleError(f'unknown regexp option "{chr(c)}": skipping this rule')
-        k += 1
-    return regex, options, match, k
+class Pcre2Dialect(RegexDialect):
+    """dict_pcre.c's pattern syntax and calls."""
+
+    kind = "pcre"
+    range_word = "out of range"
+
+    def get_pattern(self, line: bytes, i: int, say) -> tuple[PatternSpec, int]:
+        """dict_pcre_get_pattern(): flags run to a blank."""
+        match, regex, k = delimited(line, i, "ignoring")
+        options = CASELESS | DOTALL
+        n = len(line)
+        while k < n and line[k] not in SPACE:
+            c = line[k]
+            if c in FLAG_OPTIONS:
+                options ^= FLAG_OPTIONS[c]
+            elif c == 0x58:
+                say(f'ignoring obsolete regexp option "{chr(c)}"')
+            else:
+                raise RuleError(f'unknown regexp option "{chr(c)}": skipping this rule')
+            k += 1
+        return PatternSpec(regex, options, match), k
+
+    def compile(self, spec: PatternSpec, max_sub: int, say):
+        compiled = Pcre2Pattern(spec.regex, spec.options, spec.match, say)
+        literal = None if spec.options & EXTENDED else literals.pcre_literal(spec.regex)
+        return compiled, None if literal is None else (literal, bool(spec.options & CASELESS))
 
 
-def compile_pattern(regex: bytes, options: int, match: bool, say):
-    """The compiled pattern and its test (behind the literal shortcut when
-    the pattern has one)."""
-    compiled = Pcre2Pattern(regex, options, match, say)
-    literal = None if options & EXTENDED else literals.pcre_literal(regex)
-    if literal is None:
-        return compiled, compiled.find
-    return compiled, literals.guarded(compiled.find, literal, bool(options & CASELESS), match)
-
-
-def parse_line(line: bytes, number: int, nesting: int, say, flags: int = 0):
-    """dict_pcre_parse_rule()."""
-    if line[0] not in ALNUM:
-        regex, options, match, i = get_pattern(line, 0, say)
-        i = skip_space(line, i)
-        value = line[i:]
-        if not value:
-            say("no replacement text: using empty string")
-        template = parse_template(value, "out of range", say)
-        if template.max_sub and not match:
-            raise RuleError("$number found in negative match replacement text: skipping this rule")
-        if template.max_sub and flags & F.NO_REGSUB:
-            raise RuleError("regular expression substitution is not allowed: skipping this rule")
-        compiled, test = compile_pattern(regex, options, match, say)
-        if template.max_sub > compiled.groups:
-            raise RuleError(f'out of range replacement index "{c_int(template.max_sub)}": '
-                            "skipping this rule")
-        if not template.max_sub:
-            constant = template.literal
-            return Rule(number, test, lambda _key: constant)
-        parts = [(p, isinstance(p, int)) for p in template.parts]
-        group = compiled.group
-
-        def result(key: bytes) -> bytes:
-            return b"".join(group(key, p) if is_group else p for p, is_group in parts)
-        return Rule(number, test, result)
-    rest = keyword(line, b"IF")
-    if rest is not None:
-        regex, options, match, i = get_pattern(line, skip_space(line, 2), say)
-        i = skip_space(line, i)
-        if i < len(line):
-            say(f'ignoring extra text after IF statement: "{text(line[i:])}"')
-            say("do not prepend whitespace to statements between IF and ENDIF")
-        return IfRule(compile_pattern(regex, options, match, say)[1])
-    rest = keyword(line, b"ENDIF")
-    if rest is not None:
-        if nesting == 0:
-            say("ignoring ENDIF without matching IF")
-            return None
-        if skip_space(rest) < len(rest):
-            say("ignoring extra text after ENDIF")
-        return ENDIF
-    say("ignoring unrecognized request")
-    return None
+DIALECT = Pcre2Dialect()
 
 
 def compile_pcre(data: bytes, name: str = "-", flags: int = 0, warn=None) -> Program:
     """Compile the content of a pcre: rule file; problems go to warn()."""
-    return compile_rules(data, "pcre", name,
-                         lambda line, number, nesting, say: parse_line(line, number, nesting,
-                                                                       say, flags), warn)
+    return compile_regex_rules(DIALECT, data, name, flags, warn)
 
 
 class PcreTable(PatternFileTable):

@@ -14,11 +14,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-from proxymap.tables.patterns import (ALNUM, ENDIF, IfRule, PatternFileTable, Program, Rule,
-                                      RuleError, SPACE, c_int, compile_rules, keyword,
-                                      negations, parse_template, skip_space, text)
 from proxymap.tables import literals
-from proxymap import dictflags as F
+from proxymap.tables.patterns import (SPACE, PatternFileTable, PatternSpec, Program,
+                                      RegexDialect, RuleError, compile_regex_rules, delimited,
+                                      text)
 
 REG_EXTENDED, REG_ICASE, REG_NEWLINE, REG_NOSUB = 1, 2, 4, 8
 REG_NOMATCH = 1
@@ -41,7 +40,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 _regcomp = _libc.regcomp
 _regcomp.argtypes = [ctypes.POINTER(_RegexT), ctypes.c_char_p, ctypes.c_int]
 _regexec = _libc.regexec
-_regexec.argtypes = [ctypes.POINTER(_RegexT), ctypes.c_char_p, ctypes.c_size_t,
+_regexec.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
                      ctypes.c_void_p, ctypes.c_int]
 _regerror = _libc.regerror
 _regerror.argtypes = [ctypes.c_int, ctypes.POINTER(_RegexT), ctypes.c_char_p, ctypes.c_size_t]
@@ -78,14 +77,16 @@ class PosixRegex:
         self.say = say
         self.nmatch = nsub_wanted + 1 if nsub_wanted else 0
         self.pmatch = (_RegMatch * self.nmatch)() if self.nmatch else None
-        self.prefilter = None
+        # plain addresses: the cheapest arguments for ctypes to pass
+        self._regex_at = ctypes.addressof(self.regex)
+        self._pmatch_at = ctypes.addressof(self.pmatch) if self.nmatch else None
 
     def __del__(self):
         if getattr(self, "_compiled", False):
             _regfree(ctypes.byref(self.regex))
 
     def find(self, key: bytes) -> bool:
-        error = _regexec(self.regex, key, self.nmatch, self.pmatch, 0)
+        error = _regexec(self._regex_at, key, self.nmatch, self._pmatch_at, 0)
         if error == REG_NOMATCH:
             return not self.match
         if error == 0:
@@ -106,134 +107,40 @@ def regerror(error: int, regex: _RegexT) -> str:
     return text(buf.value)
 
 
-class _Pattern:
-    """`[!]<d>regex<d>flags` before compiling (DICT_REGEXP_PATTERN)."""
+class PosixDialect(RegexDialect):
+    """dict_regexp.c's pattern syntax and calls."""
 
-    def __init__(self, regex: bytes, options: int, match: bool):
-        self.regex, self.options, self.match = regex, options, match
+    kind = "regexp"
+    range_word = "out-of-range"
+    second_pattern = True
 
+    def get_pattern(self, line: bytes, i: int, say) -> tuple[PatternSpec, int]:
+        """dict_regexp_get_pat(): flags run to a blank or `!`."""
+        match, regex, k = delimited(line, i, "skipping")
+        options = REG_EXTENDED | REG_ICASE
+        n = len(line)
+        while k < n and line[k] not in SPACE and line[k] != 0x21:
+            bit = FLAG_OPTIONS.get(line[k])
+            if bit is None:
+                raise RuleError(f'unknown regexp option "{chr(line[k])}": skipping this rule')
+            options ^= bit
+            k += 1
+        return PatternSpec(regex, options, match), k
 
-def get_pattern(line: bytes, i: int) -> tuple[_Pattern, int]:
-    """dict_regexp_get_pat(): negations, any delimiter (a backslash keeps
-    the next byte, and stays in the pattern), flags up to a blank or `!`."""
-    match, i = negations(line, i)
-    n = len(line)
-    if i >= n:
-        raise RuleError("no regexp: skipping this rule")
-    delim = line[i]
-    start = j = i + 1
-    while j < n:
-        if line[j] == 0x5C:
-            if j + 1 < n:
-                j += 1
-            else:
-                break
-        elif line[j] == delim:
-            break
-        j += 1
-    if j >= n:
-        raise RuleError(f'no closing regexp delimiter "{chr(delim)}": skipping this rule')
-    regex = line[start:j]
-    options = REG_EXTENDED | REG_ICASE
-    k = j + 1
-    while k < n and line[k] not in SPACE and line[k] != 0x21:
-        c = line[k]
-        if c == 0x69:
-            options ^= REG_ICASE
-        elif c == 0x6D:
-            options ^= REG_NEWLINE
-        elif c == 0x78:
-            options ^= REG_EXTENDED
-        else:
-            raise RuleError(f'unknown regexp option "{chr(c)}": skipping this rule')
-        k += 1
-    return _Pattern(regex, options, match), k
+    def compile(self, spec: PatternSpec, max_sub: int, say):
+        compiled = PosixRegex(spec.regex, spec.options | (0 if max_sub else REG_NOSUB),
+                              spec.match, max_sub, say)
+        literal = literals.posix_literal(spec.regex) if spec.options & REG_EXTENDED else None
+        return compiled, None if literal is None else (literal, bool(spec.options & REG_ICASE))
 
 
-def compile_pattern(pat: _Pattern, max_sub: int, say) -> PosixRegex:
-    compiled = PosixRegex(pat.regex, pat.options | (0 if max_sub else REG_NOSUB),
-                          pat.match, max_sub, say)
-    if pat.options & REG_EXTENDED:
-        literal = literals.posix_literal(pat.regex)
-        if literal is not None:
-            compiled.prefilter = (literal, bool(pat.options & REG_ICASE))
-    return compiled
-
-
-def _tester(first: PosixRegex, second: PosixRegex | None):
-    """The rule's test: first pattern, then the optional second one, each
-    skipped when its necessary literal is missing from the key."""
-    tests = []
-    for compiled in (first, second):
-        if compiled is None:
-            continue
-        find, must, match = compiled.find, compiled.prefilter, compiled.match
-        if must is None:
-            tests.append(find)
-        else:
-            tests.append(literals.guarded(find, must[0], must[1], match))
-    if len(tests) == 1:
-        return tests[0]
-    one, two = tests
-    return lambda key: one(key) and two(key)
-
-
-def parse_line(line: bytes, number: int, nesting: int, say, flags: int = 0):
-    """dict_regexp_parseline()."""
-    if line[0] not in ALNUM:
-        first, i = get_pattern(line, 0)
-        second = None
-        if i < len(line) and line[i] == 0x21:
-            second, i = get_pattern(line, i)
-        i = skip_space(line, i)
-        value = line[i:]
-        if not value:
-            say("no replacement text: using empty string")
-        template = parse_template(value, "out-of-range", say)
-        if template.max_sub and not first.match:
-            raise RuleError("$number found in negative match replacement text: skipping this rule")
-        if template.max_sub and flags & F.NO_REGSUB:
-            raise RuleError("regular expression substitution is not allowed: skipping this rule")
-        one = compile_pattern(first, template.max_sub, say)
-        if template.max_sub > one.groups:
-            raise RuleError(f'out of range replacement index "{c_int(template.max_sub)}": '
-                            "skipping this rule")
-        two = compile_pattern(second, 0, say) if second is not None else None
-        test = _tester(one, two)
-        if not template.max_sub:
-            constant = template.literal
-            return Rule(number, test, lambda _key: constant)
-        parts = [(p, True) if isinstance(p, int) else (p, False) for p in template.parts]
-        group = one.group
-
-        def result(key: bytes) -> bytes:
-            return b"".join(group(key, p) if is_group else p for p, is_group in parts)
-        return Rule(number, test, result)
-    rest = keyword(line, b"IF")
-    if rest is not None:
-        pat, i = get_pattern(line, skip_space(line, 2))
-        i = skip_space(line, i)
-        if i < len(line):
-            say(f'ignoring extra text after IF statement: "{text(line[i:])}"')
-            say("do not prepend whitespace to statements between IF and ENDIF")
-        return IfRule(_tester(compile_pattern(pat, 0, say), None))
-    rest = keyword(line, b"ENDIF")
-    if rest is not None:
-        if nesting == 0:
-            say("ignoring ENDIF without matching IF")
-            return None
-        if skip_space(rest) < len(rest):
-            say("ignoring extra text after ENDIF")
-        return ENDIF
-    say("ignoring unrecognized request")
-    return None
+FLAG_OPTIONS = {ord("i"): REG_ICASE, ord("m"): REG_NEWLINE, ord("x"): REG_EXTENDED}
+DIALECT = PosixDialect()
 
 
 def compile_regexp(data: bytes, name: str = "-", flags: int = 0, warn=None) -> Program:
     """Compile the content of a regexp: rule file; problems go to warn()."""
-    return compile_rules(data, "regexp", name,
-                         lambda line, number, nesting, say: parse_line(line, number, nesting,
-                                                                       say, flags), warn)
+    return compile_regex_rules(DIALECT, data, name, flags, warn)
 
 
 class RegexpTable(PatternFileTable):
