@@ -11,24 +11,13 @@ import sqlite3
 
 import pytest
 
-from sqldata import KEYS, NUMBERS, ROWS, assert_same_answers, both
+from sqldata import KEYS, NUMBERS, ROWS, SQL_CONFIGS, assert_same_answers, both
 from worker_fixture import Instance, RawClient
 from proxymap.tables.dbcommon import Templates, expand, unquoted_expansions
 
-CONFIGS = {
-    "whole": "query = SELECT v FROM t WHERE k='%s'\n",
-    "parts": ("query = SELECT v FROM t WHERE u='%u'\n"
-              "   AND d='%d'\n"
-              "result_format = <%s> for %U at %D\n"),
-    "labels": "query = SELECT v FROM t WHERE d = '%2.%1'\nexpansion_limit = 2\n",
-    "domain": ("query = SELECT v FROM t WHERE k='%s'\n"
-               "domain = example.com, !sub.example.org, EXAMPLE.NET\n"),
-    "legacy": ("table = t\nselect_field = v\nwhere_field = k\n"
-               "additional_conditions = AND v <> 'bob2'\n"),
-    "resultparts": "query = SELECT v FROM t WHERE k='%s'\nresult_format = %u / %d / %%\n",
-    "types": "query = SELECT x FROM n WHERE k='%s'\n",
-    "first": "query = SELECT v FROM t WHERE k='%s'; SELECT 'second'\n",
-}
+CONFIGS = dict(SQL_CONFIGS,
+               resultparts="query = SELECT v FROM t WHERE k='%s'\nresult_format = %u / %d / %%\n",
+               first="query = SELECT v FROM t WHERE k='%s'; SELECT 'second'\n")
 
 
 @pytest.fixture(scope="module")
