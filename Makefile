@@ -7,6 +7,8 @@ PY      := .venv/bin/python
 TOP     := $(CURDIR)
 RUN     := $(TOP)/run
 APT_PKGS := postfix postfix-lmdb postfix-pcre postfix-cdb libdb-dev db5.3-util
+# Postfix 3.10/3.11 clients for the tests come from Debian chroots (tests/chroots/build.sh)
+APT_PKGS += debootstrap
 # tables beyond one host: Postfix's own clients to compare with, servers the tests start
 APT_PKGS += postfix-sqlite postfix-pgsql postfix-mysql postgresql mariadb-server
 

@@ -54,7 +54,11 @@ _UNUSED = re.compile(r"^\S*postconf: warning: (.*): unused parameter: ([^=\s]+)=
 
 def postconf_program(main: MainConfig) -> str | None:
     """Real postconf(1): $command_directory/postconf, else on PATH."""
-    candidate = os.path.join(main.get("command_directory"), "postconf")
+    return postconf_program_in(main.get("command_directory"))
+
+
+def postconf_program_in(command_directory: str) -> str | None:
+    candidate = os.path.join(command_directory, "postconf")
     if os.access(candidate, os.X_OK):
         return candidate
     return shutil.which("postconf")

@@ -5,7 +5,9 @@ pairs, last one wins; values are expanded lazily and recursively with
 Postfix's `$name` grammar (`${name?text}`, `${name:text}`, braced ternaries,
 relational and compatibility-level operators, a nesting limit of 100) and
 converted on request to integers, times, booleans and lists. Parameters not
-set in main.cf take the `postconf -d` default of Postfix 3.7.11 (Debian);
+set in main.cf take the `postconf -d` default of Postfix 3.7.11 (Debian), or
+where 3.11 changed them (proxy_read_maps) 3.11.7's when the site runs 3.11+
+(`proxymap_postfix_version`, by default the installed Postfix's version);
 like `postconf -x`, a `$name` of an unset parameter expands to its default.
 
 master.cf: one service per logical line with the eight classic columns and
@@ -96,6 +98,47 @@ PROXY_READ_MAPS_DEFAULT = (
     " $lmtp_header_checks $lmtp_mime_header_checks $lmtp_nested_header_checks"
     " $milter_header_checks $mime_header_checks $nested_header_checks $smtp_body_checks"
     " $smtp_header_checks $smtp_mime_header_checks $smtp_nested_header_checks")
+
+# Postfix 3.11 (postconf -d of 3.11.7, Debian sid) names 25 more parameters in
+# proxy_read_maps; here they are with their 3.11 defaults. They apply when the
+# site runs 3.11 or later (MainConfig.postfix_release).
+PROXY_READ_MAPS_ADDED_311 = """
+    smtpd_reject_filter_maps debug_peer_list smtpd_etrn_restrictions fast_flush_domains
+    authorized_flush_users lmtp_connection_cache_destinations local_header_rewrite_clients
+    masquerade_exceptions postscreen_access_list postscreen_allowlist_interfaces
+    postscreen_forbidden_commands qmqpd_authorized_clients authorized_mailq_users
+    smtp_connection_cache_destinations smtpd_log_access_permit_actions
+    smtpd_forbidden_commands smtpd_client_event_limit_exceptions
+    smtpd_sasl_exceptions_networks smtpd_sasl_mechanism_filter smtp_requiretls_policy
+    smtp_sasl_mechanism_filter authorized_submit_users smtpd_authorized_verp_clients
+    smtpd_authorized_xclient_hosts smtpd_authorized_xforward_hosts
+""".split()
+PROXY_READ_MAPS_DEFAULT_311 = (PROXY_READ_MAPS_DEFAULT
+                               + "".join(f" ${name}" for name in PROXY_READ_MAPS_ADDED_311))
+DEFAULTS_311: dict[str, str] = dict.fromkeys(PROXY_READ_MAPS_ADDED_311, "")
+DEFAULTS_311.update({
+    "proxy_read_maps": PROXY_READ_MAPS_DEFAULT_311,
+    "fast_flush_domains": "$relay_domains",
+    "authorized_flush_users": "static:anyone",
+    "local_header_rewrite_clients": "permit_inet_interfaces",
+    "postscreen_access_list": "permit_mynetworks",
+    "postscreen_allowlist_interfaces": ("${postscreen_whitelist_interfaces?"
+                                        "{$postscreen_whitelist_interfaces}:{static:all}}"),
+    "postscreen_forbidden_commands": "$smtpd_forbidden_commands",
+    "authorized_mailq_users": "static:anyone",
+    "smtpd_forbidden_commands": "CONNECT GET POST regexp:{{/^[^A-Z]/ Bogus}}",
+    "smtpd_client_event_limit_exceptions": "${smtpd_client_connection_limit_exceptions:$mynetworks}",
+    "smtpd_sasl_mechanism_filter": "!external, static:rest",
+    "smtp_requiretls_policy": ("inline:{{${domain_to_ascii{$mydomain}}=opportunistic},"
+                               " {.${domain_to_ascii{$mydomain}}=opportunistic},"
+                               " {localhost=opportunistic}}, cidr:{{0.0.0.0/0 opportunistic},"
+                               " {::/0 opportunistic}}, enforce"),
+    "authorized_submit_users": "static:anyone",
+    "smtpd_authorized_verp_clients": "$authorized_verp_clients",
+    "authorized_verp_clients": "",
+    "smtpd_client_connection_limit_exceptions": "",
+    "smtpd_restriction_classes": "",
+})
 
 _EMPTY_DEFAULTS = """
     body_checks canonical_maps debugger_command default_delivery_status_filter
@@ -212,12 +255,17 @@ DEFAULTS.update({
     "proxymap_backend_threads": "4",
     "proxymap_backend_queue": "64",
     "proxymap_backend_timeout": "10s",
+    # Our own: the Postfix release whose defaults and allow-list rules apply
+    # (3.11+: its longer proxy_read_maps, tables named in /file/name values
+    # and restriction classes); "auto" asks the installed postconf(1).
+    "proxymap_postfix_version": "auto",
 })
 
 #: parameters of this project that Postfix does not know
 OWN_PARAMETERS = ("proxymap_max_attributes", "proxymap_max_request_size",
                   "proxymap_worker_busy_clients", "proxymap_master_cf",
-                  "proxymap_backend_threads", "proxymap_backend_queue", "proxymap_backend_timeout")
+                  "proxymap_backend_threads", "proxymap_backend_queue", "proxymap_backend_timeout",
+                  "proxymap_postfix_version")
 
 DYNAMIC_DEFAULTS = ("myhostname", "mydomain", "mynetworks", "process_id", "process_name")
 READ_ONLY = ("process_id", "process_name")
@@ -451,6 +499,18 @@ def _substitute(name: str, lookup, again, depth: int) -> str:
     return again(value, depth + 1) if value else ""
 
 
+def domain_to_ascii(text: str) -> str:
+    """Postfix 3.11's ${domain_to_ascii{text}}: the domain in IDNA (A-label) form."""
+    try:
+        return text.encode("idna").decode("ascii") if text else text
+    except UnicodeError:
+        return text
+
+
+#: Postfix 3.11's ${function{text}} forms
+MACRO_FUNCTIONS = {"domain_to_ascii": domain_to_ascii}
+
+
 def _expand_braced(body: str, lookup, again, depth: int) -> str:
     """The inside of ${...} or $(...)."""
     i = _skip_blanks(body, 0)
@@ -458,6 +518,10 @@ def _expand_braced(body: str, lookup, again, depth: int) -> str:
         return _relational(body[i:], again, depth)
     match = _NAME_CHARS.match(body, i)
     j = _skip_blanks(body, match.end()) if match else i
+    if match and match.group() in MACRO_FUNCTIONS and body[j:j + 1] == "{":
+        close = _find_close(body, j, "{", "}")
+        if close >= 0 and not body[close + 1:].strip(BLANKS):
+            return MACRO_FUNCTIONS[match.group()](again(body[j + 1:close], depth + 1))
     if not match or (j < len(body) and body[j] not in "?:"):
         raise MacroError(f"attribute name syntax error at: \"...{body[:j]}>>>{body[j:]}\"")
     name = match.group()
@@ -562,11 +626,14 @@ def default_time_unit(default: str | None, fallback: str = "s") -> str:
 _COMPOSITE_PREFIXES = ("unionmap:{", "pipemap:{")
 
 
-def proxy_allow_set(value: str) -> set[str]:
+def proxy_allow_set(value: str, read_lines: Callable[[str], Iterable[str]] | None = None,
+                    _depth: int = 0) -> set[str]:
     """Canonical `type:name` strings that an expanded proxy_read_maps or
     proxy_write_maps value authorises: tokens starting with `proxy:` (all such
     prefixes removed), including members of unquoted unionmap:/pipemap:
-    composites and the first word of `{...}` groups."""
+    composites and the first word of `{...}` groups. With `read_lines`
+    (Postfix 3.11+), a `/file/name` token stands for the file's logical
+    lines, read by read_lines(path), each searched the same way."""
     allowed: set[str] = set()
     for token in parse_table_list(value):
         if token.startswith("{"):
@@ -574,9 +641,14 @@ def proxy_allow_set(value: str) -> set[str]:
             if not words:
                 continue
             token = words[0]
+        if token.startswith("/") and read_lines is not None:
+            if _depth < MAX_NESTING:
+                for line in read_lines(token):
+                    allowed |= proxy_allow_set(line, read_lines, _depth + 1)
+            continue
         if token.startswith(_COMPOSITE_PREFIXES) and token.endswith("}"):
             inner = token[token.index("{"):]
-            allowed |= proxy_allow_set(strip_group(inner))
+            allowed |= proxy_allow_set(strip_group(inner), read_lines, _depth)
             continue
         if not token.startswith("proxy:"):
             continue
@@ -585,6 +657,13 @@ def proxy_allow_set(value: str) -> set[str]:
         if ":" in token:
             allowed.add(token)
     return allowed
+
+
+def parse_release(text: str) -> tuple[int, int] | None:
+    """(major, minor) of a Postfix version such as 3.11.7 or 3.11; None if
+    it is not one."""
+    match = re.fullmatch(r"(\d+)\.(\d+)(?:\.\d+)?(?:[-.~+].*)?", text.strip())
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 # ---------------------------------------------------------------------------
@@ -679,6 +758,7 @@ class MainConfig:
         self._explicit.setdefault("config_directory", config_directory)
         self._cache: dict[str, str] = {}
         self._busy_mydomain = False
+        self._release: tuple[int, int] | None = None
         for name, value in (overrides or {}).items():
             self._set_override(name, value)
 
@@ -690,6 +770,7 @@ class MainConfig:
         if name == "config_directory":
             self.config_directory = value
         self._cache.clear()
+        self._release = None
 
     # -- raw access ---------------------------------------------------------
 
@@ -702,11 +783,33 @@ class MainConfig:
 
     def default(self, name: str) -> str | None:
         """The unexpanded default of a known parameter, else None."""
+        if name in DEFAULTS_311 and self.postfix_release() >= (3, 11):
+            return DEFAULTS_311[name]
         if name in DEFAULTS:
             return DEFAULTS[name]
         if name in DYNAMIC_DEFAULTS:
             return self._dynamic_default(name)
         return None
+
+    def postfix_release(self) -> tuple[int, int]:
+        """(major, minor) of the Postfix whose defaults apply: the value of
+        proxymap_postfix_version, or with "auto" (the default) the
+        mail_version of the installed Postfix ($command_directory/postconf),
+        or 3.7 when none answers."""
+        if self._release is None:
+            self._release = (3, 7)   # while finding out: the reference release
+            value = self.get("proxymap_postfix_version").strip()
+            if value.lower() == "auto":
+                from master.postfix_version import installed_mail_version
+                value = installed_mail_version(self.get("command_directory")) or "3.7"
+            release = parse_release(value)
+            if release is None:
+                self._release = None
+                raise self._where("proxymap_postfix_version",
+                                  f"bad proxymap_postfix_version value: {value}"
+                                  " (expected auto or a release such as 3.11)")
+            self._release = release
+        return self._release
 
     def _dynamic_default(self, name: str) -> str:
         if name == "process_id":
@@ -827,6 +930,7 @@ class MainConfig:
         clone._explicit = dict(self._explicit)
         clone.warnings = list(self.warnings)
         clone._cache = {}
+        clone._release = None
         for name, value in overrides.items():
             clone._set_override(name, value)
         return clone
@@ -839,6 +943,8 @@ class MainConfig:
     def defaults(self) -> dict[str, str]:
         """Every known default, unexpanded, as `postconf -d` shows them."""
         result = dict(DEFAULTS)
+        if self.postfix_release() >= (3, 11):
+            result.update(DEFAULTS_311)
         hostname = default_myhostname()
         result.update(process_id=str(os.getpid()), process_name=self.process_name,
                       myhostname=hostname, mydomain=domain_of(hostname),
@@ -856,7 +962,7 @@ class MainConfig:
             referenced.update(referenced_names(setting.value))
         return [name for name in self._explicit
                 if name not in DEFAULTS and name not in DYNAMIC_DEFAULTS
-                and name not in referenced]
+                and name not in DEFAULTS_311 and name not in referenced]
 
 
 _REFERENCE = re.compile(r"\$[{(]?[ \t]*([A-Za-z0-9_]+)")

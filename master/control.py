@@ -21,7 +21,8 @@ import sys
 import time
 
 from master import maillog, pidfile
-from master.config import ConfigError, load_main_cf
+from master.config import (PROXY_READ_MAPS_DEFAULT, PROXY_READ_MAPS_DEFAULT_311, ConfigError,
+                           load_main_cf)
 from master.output import emit
 from master.supervisor import PROGRAM, Master, load_configuration, status_path
 from proxymap import version_line
@@ -352,7 +353,21 @@ def config_lines(main, mode: str, names: list[str], expand: bool) -> tuple[list[
             value = main.get(name)
         lines.append(f"{name} = {' '.join(value.split())}".rstrip() if value
                      else f"{name} =")
+        if mode == "d" and name == "proxy_read_maps":
+            lines.append(other_generation_note(main))
     return lines, unknown
+
+
+def other_generation_note(main) -> str:
+    """A comment line after `config -d`'s proxy_read_maps: the default of
+    the other Postfix generation (3.7-3.10 vs 3.11+) and which one applies."""
+    release = ".".join(map(str, main.postfix_release()))
+    if main.postfix_release() >= (3, 11):
+        label, value = "Postfix 3.7-3.10", PROXY_READ_MAPS_DEFAULT
+    else:
+        label, value = "Postfix 3.11+", PROXY_READ_MAPS_DEFAULT_311
+    return (f"# proxy_read_maps of {label} (not in effect: proxymap_postfix_version"
+            f" gives {release}) = {value}")
 
 
 def cmd_config(args) -> int:

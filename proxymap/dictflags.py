@@ -26,6 +26,9 @@ MULTI_WRITER = 1 << 18
 UTF8_REQUEST = 1 << 19
 UTF8_ACTIVE = 1 << 20
 SRC_RHS_IS_FILE = 1 << 21
+#: Postfix 3.11 marks surrogate instances with DICT_FLAG_SURROGATE, which its
+#: dict.h defines as `(1<22)`: a comparison, so the bit set is bit 0
+SURROGATE_311 = 1
 
 # Masks of Postfix 3.7: implementation bits are set by the table, request
 # bits change per call, instance bits are fixed when the table is opened.

@@ -8,6 +8,16 @@ proxy_write_maps), refuses writes on the read service, turns open failures
 into a surrogate that answers RETRY (and is retried later instead of being
 remembered forever), reopens a table whose file changed on disk, and
 answers sanely where Postfix 3.7 aborts (unsupported operations -> CONFIG).
+
+Requests in the 3.11 layout get 3.11's answers: the instance is chosen by
+`instance_flags`, the request's `flags` word is used as given, every reply
+carries the flags word the operation left (0 when no table was found), an
+`open` reports the flags of a freshly opened instance whatever earlier
+requests did to it, and cdb tables can be listed. Requests in the 3.6-3.10
+layout keep 3.7's answers. Sequence walks are kept per connection (the
+`walks` mapping the server passes), so that reopening a table, for
+freshness or after a write, never restarts or disturbs a walk in progress.
+
 Operations of tables that may block (database clients, plugins) are handed
 to the worker's Offloader and answered later (see proxymap/offload.py).
 """
@@ -21,6 +31,7 @@ from proxymap import dictflags as F
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                BadRequest, Request, encode_reply, parse_request)
 from proxymap.tables import Table, TableError, TableOpenError, open_table, strip_proxy
+from proxymap.tables.base import END, START, Unsupported
 from proxymap.utf8 import is_utf8, utf8_key
 
 #: seconds before a table that failed to open is tried again
@@ -28,11 +39,28 @@ OPEN_RETRY_INTERVAL = 1.0
 
 READ_SERVICE, WRITE_SERVICE = "proxymap", "proxywrite"
 
+#: bits the server adds to the flags of a write, as Postfix does
+WRITE_FLAGS = {"update": F.SYNC_UPDATE | F.DUP_REPLACE, "delete": F.SYNC_UPDATE}
+
 #: the instance bits that tell shared instances apart. Postfix keys on all
 #: of INST_MASK, but real clients only ever send 0 or OPEN_LOCK there; the
 #: other bits (unused ones included) would let one client make us open a
 #: listed table once per value, until we run out of descriptors.
 INSTANCE_KEY_BITS = F.TRY0NULL | F.TRY1NULL | F.OPEN_LOCK
+#: 3.11 clients send their complete open-time flags as `instance_flags`
+#: (3.11 shares an instance only between identical words) and the table is
+#: opened with them: these further bits change what such an open gives (the
+#: server's UTF-8 layer, folding of keys loaded from a source file).
+INSTANCE_KEY_BITS_311 = INSTANCE_KEY_BITS | F.UTF8_REQUEST | F.FOLD_FIX | F.FOLD_MUL
+
+
+def fresh_flags(table: Table, instance_flags: int) -> int:
+    """The flags word of an instance freshly opened with `instance_flags`,
+    as Postfix 3.11 reports it on `open`: the bits the table's own open
+    changed (implementation bits, NUL conventions, UTF8_ACTIVE) as they came
+    out of the open of the shared instance, every other bit as requested."""
+    changed = table.open_flags ^ table.fresh_flags
+    return (instance_flags & ~changed) | (table.fresh_flags & changed)
 
 
 class SurrogateTable(Table):
@@ -52,7 +80,7 @@ class SurrogateTable(Table):
 
     lookup = update = delete = _fail
 
-    def sequence(self, first):
+    def walk(self, position):
         self._fail()
 
 
@@ -71,25 +99,31 @@ class Dispatcher:
         self.offload = offload
         self.tables: dict[tuple[str, int], Table] = {}
         self.param_name = "proxy_write_maps" if self.writable else "proxy_read_maps"
+        #: walk positions of callers that keep none of their own
+        self.walks: dict = {}
 
     # -- the request entry point ------------------------------------------------
 
-    def handle(self, attrs: list[tuple[bytes, bytes]]):
+    def handle(self, attrs: list[tuple[bytes, bytes]], walks: dict | None = None):
         """One decoded attribute list in, one encoded reply out, or an
-        offload.Pending whose reply comes later. Never raises."""
+        offload.Pending whose reply comes later. Never raises. `walks` holds
+        the sequence positions of the client's connection."""
         try:
             req = parse_request(attrs)
         except BadRequest as exc:
             maillog.warning(f"{self.service}: bad request: {exc.reason}")
             return encode_reply(exc.name, BAD, exc.layout)
         try:
-            return self._answer(req)
+            return self._answer(req, self.walks if walks is None else walks)
         except Exception as exc:  # a bug must not cost the client its answer
             maillog.error(f"{req.name} {req.table}: unexpected {type(exc).__name__}: {exc}")
             return encode_reply(req.name, RETRY, req.layout)
 
-    def _answer(self, req: Request) -> bytes:
+    def _answer(self, req: Request, walks: dict) -> bytes:
         name = req.name
+        if name == "sequence" and req.function not in (SEQ_FIRST, SEQ_NEXT):
+            maillog.warning(f"{strip_proxy(req.table)}: unknown sequence function {req.function}")
+            return encode_reply(name, BAD, req.layout)
         if name in ("update", "delete") and not self.writable:
             maillog.warning(f"refusing {req.table} {name} request on non-{WRITE_SERVICE} service")
             return encode_reply(name, DENY, req.layout)
@@ -103,25 +137,32 @@ class Dispatcher:
                             f" access, list proxy:{spec} in {self.param_name}")
             return encode_reply(name, DENY, req.layout)
         table = self.find_table(spec, req)
-        if name == "open":
-            return encode_reply(name, OK, req.layout, flags=table.flags)
         if req.layout == 311:
-            table.flags = (req.flags & ~F.IMPL_MASK) | (table.flags & (F.IMPL_MASK | F.TRY0NULL | F.TRY1NULL))
+            if name == "open":
+                return encode_reply(name, OK, 311, flags=fresh_flags(table, req.instance_flags))
+            # 3.11 uses the request's word as it is
+            flags = req.flags | WRITE_FLAGS.get(name, 0)
+        elif name == "open":
+            return encode_reply(name, OK, 37, flags=table.flags)
         else:
-            table.flags = (table.flags & ~F.RQST_MASK) | (req.flags & F.RQST_MASK)
-        if name == "update":
-            table.flags |= F.SYNC_UPDATE | F.DUP_REPLACE
-        elif name == "delete":
-            table.flags |= F.SYNC_UPDATE
-        if name == "sequence" and req.function not in (SEQ_FIRST, SEQ_NEXT):
-            maillog.warning(f"{spec}: unknown sequence function {req.function}")
-            return encode_reply(name, BAD, req.layout)
+            flags = ((table.flags & ~F.RQST_MASK) | (req.flags & F.RQST_MASK)
+                     | WRITE_FLAGS.get(name, 0))
+            table.flags = flags
         if table.blocking and self.offload is not None:
-            return self.offload.submit(table, table.flags, lambda: self._operate(table, req),
+            return self.offload.submit(table, flags, lambda: self._operate(table, req, walks),
                                        encode_reply(name, RETRY, req.layout))
-        return self._operate(table, req)
+        if req.layout == 37:
+            return self._operate(table, req, walks)
+        # a 3.11 request's word serves that request only: the instance's own
+        # word is left as it was, so no request changes what another sees
+        saved = table.flags
+        table.flags = flags
+        try:
+            return self._operate(table, req, walks)
+        finally:
+            table.flags = saved
 
-    def _operate(self, table: Table, req: Request) -> bytes:
+    def _operate(self, table: Table, req: Request, walks: dict) -> bytes:
         name, layout = req.name, req.layout
         utf8 = self.smtputf8 and getattr(table, "utf8_layer", False)
         key = req.key
@@ -136,14 +177,14 @@ class Dispatcher:
                 if value is None:
                     return encode_reply(name, NOKEY, layout, flags=table.flags)
                 if utf8 and not is_utf8(value):
-                    return encode_reply(name, CONFIG, layout, flags=0)
+                    return encode_reply(name, CONFIG, layout, flags=table.flags)
                 return encode_reply(name, OK, layout, flags=table.flags, value=value)
             if name == "update":
                 done = table.update(key, req.value)
             elif name == "delete":
                 done = table.delete(key)
             else:
-                record = table.sequence(req.function == SEQ_FIRST)
+                record = self._step(table, req, walks)
                 if record is None:
                     return encode_reply(name, NOKEY, layout, flags=table.flags)
                 return encode_reply(name, OK, layout, flags=table.flags,
@@ -151,16 +192,36 @@ class Dispatcher:
             return encode_reply(name, OK if done else NOKEY, layout, flags=table.flags)
         except TableError as exc:
             maillog.warning(exc.reason)
-            return encode_reply(name, exc.status, layout)
+            return encode_reply(name, exc.status, layout, flags=table.flags)
+
+    @staticmethod
+    def _step(table: Table, req: Request, walks: dict) -> tuple[bytes, bytes] | None:
+        """One FIRST/NEXT of the caller's walk over `table`."""
+        if req.layout == 37 and table.sequence_since_311:
+            raise Unsupported(table.spec, "sequence")
+        if req.function == SEQ_FIRST:
+            position = START
+        else:
+            position = walks.get(table.regkey,
+                                 START if table.next_before_first_starts else END)
+        record = table.walk(position)
+        if record is None:
+            walks[table.regkey] = END
+            return None
+        walks[table.regkey] = record[0]
+        return record[1], record[2]
 
     # -- the shared table registry ----------------------------------------------
 
     def find_table(self, spec: str, req: Request) -> Table:
-        """The shared instance for (spec, instance flags), opened on first use,
-        reopened when its file changed or when a failed open may now work."""
-        inst = req.instance_flags if req.layout == 311 else req.flags & F.INST_MASK
-        inst &= INSTANCE_KEY_BITS
-        regkey = (spec, inst)
+        """The shared instance for (spec, instance flags, layout), opened on
+        first use, reopened when its file changed or when a failed open may
+        now work."""
+        if req.layout == 311:
+            inst = req.instance_flags & INSTANCE_KEY_BITS_311
+        else:
+            inst = req.flags & F.INST_MASK & INSTANCE_KEY_BITS
+        regkey = (spec, inst, req.layout)
         table = self.tables.get(regkey)
         if table is not None:
             if isinstance(table, SurrogateTable):
@@ -171,26 +232,32 @@ class Dispatcher:
             elif table.modified():      # one line per change, not per unsettled reopen
                 maillog.info(f"table {spec}: has changed -- reopening")
             self._close(table)
-        # OPEN_LOCK holds an exclusive lock for the life of the instance: a
-        # reader has no business with it, and a client of the read service
-        # could otherwise freeze every writer of a listed file for good.
-        flags = req.flags if self.writable else req.flags & ~F.OPEN_LOCK
-        table = self._open(spec, flags)
+        # 3.7 opens with the full flags of the first request, 3.11 with the
+        # instance flags. OPEN_LOCK holds an exclusive lock for the life of
+        # the instance: a reader has no business with it, and a client of the
+        # read service could otherwise freeze every writer of a file for good.
+        flags = req.instance_flags if req.layout == 311 else req.flags
+        if not self.writable:
+            flags &= ~F.OPEN_LOCK
+        table = self._open(spec, flags, req.layout)
+        table.regkey = regkey
         self.tables[regkey] = table
         return table
 
-    def _open(self, spec: str, flags: int) -> Table:
+    def _open(self, spec: str, flags: int, layout: int = 37) -> Table:
         try:
             table = self.opener(spec, flags, self.writable, self.params)
-        except TableOpenError as exc:
-            maillog.error(f"open table {spec}: {exc}")
-            return SurrogateTable(spec, flags, str(exc))
         except Exception as exc:
-            maillog.error(f"open table {spec}: {type(exc).__name__}: {exc}")
-            return SurrogateTable(spec, flags, str(exc))
+            reason = str(exc) if isinstance(exc, TableOpenError) else f"{type(exc).__name__}: {exc}"
+            maillog.error(f"open table {spec}: {reason}")
+            table = SurrogateTable(spec, flags, str(exc))
+            if layout == 311:   # what 3.11's surrogate reports
+                table.flags |= F.SURROGATE_311
+        # Postfix puts its UTF-8 layer on every instance opened so, surrogates too
         table.utf8_layer = bool(flags & F.UTF8_REQUEST)
         if table.utf8_layer and self.smtputf8:
             table.flags |= F.UTF8_ACTIVE
+        table.open_flags, table.fresh_flags = flags, table.flags
         return table
 
     def _close(self, table: Table) -> None:

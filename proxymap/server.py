@@ -31,6 +31,7 @@ from proxymap import version_line
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
 from proxymap.offload import Offloader
 from proxymap.protocol import GREETING, Decoder, ProtocolError
+from proxymap.tables.source import logical_lines
 
 READ_CHUNK = 65536
 #: seconds between checks for expired connections (and on_tick calls)
@@ -40,12 +41,12 @@ STOP_IDLE = 1.0
 
 
 class Connection:
-    """One client: its socket, request decoder and unsent reply bytes.
+    """One client: its socket, request decoder, unsent reply bytes and walks.
     `waiting` holds, in request order, replies not yet known (an
     offload.Pending) and the replies that came after them."""
 
     __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied",
-                 "waiting")
+                 "waiting", "walks")
 
     def __init__(self, sock: socket.socket, decoder: Decoder, peer: str):
         self.sock = sock
@@ -60,6 +61,8 @@ class Connection:
         # monotonic time our last reply (or the greeting) was fully sent
         self.replied = time.monotonic()
         self.waiting: deque = deque()
+        # this client's sequence positions, per table instance
+        self.walks: dict = {}
 
 
 class Worker:
@@ -227,7 +230,7 @@ class Worker:
             self._close(conn)
             return
         for attrs in lists:
-            reply = self.dispatcher.handle(attrs)
+            reply = self.dispatcher.handle(attrs, conn.walks)
             if type(reply) is bytes and not conn.waiting:
                 conn.out += reply
             else:  # an offloaded operation, or a reply queued behind one
@@ -355,12 +358,31 @@ def make_dispatcher(config, service: str) -> Dispatcher:
     role = WRITE_SERVICE if service == config.get("proxywrite_service_name") or \
         service == WRITE_SERVICE else READ_SERVICE
     param = "proxy_write_maps" if role == WRITE_SERVICE else "proxy_read_maps"
-    allowed = proxy_allow_set(config.get(param))
+    if config.postfix_release() < (3, 11):
+        allowed = proxy_allow_set(config.get(param))
+    else:
+        # 3.11+ also authorises tables named inside /file/name values and,
+        # for the read service, in the restriction classes
+        allowed = proxy_allow_set(config.get(param), file_lines)
+        if role == READ_SERVICE:
+            for name in config.get_list("smtpd_restriction_classes"):
+                allowed |= proxy_allow_set(config.get(name), file_lines)
     offload = Offloader(lane_size=config.get_int("proxymap_backend_threads"),
                         lane_queue=config.get_int("proxymap_backend_queue"),
                         timeout=config.get_time("proxymap_backend_timeout"))
     return Dispatcher(role, allowed, ParamView(config),
                       smtputf8=config.get_bool("smtputf8_enable"), offload=offload)
+
+
+def file_lines(path: str) -> list[str]:
+    """The logical lines of a /file/name an allow-list refers to; a file
+    that cannot be read is logged and authorises nothing, as in Postfix."""
+    try:
+        with open(path, "rb") as f:
+            return [line.decode("utf-8", "surrogateescape") for _, line in logical_lines(f)]
+    except OSError as exc:
+        maillog.warning(f"open {path}: {exc.strerror}")
+        return []
 
 
 def make_worker(config, service: str) -> Worker:

@@ -598,3 +598,60 @@ def test_main_cf_warnings_are_kept(tmp_path):
     cfg = load(tmp_path, "  stray = 1\na = 1\na = 2\n")
     assert len(cfg.warnings) == 2
     assert cfg.get("a") == "2" and cfg.raw("stray") is None
+
+
+# -- the Postfix release whose defaults apply -------------------------------------------------
+
+@pytest.mark.parametrize("text, release", [
+    ("3.11.7", (3, 11)), ("3.11", (3, 11)), ("3.7.11", (3, 7)), ("3.12-20260821", (3, 12)),
+    ("auto", None), ("3", None), ("", None), ("3.x", None)])
+def test_parse_release(text, release):
+    from master.config import parse_release
+    assert parse_release(text) == release
+
+
+def test_release_chooses_proxy_read_maps_default(tmp_path):
+    from master.config import PROXY_READ_MAPS_DEFAULT, PROXY_READ_MAPS_DEFAULT_311
+    old = load(tmp_path, "proxymap_postfix_version = 3.10.13\n")
+    assert old.raw("proxy_read_maps") is None
+    assert old.default("proxy_read_maps") == PROXY_READ_MAPS_DEFAULT
+    assert old.default("debug_peer_list") is None
+    new = load(tmp_path, "proxymap_postfix_version = 3.11\ndebug_peer_list = proxy:hash:/p\n")
+    assert new.default("proxy_read_maps") == PROXY_READ_MAPS_DEFAULT_311
+    assert len(PROXY_READ_MAPS_DEFAULT_311.split()) == 103 == 78 + 25
+    assert "hash:/p" in proxy_allow_set(new.get("proxy_read_maps"))
+    assert "hash:/p" not in proxy_allow_set(old.with_overrides(
+        {"debug_peer_list": "proxy:hash:/p"}).get("proxy_read_maps"))
+    # an override of the release takes effect in the copy only
+    assert new.with_overrides({"proxymap_postfix_version": "3.7"}).postfix_release() == (3, 7)
+    assert new.postfix_release() == (3, 11)
+
+
+@needs_postconf
+def test_auto_release_is_the_installed_postfix(tmp_path):
+    main = load(tmp_path, "")
+    done = subprocess.run(["postconf", "-dh", "mail_version"], capture_output=True, text=True)
+    from master.config import parse_release
+    assert main.postfix_release() == parse_release(done.stdout.strip())
+
+
+def test_bad_release_names_file_and_line(tmp_path):
+    main = load(tmp_path, "mail_owner = postfix\nproxymap_postfix_version = three\n")
+    with pytest.raises(ConfigError) as info:
+        main.get("proxy_read_maps")
+    assert str(info.value).endswith("main.cf, line 2: bad proxymap_postfix_version value: three"
+                                    " (expected auto or a release such as 3.11)")
+
+
+def test_allow_list_reads_file_name_values_when_asked():
+    files = {"/etc/a": ["check_client_access proxy:hash:/t/a", "proxy:cidr:/t/b /etc/b"],
+             "/etc/b": ["proxy:pcre:/t/c", "/etc/a"]}
+    assert proxy_allow_set("proxy:hash:/x /etc/a") == {"hash:/x"}
+    assert proxy_allow_set("proxy:hash:/x /etc/a", files.get) == \
+        {"hash:/x", "hash:/t/a", "cidr:/t/b", "pcre:/t/c"}
+
+
+def test_domain_to_ascii_macro():
+    assert expand("${domain_to_ascii{$d}}", {"d": "bücher.example"}.get) == \
+        "xn--bcher-kva.example"
+    assert expand(".${domain_to_ascii{plain.example}}", {}.get) == ".plain.example"

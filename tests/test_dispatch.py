@@ -6,6 +6,7 @@ from proxymap import dictflags as F
 from proxymap.dispatch import Dispatcher, SurrogateTable
 from proxymap.protocol import Decoder, encode
 from proxymap.tables import Table, TableError, TableOpenError
+from proxymap.tables.base import snapshot_walk
 
 
 class MemTable(Table):
@@ -19,7 +20,6 @@ class MemTable(Table):
         MemTable.opened.append(self)
         self.seen_flags = []
         self.items = MemTable.data.setdefault(name, {})
-        self.cursor = None
 
     def lookup(self, key):
         self.seen_flags.append(self.flags)
@@ -33,12 +33,8 @@ class MemTable(Table):
     def delete(self, key):
         return self.items.pop(self.fold(key), None) is not None
 
-    def sequence(self, first):
-        if first:
-            self.cursor = iter(sorted(self.items.items()))
-        if self.cursor is None:
-            return None
-        return next(self.cursor, None)
+    def walk(self, position):
+        return snapshot_walk(position, lambda: sorted(self.items), self.items.get)
 
 
 def opener(spec, flags, writable, params):
@@ -156,16 +152,16 @@ def test_open_failure_is_ok_on_open_and_retry_after():
     assert reply(d.handle(req(request="open", table="broken:x", flags=0))) == \
         {b"status": b"0", b"flags": str(F.PATTERN).encode()}
     assert reply(d.handle(req(request="lookup", table="broken:x", flags=0, key="k")))[b"status"] == b"2"
-    assert isinstance(d.tables[("broken:x", 0)], SurrogateTable)
+    assert isinstance(d.tables[("broken:x", 0, 37)], SurrogateTable)
 
 
 def test_failed_open_is_retried_later(monkeypatch):
     d = read_service()
     d.handle(req(request="lookup", table="broken:x", flags=0, key="k"))
-    surrogate = d.tables[("broken:x", 0)]
+    surrogate = d.tables[("broken:x", 0, 37)]
     surrogate.failed_at -= 3600
     d.handle(req(request="lookup", table="broken:x", flags=0, key="k"))
-    assert d.tables[("broken:x", 0)] is not surrogate
+    assert d.tables[("broken:x", 0, 37)] is not surrogate
 
 
 def test_table_error_is_retry_and_a_bug_is_retry_not_a_crash():
@@ -217,3 +213,71 @@ def test_311_layout_replies_with_flags():
     r = Decoder().feed(d.handle(raw))[0]
     assert [n for n, _ in r] == [b"status", b"flags", b"value"]
     assert r[0][1] == b"0" and r[2][1] == b"bar"
+
+
+# -- walks kept per connection; 3.11 flags rules --------------------------------------------
+
+def seq(table, function, layout=37, flags=0):
+    if layout == 311:
+        return req(request="sequence", table=table, instance_flags=0, flags=flags,
+                   function=function)
+    return req(request="sequence", table=table, flags=flags, function=function)
+
+
+def walk_keys(d, walks, table="mem:w", layout=37, first=True):
+    r = reply(d.handle(seq(table, 0 if first else 1, layout), walks))
+    return r[b"key"] if r[b"status"] == b"0" else None
+
+
+def test_walks_are_per_connection_and_survive_reopens():
+    MemTable.data["w"] = {b"a": b"1", b"b": b"2", b"c": b"3", b"d": b"4"}
+    d = Dispatcher("proxymap", {"mem:w"}, {}, opener=opener)
+    one, two = {}, {}
+    assert walk_keys(d, one) == b"a"
+    assert walk_keys(d, two) == b"a"
+    assert walk_keys(d, one, first=False) == b"b"
+    # the instance is reopened (its file changed): both walks go on
+    table = d.tables[("mem:w", 0, 37)]
+    table.changed = lambda: True
+    assert walk_keys(d, one, first=False) == b"c"
+    assert d.tables[("mem:w", 0, 37)] is not table
+    assert walk_keys(d, two, first=False) == b"b"
+    del MemTable.data["w"][b"d"]          # gone before the walk reached it
+    assert walk_keys(d, one, first=False) is None
+    assert walk_keys(d, one, first=False) is None
+    assert [walk_keys(d, two, first=False) for _ in range(2)] == [b"c", None]
+
+
+def test_311_open_reports_fresh_flags_and_every_reply_carries_flags():
+    d = read_service()
+    fresh = reply(d.handle(req(request="open", table="mem:a", instance_flags=F.UTF8_REQUEST)))
+    assert int(fresh[b"flags"]) == F.UTF8_REQUEST | F.UTF8_ACTIVE | F.FIXED
+    r = reply(d.handle(req(request="lookup", table="mem:a", instance_flags=F.UTF8_REQUEST,
+                           flags=F.UTF8_REQUEST | F.LOCK | F.FIXED, key="foo")))
+    assert r == {b"status": b"0", b"flags": str(F.UTF8_REQUEST | F.LOCK | F.FIXED).encode(),
+                 b"value": b"bar"}
+    # what that lookup did to the shared word does not show in a later open
+    again = reply(d.handle(req(request="open", table="mem:a", instance_flags=F.UTF8_REQUEST)))
+    assert again == fresh
+    # temporary errors carry the request's word, refusals carry 0
+    r = reply(d.handle(req(request="lookup", table="broken:x", instance_flags=0, flags=64,
+                           key="k")))
+    assert (r[b"status"], r[b"flags"]) == (b"2", b"64")
+    r = reply(d.handle(req(request="lookup", table="mem:none", instance_flags=0, flags=64,
+                           key="k")))
+    assert (r[b"status"], r[b"flags"]) == (b"4", b"0")
+    # a 3.11 surrogate says so as 3.11 does (bit 0) on open
+    r = reply(d.handle(req(request="open", table="broken:x", instance_flags=0)))
+    assert int(r[b"flags"]) == F.PATTERN | F.SURROGATE_311
+
+
+def test_types_listed_only_by_311_refuse_older_layouts():
+    MemTable.data["w"] = {b"a": b"1"}
+
+    class Since311(MemTable):
+        sequence_since_311 = True
+    d = Dispatcher("proxymap", {"mem:w"}, {},
+                   opener=lambda spec, *a: Since311("mem", "w", *a))
+    assert reply(d.handle(seq("mem:w", 0)))[b"status"] == b"5"
+    r = reply(d.handle(seq("mem:w", 0, layout=311)))
+    assert (r[b"status"], r[b"key"]) == (b"0", b"a")

@@ -48,6 +48,10 @@ class Table:
     impl_flags = F.FIXED
     #: file whose change on disk means the instance must be reopened
     path: str | None = None
+    #: set by the dispatcher: the registry key, the flags the instance was
+    #: opened with and its flags word right after the open
+    regkey = None
+    open_flags = fresh_flags = 0
     #: operations may wait on something outside this process (a server, a
     #: socket): the dispatcher runs them in a lane of threads (offload.py)
     blocking = False
@@ -79,8 +83,39 @@ class Table:
     def delete(self, key: bytes) -> bool:
         raise Unsupported(self.spec, "delete")
 
-    def sequence(self, first: bool) -> tuple[bytes, bytes] | None:
+    # Walks. A walk's state is a position the caller keeps (the dispatcher
+    # keeps one per connection and table), never the table: a table can be
+    # reopened in the middle of a walk, for freshness or after a write, and
+    # the walk goes on from its position in the new instance. `walk(START)`
+    # gives the first record, `walk(pos)` the one after `pos`; each answer is
+    # (new position, key, value), or None at the end; `walk(END)` answers
+    # None (or the table's error). A walk never returns a record twice and
+    # never skips one present for the whole walk.
+
+    #: NEXT before any FIRST starts a walk (Berkeley DB, LMDB) rather than
+    #: answering "no more" (Postfix's in-memory tables)
+    next_before_first_starts = False
+    #: Postfix lists this type only for 3.11+ clients (cdb)
+    sequence_since_311 = False
+
+    def walk(self, position) -> tuple[object, bytes, bytes] | None:
         raise Unsupported(self.spec, "sequence")
+
+    def sequence(self, first: bool) -> tuple[bytes, bytes] | None:
+        """One first/next cursor kept by the instance itself, on top of
+        walk(): what a Postfix 3.7 dictionary offers its local users."""
+        if self.sequence_since_311:
+            raise Unsupported(self.spec, "sequence")
+        if first:
+            position = START
+        else:
+            position = getattr(self, "_own_walk", START if self.next_before_first_starts else END)
+        record = self.walk(position)
+        if record is None:
+            self._own_walk = END
+            return None
+        self._own_walk, key, value = record
+        return key, value
 
     def close(self) -> None:
         pass
@@ -107,6 +142,39 @@ class Table:
         """The file differs from the one opened (a change worth a log line;
         changed() is also true while an unchanged stamp is unsettled)."""
         return self.path is not None and file_stamp(self.path) != self._stamp
+
+
+class _Mark:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: walk positions: before the first record, after the last
+START, END = _Mark("START"), _Mark("END")
+
+
+def snapshot_walk(position, keys, fetch):
+    """A walk over a table without a stable order (hash buckets, cdb, memory
+    tables): FIRST takes the list of stored keys (`keys()`), each step
+    fetches the current value of the next key still present (`fetch(key)`,
+    None when gone). The position is (keys, index of the next key)."""
+    if position is END:
+        return None
+    if position is START:
+        position = (tuple(keys()), 0)
+    stored, index = position
+    while index < len(stored):
+        key = stored[index]
+        index += 1
+        value = fetch(key)
+        if value is not None:
+            return (stored, index), key, value
+    return None
 
 
 #: a file modified longer ago than this has a trustworthy modification time

@@ -23,7 +23,7 @@ from berkeleydb import db as bdb
 
 from proxymap import dictflags as F
 from proxymap.tables import filelock, nulkeys
-from proxymap.tables.base import TableOpenError
+from proxymap.tables.base import END, START, TableOpenError, snapshot_walk
 from proxymap.tables.filelock import TableLock
 from proxymap.tables.nulkeys import NEW, REFUSED, REPLACED
 
@@ -68,8 +68,6 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         path = name + ".db"
         self.label = path
         self._db = None
-        self._cursor = None
-        self._seq_ended = False
         self.lock = TableLock.open_file(path, writable, filelock.FLOCK, self.spec, self.flags,
                                         False)
         try:
@@ -93,14 +91,9 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         # postmap -d) changed the file, writing through the old handle
         # would put stale pages back and lose that writer's changes. We
         # hold the exclusive lock here, so a new handle sees a quiet file.
-        # Under OPEN_LOCK nobody else could write since we opened it, and
-        # keeping the handle keeps the sequence cursor (verify's cleanup).
+        # Under OPEN_LOCK nobody else could write since we opened it.
         if self.lock is not None and self.lock.open_locked or not self.changed():
             return
-        if self._cursor is not None:
-            with contextlib.suppress(bdb.DBError):
-                self._cursor.close()
-            self._cursor = None
         old, self._db = self._db, None
         with contextlib.suppress(bdb.DBError):
             old.close()
@@ -139,31 +132,30 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         with _db_errors(self.path, "sync"):
             self._db.sync()
 
-    def sequence(self, first: bool):
-        if not first and self._seq_ended:
+    next_before_first_starts = True
+
+    def walk(self, position):
+        if position is END:
             return None
         with self._access(filelock.SHARED), _db_errors(self.path, "read"):
-            if self._cursor is None:
-                self._cursor = self._db.cursor()
-                first = True
-            record = self._cursor.first() if first else self._cursor.next()
+            record = self._walk_step(position)
         if record is None:
-            self._seq_ended = True
             return None
-        self._seq_ended = False
-        key, value = record
-        return nulkeys.decode_key(key), nulkeys.cut_value(value)
+        position, key, value = record
+        return position, nulkeys.decode_key(key), nulkeys.cut_value(value)
+
+    def _walk_step(self, position):
+        """(position, stored key, stored value) after `position`, or None."""
+        raise NotImplementedError
 
     def close(self) -> None:
         try:
-            if self._cursor is not None:
-                self._cursor.close()
             if self._db is not None:
                 self._db.close()
         except bdb.DBError:
             pass
         finally:
-            self._cursor = self._db = None
+            self._db = None
             if self.lock is not None:
                 self.lock.close()
                 self.lock = None
@@ -199,12 +191,42 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
 
 
 class HashTable(_BerkeleyTable):
-    """`hash:` — Berkeley DB DB_HASH; sequence order is libdb's bucket order."""
+    """`hash:` — Berkeley DB DB_HASH; sequence order is libdb's bucket order,
+    which inserts can reshuffle: a walk lists the keys present at FIRST."""
 
     dbtype = bdb.DB_HASH
 
+    def _walk_step(self, position):
+        return snapshot_walk(position, self._stored_keys, self._db.get)
+
+    def _stored_keys(self):
+        cursor = self._db.cursor()
+        try:
+            keys = []
+            record = cursor.first()
+            while record is not None:
+                keys.append(record[0])
+                record = cursor.next()
+            return keys
+        finally:
+            cursor.close()
+
 
 class BtreeTable(_BerkeleyTable):
-    """`btree:` — Berkeley DB DB_BTREE; sequence order is byte-wise by stored key."""
+    """`btree:` — Berkeley DB DB_BTREE; sequence order is byte-wise by stored
+    key, so a walk's position is the last stored key it returned."""
 
     dbtype = bdb.DB_BTREE
+
+    def _walk_step(self, position):
+        cursor = self._db.cursor()
+        try:
+            if position is START:
+                record = cursor.first()
+            else:
+                record = cursor.set_range(position)
+                if record is not None and record[0] == position:
+                    record = cursor.next()
+        finally:
+            cursor.close()
+        return None if record is None else (record[0], record[0], record[1])

@@ -3,7 +3,8 @@
 `cdb:/p/name` reads `/p/name.cdb`. The table is lookup-only (Postfix 3.7
 supports neither update, delete nor sequence on it); postmap builds it into
 `name.cdb.tmp` and renames that over `name.cdb`, keys and values written
-without a trailing NUL; lookups still probe `key\\0` before `key`.
+without a trailing NUL; lookups still probe `key\\0` before `key`. Postfix
+3.11 lists it (sequence, in file order): so do we, for 3.11 requests.
 
 The file format is small and public, so it is read and written here
 directly rather than through a binding (tinycdb, which Debian's Postfix
@@ -25,7 +26,7 @@ import struct
 
 from proxymap import dictflags as F
 from proxymap.tables import filelock, nulkeys
-from proxymap.tables.base import Table, TableError, TableOpenError
+from proxymap.tables.base import Table, TableError, TableOpenError, snapshot_walk
 from proxymap.tables.filelock import TableLock
 
 HEADER_SIZE = 2048
@@ -62,6 +63,24 @@ def find(buf, key: bytes) -> bytes | None:
                 raise ValueError("record runs past the end of the file")
             return bytes(buf[begin + klen:begin + klen + dlen])
     return None
+
+
+def stored_keys(buf) -> list[bytes]:
+    """The keys of every record in cdb image `buf`, in file order (the
+    order Postfix 3.11's cdb sequence lists them). Raises ValueError on a
+    damaged image."""
+    end = min(_PAIR.unpack_from(buf, i * 8)[0] for i in range(256))
+    if end > len(buf) or end < HEADER_SIZE:
+        raise ValueError("hash tables outside the file")
+    keys = []
+    pos = HEADER_SIZE
+    while pos < end:
+        klen, dlen = _PAIR.unpack_from(buf, pos)
+        if pos + 8 + klen + dlen > end:
+            raise ValueError("record runs past the end of the records")
+        keys.append(bytes(buf[pos + 8:pos + 8 + klen]))
+        pos += 8 + klen + dlen
+    return keys
 
 
 def encode_cdb(records) -> bytes:
@@ -124,10 +143,25 @@ class CdbTable(nulkeys.NulKeyTable):
         except (ValueError, struct.error) as exc:
             raise TableError(f"read database {self.path}: corrupted cdb file ({exc})") from None
 
-    # A constant database: writes and sequence are not supported (Postfix
-    # 3.7's cdb client aborts on them).
+    # A constant database: writes are not supported, and Postfix lists it
+    # only since 3.11 (3.7's cdb client aborts on sequence).
     update = Table.update
     delete = Table.delete
+    sequence_since_311 = True
+
+    def walk(self, position):
+        def keys():
+            try:
+                return stored_keys(self._map)
+            except (ValueError, struct.error) as exc:
+                raise TableError(f"read database {self.path}: corrupted cdb file ({exc})") \
+                    from None
+
+        record = snapshot_walk(position, keys, self._get)
+        if record is None:
+            return None
+        position, key, value = record
+        return position, nulkeys.decode_key(key), nulkeys.cut_value(value)
 
     def close(self) -> None:
         if self._map is not None:

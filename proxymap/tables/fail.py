@@ -29,5 +29,5 @@ class FailTable(Table):
     def delete(self, key: bytes):
         self._fail("delete")
 
-    def sequence(self, first: bool):
+    def walk(self, position):
         self._fail("sequence")

@@ -22,7 +22,7 @@ import lmdb as _lmdb
 
 from proxymap import dictflags as F
 from proxymap.tables import filelock, nulkeys
-from proxymap.tables.base import TableOpenError, file_stamp
+from proxymap.tables.base import END, START, TableOpenError, file_stamp
 from proxymap.tables.filelock import TableLock
 from proxymap.tables.nulkeys import NEW, REFUSED, REPLACED
 
@@ -107,8 +107,6 @@ class LmdbTable(nulkeys.NulKeyTable):
         path = name + ".lmdb"
         self.label = self.spec
         self._shared: _SharedEnv | None = None
-        self._seq_key: bytes | None = None
-        self._seq_ended = False
         self.lock = TableLock.open_file(path, writable, filelock.FCNTL, self.spec, self.flags,
                                         True)
         try:
@@ -126,8 +124,7 @@ class LmdbTable(nulkeys.NulKeyTable):
 
     def changed(self) -> bool:
         """Only a removed or replaced file counts: other writers are
-        expected on a MULTI_WRITER table (Postfix checks lmdb the same way),
-        and reopening would lose the sequence position."""
+        expected on a MULTI_WRITER table (Postfix checks lmdb the same way)."""
         now = file_stamp(self.path)
         return now is None or self._stamp is None or now[:2] != self._stamp[:2]
 
@@ -174,28 +171,28 @@ class LmdbTable(nulkeys.NulKeyTable):
         with _lmdb_errors(self.path, "sync"):
             self._env.sync(True)
 
-    def sequence(self, first: bool):
-        if not first and self._seq_ended:
+    next_before_first_starts = True
+
+    def walk(self, position):
+        """Byte-wise key order: the position is the last stored key returned."""
+        if position is END:
             return None
-        resume = None if first else self._seq_key
 
         def step(txn):
             cursor = txn.cursor()
-            if resume is None:
+            if position is START:
                 found = cursor.first()
             else:
-                found = cursor.set_range(resume)
-                if found and cursor.key() == resume:
+                found = cursor.set_range(position)
+                if found and cursor.key() == position:
                     found = cursor.next()
             return (cursor.key(), cursor.value()) if found else None
 
         with self._access(filelock.SHARED):
             record = self._read(step)
         if record is None:
-            self._seq_ended, self._seq_key = True, None
             return None
-        self._seq_ended, self._seq_key = False, record[0]
-        return nulkeys.decode_key(record[0]), nulkeys.cut_value(record[1])
+        return record[0], nulkeys.decode_key(record[0]), nulkeys.cut_value(record[1])
 
     def close(self) -> None:
         try:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from master import maillog
 from proxymap import dictflags as F
-from proxymap.tables.base import Table, TableOpenError, file_stamp
+from proxymap.tables.base import Table, TableOpenError, file_stamp, snapshot_walk
 from proxymap.tables.source import EntryError, logical_lines, parse_entry
 from proxymap.utf8 import is_utf8, utf8_key
 
@@ -99,30 +99,19 @@ def load_source(lines, path: str, flags: int, utf8: bool, warn) -> dict[bytes, b
 
 
 class MemoryTable(Table):
-    """A fixed-string table whose records live in `self.entries`, with the
-    single shared first/next cursor of a Postfix dictionary. Lookups fold
-    the key with the current request flags."""
+    """A fixed-string table whose records live in `self.entries`. Lookups
+    fold the key with the current request flags; a walk lists the keys
+    present at FIRST, in dict order, with their current values."""
 
     def __init__(self, type_name, name, flags, writable, params):
         super().__init__(type_name, name, flags, writable, params)
         self.entries: dict[bytes, bytes] = {}
-        self._cursor: list[tuple[bytes, bytes]] | None = None
-        self._position = 0
 
     def lookup(self, key: bytes) -> bytes | None:
         return self.entries.get(self.fold(key))
 
-    def sequence(self, first: bool) -> tuple[bytes, bytes] | None:
-        """FIRST takes a snapshot in dict order; NEXT before any FIRST, and
-        every call after the last record, answer "no more" (None)."""
-        if first:
-            self._cursor = list(self.entries.items())
-            self._position = 0
-        if self._cursor is None or self._position >= len(self._cursor):
-            return None
-        record = self._cursor[self._position]
-        self._position += 1
-        return record
+    def walk(self, position):
+        return snapshot_walk(position, self.entries.keys, self.entries.get)
 
 
 class TexthashTable(MemoryTable):

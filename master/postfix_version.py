@@ -1,0 +1,36 @@
+"""The version of the Postfix installed beside us, as postconf(1) reports it.
+
+`proxymap_postfix_version = auto` (the default) means: follow the Postfix
+this site runs, whose clients speak to us. Its version is `postconf -dh
+mail_version` of the real postconf ($command_directory/postconf, else the
+one on PATH), asked once per process and directory.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+#: seconds postconf may take
+TIMEOUT = 10
+
+_known: dict[str, str | None] = {}
+
+
+def installed_mail_version(command_directory: str) -> str | None:
+    """mail_version of the installed Postfix, or None when there is none
+    (or it does not answer)."""
+    if command_directory not in _known:
+        from master.checks import postconf_program_in
+        program = postconf_program_in(command_directory)
+        version = None
+        if program:
+            try:
+                done = subprocess.run([program, "-dh", "mail_version"], capture_output=True,
+                                      text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
+                                      env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+                if done.returncode == 0 and done.stdout.strip():
+                    version = done.stdout.strip()
+            except (OSError, subprocess.SubprocessError):
+                version = None
+        _known[command_directory] = version
+    return _known[command_directory]
