@@ -1,7 +1,7 @@
 # Two entry points for a fresh Debian machine (as root):
 #   make run   - install what is missing, start the master on the sample configuration
 #   make test  - install what is missing, run the test suite
-# Plus: make stop, make status, make bench.
+# Plus: make stop, make status, make bench, make install / make uninstall.
 
 PY      := .venv/bin/python
 TOP     := $(CURDIR)
@@ -12,7 +12,7 @@ APT_PKGS += debootstrap
 # tables beyond one host: Postfix's own clients to compare with, servers the tests start
 APT_PKGS += postfix-sqlite postfix-pgsql postfix-mysql postgresql mariadb-server
 
-.PHONY: run stop status test bench deps clean
+.PHONY: run stop status test bench deps clean install uninstall
 
 deps: .venv/.installed
 
@@ -56,6 +56,43 @@ test: deps
 bench: deps
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) benchmarks/run.py
+
+# make install: a site install (as root), not editable: a virtualenv of its
+# own under PREFIX with the package built from this checkout, the programs
+# linked into BINDIR, the docs and sample configuration in DOCDIR, the
+# systemd unit and the logrotate snippet with these paths, and `pyproxymap`
+# in Postfix's daemon directory for running under Postfix's own master
+# (POSTFIX_DAEMON_DIR= skips that link). docs/operations.md, "Install".
+PREFIX             ?= /opt/pyproxymap
+BINDIR             ?= /usr/local/bin
+DOCDIR             ?= /usr/local/share/doc/pyproxymap
+UNITDIR            ?= /etc/systemd/system
+LOGROTATEDIR       ?= /etc/logrotate.d
+POSTFIX_DAEMON_DIR ?= /usr/lib/postfix/sbin
+PROGRAMS           := proxymap-master proxymap proxymap-postmap
+SITE_PATHS = sed -e 's|/usr/local/bin|$(BINDIR)|g' -e 's|/usr/local/share/doc/pyproxymap|$(DOCDIR)|g'
+
+install: .apt-done
+	test -x $(PREFIX)/bin/python || python3 -m venv $(PREFIX)
+	$(PREFIX)/bin/python -m pip install -q --upgrade pip
+	$(PREFIX)/bin/python -m pip install -q .
+	mkdir -p $(BINDIR) $(DOCDIR)/examples $(UNITDIR) $(LOGROTATEDIR)
+	for p in $(PROGRAMS); do ln -sfn $(PREFIX)/bin/$$p $(BINDIR)/$$p; done
+	cp README.md docs/*.md $(DOCDIR)/
+	cp etc/postfix/main.cf etc/postfix/master.cf etc/postfix/virtual $(DOCDIR)/examples/
+	$(SITE_PATHS) etc/systemd/proxymap.service > $(UNITDIR)/proxymap.service
+	$(SITE_PATHS) etc/logrotate.d/pyproxymap > $(LOGROTATEDIR)/pyproxymap
+	chmod 644 $(UNITDIR)/proxymap.service $(LOGROTATEDIR)/pyproxymap
+	if [ -n "$(POSTFIX_DAEMON_DIR)" ] && [ -d "$(POSTFIX_DAEMON_DIR)" ]; then \
+	  ln -sfn $(BINDIR)/proxymap $(POSTFIX_DAEMON_DIR)/pyproxymap; fi
+	@echo "installed $$($(BINDIR)/proxymap-master --version) in $(PREFIX); programs in $(BINDIR);"
+	@echo "docs in $(DOCDIR); unit $(UNITDIR)/proxymap.service (systemctl daemon-reload)"
+
+uninstall:
+	for p in $(PROGRAMS); do rm -f $(BINDIR)/$$p; done
+	rm -f $(UNITDIR)/proxymap.service $(LOGROTATEDIR)/pyproxymap
+	if [ -n "$(POSTFIX_DAEMON_DIR)" ]; then rm -f $(POSTFIX_DAEMON_DIR)/pyproxymap; fi
+	rm -rf $(PREFIX) $(DOCDIR)
 
 clean:
 	rm -rf .venv .apt-done run

@@ -24,7 +24,8 @@ from master import maillog, pidfile
 from master.config import (PROXY_READ_MAPS_DEFAULT, PROXY_READ_MAPS_DEFAULT_311, ConfigError,
                            load_main_cf)
 from master.output import emit
-from master.supervisor import PROGRAM, Master, load_configuration, status_path
+from master.supervisor import (PROGRAM, Master, load_configuration, socket_state,
+                               status_path)
 from proxymap import version_line
 from proxymap.protocol import GREETING
 
@@ -106,10 +107,21 @@ def cmd_check(args) -> int:
                         f"served by {PROGRAM} -- it will be skipped")
     if not config.services:
         raise Failure(f"{config.service_file}: no proxymap service")
+    taken = taken_over_sockets(collect_status(args.config_dir))
+    for path in taken:
+        maillog.error(f"socket file {path} is no longer ours: another process replaced or "
+                      f"removed it -- run `{PROGRAM} reload` to bind it again")
     from master.checks import configuration_warnings
     for text in configuration_warnings(config):
         maillog.warning(text)
-    return 0
+    return 1 if taken else 0
+
+
+def taken_over_sockets(status: dict) -> list[str]:
+    """Socket paths of a running master that are no longer its own."""
+    return [service.get("path") for _, service in sorted(status.get("services", {}).items())
+            if status.get("running") and not service.get("removed")
+            and service.get("socket") not in (None, "ours")]
 
 
 def cmd_run(args) -> int:
@@ -277,6 +289,8 @@ def collect_status(config_dir: str) -> dict:
     status["uptime"] = max(0.0, time.time() - status.get("started", time.time()))
     import psutil
     for service in status.get("services", {}).values():
+        if service.get("path") and "socket_inode" in service:
+            service["socket"] = socket_state(service["path"], service["socket_inode"])
         for worker in service.get("workers", []):
             try:
                 proc = psutil.Process(worker["pid"])
@@ -310,6 +324,10 @@ def format_status(status: dict) -> str:
     for name, service in sorted(status.get("services", {}).items()):
         workers = service.get("workers", [])
         extra = ", throttled" if service.get("throttled") else ""
+        if service.get("socket") == "replaced":
+            extra += f", socket {service.get('path')} replaced by another process"
+        elif service.get("socket") == "missing":
+            extra += f", socket {service.get('path')} missing"
         lines.append(f"service {name} ({service.get('path')}): {len(workers)} worker(s), "
                      f"maxproc {service.get('maxproc')}{extra}")
         for w in workers:

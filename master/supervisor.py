@@ -56,6 +56,8 @@ RETIRE_GRACE = 5.0
 STOP_GRACE = 5.0
 #: seconds a new worker may take to send its first report
 STARTUP_TIMEOUT = 60.0
+#: seconds between checks that our socket files are still ours
+SOCKET_CHECK_INTERVAL = 1.0
 #: fd number of the control channel in the worker
 WORKER_FD = 3
 LOOP_TICK = 0.5
@@ -73,6 +75,19 @@ def worker_executable() -> list[str]:
     if os.access(script, os.X_OK):
         return [script]
     return [sys.executable, "-m", "proxymap.server"]
+
+
+def socket_state(path: str, inode) -> str:
+    """"ours" while `path` is the socket file we bound (same device and
+    inode), "replaced" when another process bound a new one there (Postfix's
+    master with its proxymap line still in master.cf), "missing" when it
+    is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return "ours" if inode is not None and (st.st_dev, st.st_ino) == tuple(inode) \
+        else "replaced"
 
 
 def describe_exit(status: int) -> str | None:
@@ -229,6 +244,9 @@ class ServiceState:
         self.pending: deque[socket.socket] = deque()
         self.throttled_until = 0.0
         self.removed = False
+        #: (st_dev, st_ino) of the socket file we bound
+        self.inode: tuple[int, int] | None = None
+        self.taken_over = False
 
     @property
     def name(self) -> str:
@@ -274,6 +292,7 @@ class Master:
         self.status_written = 0.0
         self.config: Configuration | None = None
         self.queue_directory = ""
+        self.sockets_checked = 0.0
 
     # -- configuration ----------------------------------------------------------
 
@@ -330,9 +349,48 @@ class Master:
     def add_service(self, service: Service, main: MainConfig) -> ServiceState:
         state = ServiceState(service, service_settings(main, service),
                              self.socket_path(service), self.generation)
-        state.listener = bind_socket(state.path, main, self.config.owner)
+        self.bind(state, main)
         self.services[service.identity()] = state
         return state
+
+    def bind(self, state: ServiceState, main: MainConfig) -> None:
+        state.listener = bind_socket(state.path, main, self.config.owner)
+        st = os.stat(state.path)
+        state.inode = (st.st_dev, st.st_ino)
+        state.taken_over = False
+
+    def rebind(self, state: ServiceState, main: MainConfig) -> None:
+        """A new socket in place of one another process replaced; pending
+        connections of the old one are still served."""
+        listening = state.listening
+        self.set_listening(state, False)
+        old = state.listener
+        try:
+            self.bind(state, main)
+        except OSError as exc:
+            state.listener = old
+            maillog.error(f"service {state.name}: {exc}")
+            self.set_listening(state, listening)
+            return
+        old.close()
+        maillog.info(f"service {state.name}: socket {state.path} bound again")
+        self.set_listening(state, listening)
+
+    def check_sockets(self, now: float) -> None:
+        """Log once when a socket file stops being ours."""
+        if now - self.sockets_checked < SOCKET_CHECK_INTERVAL:
+            return
+        self.sockets_checked = now
+        for state in self.services.values():
+            if state.removed or state.listener is None:
+                continue
+            taken = socket_state(state.path, state.inode) != "ours"
+            if taken and not state.taken_over:
+                maillog.warning(f"service {state.name}: socket file {state.path} is no longer "
+                                f"ours (replaced or removed by another process) -- clients "
+                                f"cannot reach us; `reload` binds it again")
+            state.taken_over = taken
+            self.status_dirty = True
 
     # -- the loop -------------------------------------------------------------------
 
@@ -559,6 +617,7 @@ class Master:
     # -- policy -----------------------------------------------------------------------
 
     def manage(self, now: float) -> None:
+        self.check_sockets(now)
         for key, state in list(self.services.items()):
             self.manage_service(state, now)
             if state.removed and not state.alive():
@@ -696,6 +755,8 @@ class Master:
                     del self.services[key]
                 self.add_service(service, main)
                 continue
+            if socket_state(state.path, state.inode) != "ours":
+                self.rebind(state, main)
             unchanged = not main_changed and same_definition(state.service, service)
             state.service = service
             state.settings = service_settings(main, service)
@@ -756,7 +817,7 @@ class Master:
                 "type": state.service.type, "path": state.path,
                 "maxproc": state.settings.maxproc, "generation": state.generation,
                 "throttled": state.throttled(now), "pending": len(state.pending),
-                "removed": state.removed,
+                "removed": state.removed, "socket_inode": state.inode,
                 "workers": [s.snapshot() for s in state.slots if s.alive]}
         return {"pid": os.getpid(), "running": running, "started": self.started,
                 "config_directory": self.config_dir,

@@ -300,3 +300,52 @@ def test_logrotate_snippet_rotates_every_process_log(logged):
                             if "unapproved" in line[3]], what="a warning in the new file")
     assert {line[1] for line in new} == {"postfix/proxymap"}
     assert any(line[3].startswith("reload") for line in log_lines(logged.maillog))
+
+
+# -- 3. socket takeover ---------------------------------------------------------------------
+
+def refused(path: str) -> bool:
+    """A connection to `path` is refused (what every Postfix client gets)."""
+    import socket
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(path)
+        except ConnectionRefusedError:
+            return True
+    return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a real Postfix master needs root")
+def test_socket_taken_over_by_postfix_master_is_reported_and_reload_rebinds(instance):
+    from tests.test_real_daemons import RealPostfix, free_port
+    instance.start()
+    path = instance.socket_path("proxymap")
+    ours = os.stat(path).st_ino
+    assert instance.lookup("alice") == "alice@example.org"
+    assert instance.status()["services"]["proxymap"]["socket"] == "ours"
+    # Postfix's master with its proxymap line still in place binds the same socket
+    real = RealPostfix(instance.root, instance, free_port(), "")
+    real._write("master.cf", "proxymap unix - - n - - proxymap\n"
+                             "postlog unix-dgram n - n - 1 postlogd\n")
+    try:
+        real.start()
+        wait_for(lambda: os.stat(path).st_ino != ours, what="Postfix's master to bind")
+        status = instance.status()
+        assert status["services"]["proxymap"]["socket"] == "replaced"
+        assert status["services"]["proxywrite"]["socket"] == "ours"
+        text = instance.control("status").stdout
+        assert f"socket {path} replaced by another process" in text
+        result = instance.control("check")
+        assert result.returncode == 1
+        assert f"socket file {path} is no longer ours" in result.stderr
+        # the admin removes Postfix's line again: its socket file stays, dead
+        real._write("master.cf", "postlog unix-dgram n - n - 1 postlogd\n")
+        assert real.postfix("reload").returncode == 0
+        wait_for(lambda: refused(path), what="Postfix's master to close its socket")
+        # our reload binds it again
+        assert instance.control("reload").returncode == 0
+        assert instance.lookup("alice") == "alice@example.org"
+        assert instance.status()["services"]["proxymap"]["socket"] == "ours"
+        assert instance.control("check").returncode == 0
+    finally:
+        real.stop()
