@@ -35,6 +35,8 @@ TABLE_TYPES = {
     "sqlite": "proxymap.tables.sqlite:SqliteTable",
     "pgsql": "proxymap.tables.pgsql:PgsqlTable",
     "mysql": "proxymap.tables.mysql:MysqlTable",
+    "socketmap": "proxymap.tables.socketmap:SocketmapTable",
+    "tcp": "proxymap.tables.tcp:TcpTable",
 }
 
 #: entry-point group of plugin table types (base class: tables/backend.py)

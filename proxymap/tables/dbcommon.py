@@ -335,3 +335,16 @@ def lookup_key(key: bytes, flags: int) -> str:
 
 def encode_value(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
+
+
+def sql_lookup(table, key: bytes, fetch: Callable[[str], Iterable[str | None]]) -> bytes | None:
+    """The lookup every SQL table does (dict_sqlite/pgsql/mysql_lookup):
+    fold the key, apply the domain filter, skip keys the query cannot use,
+    then format what fetch(key) returns. `table` has `flags`, `spec`,
+    `templates` and `expansion_limit`."""
+    name = lookup_key(key, table.flags)
+    templates = table.templates
+    if not templates.domain_allows(name) or templates.expand_query(name, lambda s: s) is None:
+        return None
+    value = templates.results(fetch(name), name, table.spec, table.expansion_limit)
+    return None if value is None else encode_value(value)

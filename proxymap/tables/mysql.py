@@ -23,8 +23,7 @@ from proxymap import dictflags as F
 from proxymap.tables.backend import BackendTable
 from proxymap.tables.base import TableOpenError
 from proxymap.tables.connpool import Pool
-from proxymap.tables.dbcommon import (Templates, encode_value, legacy_query, lookup_key,
-                                      read_parameters)
+from proxymap.tables.dbcommon import Templates, legacy_query, read_parameters, sql_lookup
 from proxymap.tables.failover import Dropped, HostFailed, ServerSet
 
 try:
@@ -128,14 +127,8 @@ class MysqlTable(BackendTable):
         return connect
 
     def lookup(self, key: bytes) -> bytes | None:
-        name = lookup_key(key, self.flags)
-        if not self.templates.domain_allows(name):
-            return None
-        if self.templates.expand_query(name, lambda s: s) is None:
-            return None
-        rows = self.servers.run(lambda word: self._query_on(word, name), "MySQL")
-        value = self.templates.results(rows, name, self.spec, self.expansion_limit)
-        return None if value is None else encode_value(value)
+        return sql_lookup(self, key, lambda name: self.servers.run(
+            lambda word: self._query_on(word, name), "MySQL"))
 
     def _query_on(self, word: str, name: str) -> list[str | None]:
         pool = self.pools[word]

@@ -33,8 +33,7 @@ from master import maillog
 from proxymap import dictflags as F
 from proxymap.tables.backend import BackendTable
 from proxymap.tables.base import TableError, TableOpenError
-from proxymap.tables.dbcommon import (Templates, encode_value, legacy_query, lookup_key,
-                                      read_parameters)
+from proxymap.tables.dbcommon import Templates, legacy_query, read_parameters, sql_lookup
 from proxymap.tables.failover import Dropped, HostFailed, ServerSet
 
 try:
@@ -170,14 +169,8 @@ class PgsqlTable(BackendTable):
             return pool
 
     def lookup(self, key: bytes) -> bytes | None:
-        name = lookup_key(key, self.flags)
-        if not self.templates.domain_allows(name):
-            return None
-        if self.templates.expand_query(name, lambda s: s) is None:
-            return None
-        rows = self.servers.run(lambda host: self._query_on(host, name), "PostgreSQL")
-        value = self.templates.results(rows, name, self.spec, self.expansion_limit)
-        return None if value is None else encode_value(value)
+        return sql_lookup(self, key, lambda name: self.servers.run(
+            lambda host: self._query_on(host, name), "PostgreSQL"))
 
     def _query_on(self, host: Host, name: str) -> list[str | None]:
         pool = self._pool(host)
