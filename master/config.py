@@ -259,13 +259,22 @@ DEFAULTS.update({
     # (3.11+: its longer proxy_read_maps, tables named in /file/name values
     # and restriction classes); "auto" asks the installed postconf(1).
     "proxymap_postfix_version": "auto",
+    # Our own: bounded work per client connection (proxymap/server.py):
+    # decoded requests waiting for an answer, reply bytes unsent before the
+    # next reply is made, BAD replies before the connection is closed (0:
+    # never).
+    "proxymap_max_pipelined_requests": "16",
+    "proxymap_max_unsent_reply_bytes": "65536",
+    "proxymap_max_bad_requests": "10",
 })
 
 #: parameters of this project that Postfix does not know
 OWN_PARAMETERS = ("proxymap_max_attributes", "proxymap_max_request_size",
                   "proxymap_worker_busy_clients", "proxymap_master_cf",
                   "proxymap_backend_threads", "proxymap_backend_queue", "proxymap_backend_timeout",
-                  "proxymap_postfix_version")
+                  "proxymap_postfix_version",
+                  "proxymap_max_pipelined_requests", "proxymap_max_unsent_reply_bytes",
+                  "proxymap_max_bad_requests")
 
 DYNAMIC_DEFAULTS = ("myhostname", "mydomain", "mynetworks", "process_id", "process_name")
 READ_ONLY = ("process_id", "process_name")
@@ -278,8 +287,10 @@ LIMITS: dict[str, tuple[int | None, int | None]] = {
         "berkeley_db_read_buffer_size", "berkeley_db_create_buffer_size",
         "proxymap_max_attributes", "proxymap_max_request_size",
         "proxymap_worker_busy_clients",
-        "proxymap_backend_threads", "proxymap_backend_queue", "proxymap_backend_timeout")
+        "proxymap_backend_threads", "proxymap_backend_queue", "proxymap_backend_timeout",
+        "proxymap_max_pipelined_requests", "proxymap_max_unsent_reply_bytes")
 }
+LIMITS["proxymap_max_bad_requests"] = (0, None)
 LIMITS["in_flow_delay"] = (0, 10)
 
 # Parameters Postfix stores as `long`; all other integers must fit an `int`.

@@ -34,13 +34,15 @@ import struct
 import time
 from dataclasses import dataclass
 
-from master import maillog
+from master import fdlimit, maillog
 
 CLIENT, RETIRE, STOP, PING, STATUS, LOG_FILE = b"C", b"R", b"T", b"P", b"S", b"L"
 
 #: busy connections, open connections, connections accepted, requests answered
 STATUS_FORMAT = "!IIQQ"
 STATUS_SIZE = struct.calcsize(STATUS_FORMAT)
+
+_truncated_logged = False
 
 #: at most this many descriptors are accepted in one message (extras are closed)
 MAX_FDS = 4
@@ -60,7 +62,7 @@ REPORT_INTERVAL = 0.5
 @dataclass(frozen=True)
 class Status:
     """One load report from a worker."""
-    busy: int = 0       # connections with a request or reply in progress
+    busy: int = 0       # active connections (Worker.active_clients())
     clients: int = 0    # connections open
     accepted: int = 0   # connections received in total
     requests: int = 0   # requests answered in total
@@ -115,7 +117,7 @@ def read_messages(chan: socket.socket):
 
     Returns (records, eof) where records is a list of (payload bytes,
     [fds]). Descriptors arrive close-on-exec; a truncated control message
-    is reported and its descriptors closed.
+    is reported (once) and comes without its descriptors.
     """
     records = []
     while True:
@@ -128,9 +130,18 @@ def read_messages(chan: socket.socket):
             return records, True
         fds = _take_fds(ancdata)
         if flags & socket.MSG_CTRUNC:
-            maillog.warning("control channel: descriptor message truncated")
+            # At the descriptor limit the kernel drops the client's
+            # descriptor (closing its connection: the client sees EOF at
+            # once); said once, not once per client.
+            global _truncated_logged
+            if not _truncated_logged:
+                _truncated_logged = True
+                maillog.warning(f"control channel: descriptor message truncated (descriptor"
+                                f" limit {fdlimit.open_limit()}?): clients beyond the limit"
+                                f" are closed")
             for fd in fds:
                 _close_fd(fd)
+            records.append((data, []))
             continue
         if not data and not fds:
             return records, True
@@ -180,10 +191,8 @@ class WorkerChannel:
         self.report(force=True)     # "I am up": the master counts us as ready
 
     def status(self) -> Status:
-        conns = getattr(self.worker, "conns", {})
-        busy = sum(1 for c in conns.values()
-                   if getattr(c, "since", None) is not None or getattr(c, "out", b""))
-        return Status(busy, self.worker.clients, self.worker.accepted, self.worker.requests)
+        return Status(self.worker.active_clients(), self.worker.clients, self.worker.accepted,
+                      self.worker.requests)
 
     def report(self, force: bool = False) -> None:
         if self.closed:
@@ -209,6 +218,12 @@ class WorkerChannel:
                 self.worker.add_client(socket.socket(fileno=fds[0]))
                 for extra in fds[1:]:
                     _close_fd(extra)
+            elif kind == CLIENT:
+                # lost at our descriptor limit (its connection is closed):
+                # counted as taken, so the master does not wait for it
+                self.worker.accepted += 1
+                self.worker.refused += 1
+                self.report()
             elif kind == LOG_FILE and fds:
                 maillog.adopt_log_file(fds[0])
                 for extra in fds[1:]:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import setproctitle
 
-from master import handoff, maillog, pidfile, sdnotify
+from master import fdlimit, handoff, maillog, pidfile, sdnotify
 from master.config import (ConfigError, MainConfig, Service, load_main_cf, load_master_cf,
                            proxy_allow_set)
 from master.workerslot import READY, RETIRING, STARTING, WorkerSlot, pick_worker
@@ -162,6 +162,11 @@ def load_configuration(config_dir: str, warn=None, workers: bool = False,
                                     f"{main.get(name)}")
     main.get_int("default_process_limit")
     main.get_time("service_throttle_time")
+    if workers:     # check, reload: the log file the master and workers will open
+        try:
+            maillog.check_log_file(main.get("maillog_file"), main.get("maillog_file_prefixes"))
+        except maillog.LogFileError as exc:
+            raise main.locate("maillog_file", str(exc)) from None
     used, skipped = [], []
     for service in services:
         if service.type == "unix" and is_proxymap_command(service):
@@ -206,8 +211,10 @@ class Settings:
     daemon_timeout: int
     throttle_time: int
     maxproc: int
-    #: a worker with this many open connections counts as busy: when every
-    #: worker of a service is busy the master starts another (up to maxproc).
+    #: a worker with this many active connections (a request in the last
+    #: second; idle ones cost little and are not counted) counts as busy:
+    #: when every worker of a service is busy the master starts another (up
+    #: to maxproc).
     #: One event loop serves many clients; a worker per core or so is what
     #: helps throughput, a worker per handful of clients only costs memory.
     busy_clients: int
@@ -297,9 +304,23 @@ class Master:
     # -- configuration ----------------------------------------------------------
 
     def setup_logging(self, main: MainConfig) -> None:
+        """Log as main.cf says; ConfigError for an unusable maillog_file."""
         maillog.set_hostname(main.get("myhostname"))
-        maillog.setup(f"{main.get('syslog_name')}/{PROGRAM}", main.get("maillog_file"),
-                      stderr=self.stderr, verbose=self.verbose)
+        try:
+            maillog.setup(f"{main.get('syslog_name')}/{PROGRAM}", main.get("maillog_file"),
+                          stderr=self.stderr, verbose=self.verbose,
+                          prefixes=main.get("maillog_file_prefixes"))
+        except maillog.LogFileError as exc:
+            raise main.locate("maillog_file", str(exc)) from None
+
+    def reopen_logging(self, main: MainConfig) -> None:
+        """setup_logging() at reload: a maillog_file that cannot be used
+        (checked before, or replaced since, by a symlink say) is refused
+        with an error line, and the log file already open stays in use."""
+        try:
+            self.setup_logging(main)
+        except ConfigError as exc:
+            maillog.error(f"{exc}")
 
     def log_skipped(self, config: Configuration) -> None:
         for service in config.skipped:
@@ -326,6 +347,8 @@ class Master:
                 from None
         os.environ["MAIL_CONFIG"] = self.config_dir
         self.install_signals()
+        fdlimit.raise_open_limit()
+        self.accept_guard = fdlimit.AcceptGuard("accept connection")
         preload_worker()
         self.log_skipped(config)
         for service in config.services:
@@ -436,11 +459,11 @@ class Master:
             if state.listener is None or not state.listening:
                 return
             try:
-                client, _ = state.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
+                client = self.accept_guard.accept(state.listener)
             except OSError as exc:
                 maillog.warning(f"accept connection: {exc.strerror}")
+                return
+            if client is None:
                 return
             self.dispatch(state, client)
 
@@ -476,7 +499,7 @@ class Master:
         current = state.current()
         if any(s.state == STARTING for s in current):
             return
-        if current and min(s.load for s in current) < state.settings.busy_clients:
+        if current and min(s.active_load for s in current) < state.settings.busy_clients:
             return
         if state.under_limit() and not state.throttled(now) and not state.removed:
             self.spawn(state)
@@ -693,7 +716,7 @@ class Master:
                                         services_from=self.services_from)
         except ConfigError as exc:
             self.reload_error = str(exc)
-            self.setup_logging(self.config.main)        # reopen the log all the same
+            self.reopen_logging(self.config.main)       # reopen the log all the same
             maillog.info(f"reload -- configuration {self.config_dir}")
             maillog.error(f"{exc}")
             maillog.error("reload rejected -- the running configuration is unchanged")
@@ -722,7 +745,7 @@ class Master:
     def apply(self, config: Configuration) -> None:
         old = self.config
         main = config.main
-        self.setup_logging(main)            # reopens maillog_file (log rotation)
+        self.reopen_logging(main)           # reopens maillog_file (log rotation)
         maillog.info(f"reload -- configuration {self.config_dir}")
         main_changed = old is None or old.main.explicit() != main.explicit()
         if main.get("queue_directory") != self.queue_directory:

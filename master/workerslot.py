@@ -55,6 +55,13 @@ class WorkerSlot:
         return self.status.clients + self.in_transit
 
     @property
+    def active_load(self) -> int:
+        """Active connections (see proxymap.server.Worker.active_clients),
+        counting those still on their way: what decides whether another
+        worker is needed."""
+        return self.status.busy + self.in_transit
+
+    @property
     def alive(self) -> bool:
         return self.state in ALIVE_STATES
 

@@ -32,6 +32,7 @@ from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, S
                                BadRequest, Request, encode_reply, parse_request)
 from proxymap.tables import Table, TableError, TableOpenError, open_table, strip_proxy
 from proxymap.tables.base import END, START, Unsupported
+from proxymap.tables.filelock import LockBusy
 from proxymap.utf8 import is_utf8, utf8_key
 
 #: seconds before a table that failed to open is tried again
@@ -102,19 +103,39 @@ class Dispatcher:
         #: walk positions of callers that keep none of their own
         self.walks: dict = {}
 
+        # the worker clears this for a connection that already had its
+        # share of bad-request warnings (it counts and sums up the rest)
+        self.log_bad = True
+        self._client: object = None
+        # proxywrite instances opened with OPEN_LOCK -> the clients that used
+        # them: the lock is given back when the last of them has gone
+        self.lock_users: dict[tuple[str, int], set] = {}
+
     # -- the request entry point ------------------------------------------------
 
-    def handle(self, attrs: list[tuple[bytes, bytes]], walks: dict | None = None):
+    def handle(self, attrs: list[tuple[bytes, bytes]], walks: dict | None = None,
+               may_wait: bool = False, client: object = None):
         """One decoded attribute list in, one encoded reply out, or an
         offload.Pending whose reply comes later. Never raises. `walks` holds
-        the sequence positions of the client's connection."""
+        the sequence positions of the client's connection.
+
+        With `may_wait`, a table lock that another process holds gives None
+        instead (ask again later); without, RETRY. `client` names the
+        connection, for instances that hold a lock while someone uses them."""
         try:
             req = parse_request(attrs)
         except BadRequest as exc:
-            maillog.warning(f"{self.service}: bad request: {exc.reason}")
+            if self.log_bad:
+                maillog.warning(f"{self.service}: bad request: {exc.reason}")
             return encode_reply(exc.name, BAD, exc.layout)
+        self._client = client
         try:
             return self._answer(req, self.walks if walks is None else walks)
+        except LockBusy as exc:
+            if may_wait:
+                return None
+            maillog.warning(exc.reason)
+            return encode_reply(req.name, RETRY, req.layout)
         except Exception as exc:  # a bug must not cost the client its answer
             maillog.error(f"{req.name} {req.table}: unexpected {type(exc).__name__}: {exc}")
             return encode_reply(req.name, RETRY, req.layout)
@@ -190,6 +211,8 @@ class Dispatcher:
                 return encode_reply(name, OK, layout, flags=table.flags,
                                     key=record[0], value=record[1])
             return encode_reply(name, OK if done else NOKEY, layout, flags=table.flags)
+        except LockBusy:
+            raise
         except TableError as exc:
             maillog.warning(exc.reason)
             return encode_reply(name, exc.status, layout, flags=table.flags)
@@ -228,9 +251,12 @@ class Dispatcher:
                 if time.monotonic() - table.failed_at < OPEN_RETRY_INTERVAL:
                     return table
             elif not table.changed():
+                if inst & F.OPEN_LOCK and self.writable:
+                    self._note_lock_user(regkey)
                 return table
             elif table.modified():      # one line per change, not per unsettled reopen
                 maillog.info(f"table {spec}: has changed -- reopening")
+            del self.tables[regkey]
             self._close(table)
         # 3.7 opens with the full flags of the first request, 3.11 with the
         # instance flags. OPEN_LOCK holds an exclusive lock for the life of
@@ -242,11 +268,33 @@ class Dispatcher:
         table = self._open(spec, flags, req.layout)
         table.regkey = regkey
         self.tables[regkey] = table
+        if inst & F.OPEN_LOCK and self.writable:
+            self._note_lock_user(regkey)
         return table
+
+    def _note_lock_user(self, regkey) -> None:
+        if self._client is not None:
+            self.lock_users.setdefault(regkey, set()).add(self._client)
+
+    def client_gone(self, client: object) -> None:
+        """A connection has ended: an OPEN_LOCK instance that no remaining
+        client has used is closed, which gives its lock back (Postfix keeps
+        it for the life of the process: one client could lock every other
+        user of the file out for good)."""
+        for regkey, users in list(self.lock_users.items()):
+            users.discard(client)
+            if not users:
+                del self.lock_users[regkey]
+                table = self.tables.pop(regkey, None)
+                if table is not None:
+                    maillog.debug(f"table {regkey[0]}: last OPEN_LOCK user gone -- closing")
+                    self._close(table)
 
     def _open(self, spec: str, flags: int, layout: int = 37) -> Table:
         try:
             table = self.opener(spec, flags, self.writable, self.params)
+        except LockBusy:
+            raise
         except Exception as exc:
             reason = str(exc) if isinstance(exc, TableOpenError) else f"{type(exc).__name__}: {exc}"
             maillog.error(f"open table {spec}: {reason}")

@@ -63,26 +63,49 @@ class Decoder:
     """Incremental decoder of NUL-encoded attribute lists.
 
     feed() takes whatever bytes arrived and returns the complete lists found
-    so far, each a list of (name, value) byte pairs, in order. Bytes of an
-    unfinished list stay buffered. A list with too many attributes or too
-    many bytes raises ProtocolError: framing is then lost for good.
+    so far, each a list of (name, value) byte pairs, in order; with `limit`
+    at most that many, the others staying buffered (`more` is then true and
+    feed(b"", limit) returns the next ones). Bytes of an unfinished list
+    stay buffered; bytes without a NUL that continue one are appended, not
+    rescanned, so a request dribbled in small pieces costs its length, not
+    its length squared. A list with too many attributes or too many bytes
+    raises ProtocolError: framing is then lost for good.
     """
 
-    __slots__ = ("buf", "max_attrs", "max_message")
+    __slots__ = ("buf", "max_attrs", "max_message", "more")
 
     def __init__(self, max_attrs: int = DEFAULT_MAX_ATTRS,
                  max_message: int = DEFAULT_MAX_MESSAGE):
-        self.buf = b""
+        self.buf: bytes | bytearray = b""
         self.max_attrs = max_attrs
         self.max_message = max_message
+        # the buffer may hold complete lists that a limit held back
+        self.more = False
 
-    def feed(self, data: bytes) -> list[list[tuple[bytes, bytes]]]:
-        buf = self.buf + data if self.buf else data
+    def feed(self, data: bytes, limit: int = 0) -> list[list[tuple[bytes, bytes]]]:
+        max_attrs, max_message = self.max_attrs, self.max_message
+        if self.buf:
+            if not self.more and b"\0" not in data:
+                # the unfinished token goes on: nothing new to scan
+                if type(self.buf) is bytes:
+                    self.buf = bytearray(self.buf)
+                self.buf += data
+                if len(self.buf) > max_message:
+                    raise ProtocolError(f"request larger than {max_message} bytes")
+                return []
+            buf = bytes(self.buf) + data
+        else:
+            buf = data
+        self.more = False
         # One split does the scanning: tokens alternate name, value, name...
         # and an empty token where a name belongs ends a list. The last
-        # token is whatever follows the last NUL (an unfinished token).
-        tokens = buf.split(b"\0")
-        max_attrs, max_message = self.max_attrs, self.max_message
+        # token is whatever follows the last NUL (an unfinished token). With
+        # a limit, no more tokens are split than `limit` lists can hold,
+        # plus the one that shows a list has too many attributes.
+        if limit:
+            tokens = buf.split(b"\0", limit * (2 * max_attrs + 1) + 1)
+        else:
+            tokens = buf.split(b"\0")
         # Fast path: exactly one complete list (the usual read). Its names
         # sit at even positions, none empty, and it ends in "\0\0".
         n = len(tokens)
@@ -111,6 +134,9 @@ class Decoder:
                 i += 1
                 pos += 1
                 consumed = list_start = pos
+                if len(out) == limit:
+                    self.more = consumed < len(buf)
+                    break
                 continue
             if i + 1 >= complete:
                 break
@@ -121,7 +147,7 @@ class Decoder:
             i += 2
             pos += len(name) + len(value) + 2
         self.buf = buf[consumed:] if consumed else buf
-        if len(self.buf) > max_message:
+        if not self.more and len(self.buf) > max_message:
             raise ProtocolError(f"request larger than {max_message} bytes")
         return out
 
@@ -235,6 +261,15 @@ def parse_request(attrs: list[tuple[bytes, bytes]]) -> Request:
     if layout == 311 and name == "open":
         req.flags = req.instance_flags
     return req
+
+
+_BAD_PREFIX = b"status\0%d\0" % BAD
+
+
+def is_bad_reply(reply: bytes) -> bool:
+    """True for an encoded reply whose status is BAD (every reply layout
+    starts with its status)."""
+    return reply.startswith(_BAD_PREFIX)
 
 
 def encode_reply(name: str | None, status: int, layout: int = 37,

@@ -26,11 +26,12 @@ import sys
 import time
 from collections import deque
 
-from master import maillog
+from master import fdlimit, maillog
 from proxymap import version_line
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
 from proxymap.offload import Offloader
-from proxymap.protocol import GREETING, Decoder, ProtocolError
+from proxymap.protocol import GREETING, Decoder, ProtocolError, is_bad_reply
+from proxymap.tables import filelock
 from proxymap.tables.source import logical_lines
 
 READ_CHUNK = 65536
@@ -38,6 +39,15 @@ READ_CHUNK = 65536
 TICK = 1.0
 #: when stopping, a connection idle this long since our last reply is closed
 STOP_IDLE = 1.0
+#: a connection that had a request or reply in this many seconds counts as
+#: active (the master adds workers for active connections, not idle ones)
+ACTIVE_WINDOW = 1.0
+#: seconds between attempts at a request whose table lock another process
+#: holds (for at most filelock.LOCK_WAIT_LIMIT, then RETRY)
+LOCK_RETRY = 0.01
+#: bad-request warnings logged per connection; the rest are counted and
+#: summed up in the line that closes the connection
+BAD_LOGGED = 3
 
 
 class Connection:
@@ -46,7 +56,7 @@ class Connection:
     offload.Pending) and the replies that came after them."""
 
     __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied",
-                 "waiting", "walks")
+                 "queue", "bad", "wait_until", "answered_at", "waiting", "held", "walks")
 
     def __init__(self, sock: socket.socket, decoder: Decoder, peer: str):
         self.sock = sock
@@ -60,9 +70,25 @@ class Connection:
         self.events = 0
         # monotonic time our last reply (or the greeting) was fully sent
         self.replied = time.monotonic()
+        # decoded requests not answered yet (at most max_pipeline)
+        self.queue: deque = deque()
+        # BAD replies sent on this connection
+        self.bad = 0
+        # monotonic time of our last answer (0: none yet; the greeting is none)
+        self.answered_at = 0.0
+        # while the first queued request waits for a table lock: when to
+        # give up on it and answer RETRY
+        self.wait_until: float | None = None
         self.waiting: deque = deque()
+        # bytes of the encoded replies in `waiting` (behind a Pending)
+        self.held = 0
         # this client's sequence positions, per table instance
         self.walks: dict = {}
+
+    def idle(self) -> bool:
+        """Nothing owed either way: no request bytes, no unsent reply."""
+        return not self.out and not self.queue and not self.waiting \
+            and not self.decoder.pending
 
 
 class Worker:
@@ -75,17 +101,28 @@ class Worker:
     """
 
     def __init__(self, dispatcher: Dispatcher, *, ipc_timeout: float = 3600,
-                 max_attrs: int = 32, max_message: int = 1 << 20):
+                 max_attrs: int = 32, max_message: int = 1 << 20,
+                 max_pipeline: int = 16, max_unsent: int = 65536, max_bad: int = 10):
         self.dispatcher = dispatcher
         self.ipc_timeout = ipc_timeout
         self.max_attrs = max_attrs
         self.max_message = max_message
+        # Bounded work per client: at most max_pipeline decoded requests
+        # wait for an answer, replies are produced only while less than
+        # max_unsent bytes of earlier replies are unsent, and a connection
+        # is closed at its max_bad'th BAD reply (0: never).
+        self.max_pipeline = max_pipeline
+        self.max_unsent = max_unsent
+        self.max_bad = max_bad
         # epoll directly rather than selectors: the loop runs once per request
         self._poll = select.epoll()
         self._handlers: dict[int, object] = {}   # fd -> Connection or (fileobj, callback)
         self.conns: dict[int, Connection] = {}
+        self.lock_waiting: dict[int, Connection] = {}   # requests waiting for a lock
+        self._accept_guard = None
         self.requests = 0
         self.accepted = 0
+        self.refused = 0     # clients lost at the descriptor limit
         self.stopping = False
         self.on_change = None   # called when clients or requests change
         self.on_tick = None     # called at least once a second
@@ -98,6 +135,15 @@ class Worker:
     @property
     def clients(self) -> int:
         return len(self.conns)
+
+    def active_clients(self) -> int:
+        """Connections with a request or reply in progress, or one finished
+        less than ACTIVE_WINDOW seconds ago: the load that more workers
+        would help with. A client that keeps its connection open between
+        rare requests (as Postfix daemons do) is not counted."""
+        since = time.monotonic() - ACTIVE_WINDOW
+        return sum(1 for c in self.conns.values()
+                   if c.since is not None or c.queue or c.waiting or c.answered_at > since)
 
     def close(self) -> None:
         """Release the event loop's descriptor (a worker that never ran)."""
@@ -138,24 +184,26 @@ class Worker:
         self._poll.register(conn.fd, select.EPOLLIN)
         self._handlers[conn.fd] = conn
         conn.events = select.EPOLLIN
-        self._flush(conn)
         self._changed()
+        self._pump(conn)
 
     def listen_on(self, listener: socket.socket) -> None:
         listener.setblocking(False)
         self.watch(listener, self._accept)
 
     def _accept(self, listener: socket.socket) -> None:
+        if self._accept_guard is None:
+            self._accept_guard = fdlimit.AcceptGuard("accept")
         for _ in range(64):
             try:
-                sock, _addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
+                sock = self._accept_guard.accept(listener)
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno in (errno.ENOBUFS, errno.ENOMEM):
                     maillog.warning(f"accept: {exc.strerror}")
                     return
                 raise
+            if sock is None:
+                return
             self.add_client(sock)
 
     # -- the loop -------------------------------------------------------------
@@ -165,18 +213,30 @@ class Worker:
         handlers = self._handlers
         out_events = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
         in_events = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+        hangup = select.EPOLLERR | select.EPOLLHUP
+        # the loop never sleeps on a lock: a busy one defers the request
+        filelock.wait_limit = 0
         while not (self.stopping and not self.conns):
-            for fd, events in self._poll.poll(TICK):
+            waiting = self.lock_waiting
+            for fd, events in self._poll.poll(LOCK_RETRY if waiting else TICK):
                 handler = handlers.get(fd)
                 if handler is None:
                     continue
                 if type(handler) is Connection:
+                    if handler.wait_until is not None or handler.waiting and not handler.out:
+                        if events & hangup:      # gone while its request waited
+                            self._close(handler)
+                        continue
                     if events & out_events and handler.out:
-                        self._flush(handler)
+                        self._pump(handler)
                     if events & in_events and not handler.out and fd in self.conns:
                         self._read(handler)
                 else:
                     handler[1](handler[0])
+            if waiting:
+                for conn in list(waiting.values()):
+                    if conn.fd in self.conns:
+                        self._pump(conn)
             now = time.monotonic()
             if now - self._ticked >= TICK:
                 self._ticked = now
@@ -203,8 +263,7 @@ class Worker:
 
     def _close_idle(self, now: float) -> None:
         for conn in list(self.conns.values()):
-            if not conn.out and not conn.waiting and not conn.decoder.pending \
-                    and now - conn.replied >= STOP_IDLE:
+            if conn.idle() and now - conn.replied >= STOP_IDLE:
                 self._close(conn)
 
     # -- per-connection I/O ---------------------------------------------------------
@@ -224,60 +283,122 @@ class Worker:
             self._close(conn)
             return
         try:
-            lists = conn.decoder.feed(data)
+            conn.queue.extend(conn.decoder.feed(data, self.max_pipeline))
         except ProtocolError as exc:
             maillog.warning(f"{exc} from {conn.peer}: closing the connection")
             self._close(conn)
             return
-        for attrs in lists:
-            reply = self.dispatcher.handle(attrs, conn.walks)
-            if type(reply) is bytes and not conn.waiting:
-                conn.out += reply
-            else:  # an offloaded operation, or a reply queued behind one
-                if type(reply) is not bytes:
-                    reply.owner = conn
-                conn.waiting.append(reply)
-            self.requests += 1
-        # ipc_timeout counts from the first byte of an unfinished request,
-        # so a client trickling one byte a second cannot keep it open
-        if not conn.decoder.pending:
-            conn.since = None
-        elif lists or conn.since is None:
-            conn.since = time.monotonic()   # a new request began in this read
-        if conn.out or conn.waiting:
-            self._flush(conn)
-        if lists:
-            self._changed()
+        if not conn.queue:
+            # ipc_timeout counts from the first byte of an unfinished request,
+            # so a client trickling one byte a second cannot keep it open
+            if conn.since is None:
+                conn.since = time.monotonic()
+            return
+        self._pump(conn)
 
-    def _flush(self, conn: Connection) -> None:
-        if conn.out:
-            try:
-                sent = conn.sock.send(conn.out)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self._close(conn, None if exc.errno in (errno.EPIPE, errno.ECONNRESET)
-                            else f"write: {exc.strerror}")
-                return
-            del conn.out[:sent]
-        # Back-pressure: while a reply is unsent or still being worked on,
-        # read nothing more from this client, so one that never reads cannot
-        # make us buffer without bound (hang-ups are still reported).
-        want = select.EPOLLOUT if conn.out else 0 if conn.waiting else select.EPOLLIN
+    def _pump(self, conn: Connection) -> None:
+        """Answer the client's requests in order and send the replies.
+
+        Replies are made only while less than max_unsent bytes of earlier
+        ones wait to be sent, and at most max_pipeline decoded requests wait
+        to be answered: replies are produced as the client drains them, so
+        what one connection costs is bounded however much it pipelines.
+        While anything is owed, nothing more is read from the client."""
+        decoder, queue, dispatcher = conn.decoder, conn.queue, self.dispatcher
+        max_unsent, max_pipeline = self.max_unsent, self.max_pipeline
+        waiting = conn.waiting
+        answered = 0
+        try:
+            while True:
+                while queue and len(conn.out) + conn.held < max_unsent \
+                        and len(waiting) < max_pipeline:
+                    dispatcher.log_bad = conn.bad < BAD_LOGGED
+                    may_wait = conn.wait_until is None or time.monotonic() < conn.wait_until
+                    reply = dispatcher.handle(queue[0], conn.walks, may_wait, conn)
+                    if reply is None:        # a table lock is busy: later
+                        if conn.wait_until is None:
+                            conn.wait_until = time.monotonic() + filelock.LOCK_WAIT_LIMIT
+                            self.lock_waiting[conn.fd] = conn
+                        break
+                    queue.popleft()
+                    if conn.wait_until is not None:
+                        conn.wait_until = None
+                        del self.lock_waiting[conn.fd]
+                    answered += 1
+                    if type(reply) is not bytes:    # offloaded: comes later
+                        reply.owner = conn
+                        waiting.append(reply)
+                        continue
+                    if waiting:                     # in order, behind one
+                        waiting.append(reply)
+                        conn.held += len(reply)
+                    else:
+                        conn.out += reply
+                    if is_bad_reply(reply):
+                        conn.bad += 1
+                        if conn.bad == self.max_bad:
+                            self._close_for_bad(conn)
+                            return
+                if not queue and decoder.more and len(conn.out) + conn.held < max_unsent \
+                        and conn.wait_until is None and len(waiting) < max_pipeline:
+                    queue.extend(decoder.feed(b"", self.max_pipeline))
+                    continue
+                if conn.out:
+                    try:
+                        sent = conn.sock.send(conn.out)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    except OSError as exc:
+                        self._close(conn, None if exc.errno in (errno.EPIPE, errno.ECONNRESET)
+                                    else f"write: {exc.strerror}")
+                        return
+                    del conn.out[:sent]
+                    if not conn.out:
+                        conn.replied = time.monotonic()
+                        if (queue or decoder.more) and conn.wait_until is None \
+                                and len(waiting) < max_pipeline:
+                            continue     # all sent: answer the next ones
+                break
+        except ProtocolError as exc:
+            maillog.warning(f"{exc} from {conn.peer}: closing the connection")
+            self._close(conn)
+            return
+        finally:
+            self.requests += answered
+        # Back-pressure: while a reply is unsent, read nothing more from this
+        # client, so one that never reads cannot make us buffer without bound.
+        # While a request waits for a lock or an offloaded reply, nothing is
+        # read either (only a hang-up is reported).
+        want = select.EPOLLOUT if conn.out else \
+            0 if conn.wait_until is not None or waiting else select.EPOLLIN
         if want != conn.events:
             self._poll.modify(conn.fd, want)
             conn.events = want
-        if conn.out:
-            if conn.since is None:
-                conn.since = time.monotonic()
+        if answered:
+            conn.answered_at = time.monotonic()
+        if conn.out or queue or waiting or decoder.pending:
+            if answered or conn.since is None:
+                conn.since = time.monotonic()   # owed since this request
         else:
-            conn.replied = time.monotonic()
-            if not conn.decoder.pending:
-                conn.since = None
-            elif conn.since is None:
-                conn.since = conn.replied
-            if self.stopping and not conn.decoder.pending and not conn.waiting:
+            conn.since = None
+            if self.stopping:
                 self._close(conn)
+                return
+        if answered:
+            self._changed()
+
+    def _close_for_bad(self, conn: Connection) -> None:
+        """Postfix drops a client at its first malformed request; we answer
+        a few BAD first (a client may be confused, not hostile), then send
+        what is owed, best effort, and hang up with one summary line."""
+        unlogged = conn.bad - BAD_LOGGED
+        more = f" ({unlogged} more not logged)" if unlogged > 0 else ""
+        maillog.warning(f"{conn.peer}: {conn.bad} bad requests{more}: closing the connection")
+        try:
+            conn.sock.send(conn.out)
+        except OSError:
+            pass
+        self._close(conn)
 
     # -- replies of offloaded operations ------------------------------------------
 
@@ -298,6 +419,8 @@ class Worker:
                     if head.reply is None:
                         break
                     head = head.reply
+                else:
+                    conn.held -= len(head)
                 conn.out += head
                 conn.waiting.popleft()
                 moved = True
@@ -305,7 +428,7 @@ class Worker:
                 touched.append(conn)
         for conn in touched:
             if self.conns.get(conn.fd) is conn:
-                self._flush(conn)
+                self._pump(conn)
         if touched:
             self._changed()
 
@@ -324,6 +447,8 @@ class Worker:
         if why:
             maillog.warning(f"{conn.peer}: {why}: closing the connection")
         self.conns.pop(conn.fd, None)
+        self.lock_waiting.pop(conn.fd, None)
+        self.dispatcher.client_gone(conn)
         if self._handlers.pop(conn.fd, None) is not None:
             try:
                 self._poll.unregister(conn.fd)
@@ -389,7 +514,10 @@ def make_worker(config, service: str) -> Worker:
     return Worker(make_dispatcher(config, service),
                   ipc_timeout=config.get_time("ipc_timeout"),
                   max_attrs=config.get_int("proxymap_max_attributes"),
-                  max_message=config.get_int("proxymap_max_request_size"))
+                  max_message=config.get_int("proxymap_max_request_size"),
+                  max_pipeline=config.get_int("proxymap_max_pipelined_requests"),
+                  max_unsent=config.get_int("proxymap_max_unsent_reply_bytes"),
+                  max_bad=config.get_int("proxymap_max_bad_requests"))
 
 
 class ParamView:
@@ -469,13 +597,19 @@ def main(argv=None) -> int:
         print(f"proxymap: fatal: {exc}", file=sys.stderr)
         return 1
     def open_log() -> None:
+        """Raises maillog.LogFileError for an unusable maillog_file."""
         maillog.set_hostname(config.get("myhostname"))
         maillog.setup(f"{config.get('syslog_name')}/{service}", config.get("maillog_file"),
-                      stderr=args.stderr, verbose=args.verbose)
-    open_log()
+                      stderr=args.stderr, verbose=args.verbose,
+                      prefixes=config.get("maillog_file_prefixes"))
+    try:
+        open_log()
+    except maillog.LogFileError as exc:
+        maillog.fatal(str(exc))     # to the sink in use: syslog or stderr
     role = role_of(service, config)
     if role is None:
         maillog.fatal(f"service name must be one of {READ_SERVICE} or {WRITE_SERVICE}, not {service!r}")
+    fdlimit.raise_open_limit()     # as Postfix's event loop does
     if role == WRITE_SERVICE:
         try:
             os.setsid()
@@ -503,6 +637,8 @@ def main(argv=None) -> int:
         elif signal.SIGHUP in data:
             try:
                 open_log()      # let go of a rotated log file
+            except maillog.LogFileError as exc:
+                maillog.error(f"{exc}: the log file already open stays in use")
             except OSError as exc:
                 maillog.warning(f"reopen {config.get('maillog_file')}: {exc.strerror}")
 

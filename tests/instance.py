@@ -187,13 +187,15 @@ class Instance:
         assert result.returncode == 0, result.stderr
         return self.master_pid()
 
-    def run_foreground(self, env: dict | None = None, wait: bool = True) -> subprocess.Popen:
+    def run_foreground(self, env: dict | None = None, wait: bool = True,
+                       preexec_fn=None) -> subprocess.Popen:
         """`proxymap-master run --stderr` with its log in self.log_path; with
-        `wait`, returns once both services greet."""
+        `wait`, returns once both services greet. `preexec_fn` runs in the
+        child before exec (e.g. to set a resource limit)."""
         log = open(self.log_path, "ab")
         proc = subprocess.Popen([MASTER, "-c", self.config_dir, "run", "--stderr"],
                                 stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
         log.close()
         self.procs.append(proc)
         if not wait:

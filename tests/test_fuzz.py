@@ -217,7 +217,10 @@ def test_fuzz_standalone_worker(tmp_path):
     connection closed), the worker alive and still correct."""
     inst = WorkerInstance(tmp_path, read_maps=" ".join(f"proxy:{t}" for t in TABLES),
                           extra=f"proxymap_max_request_size = {MAX_MESSAGE}\n"
-                                f"proxymap_max_attributes = {MAX_ATTRS}\n")
+                                f"proxymap_max_attributes = {MAX_ATTRS}\n"
+                                # every fuzzed list must get its reply: no
+                                # hanging up after a run of BAD ones
+                                "proxymap_max_bad_requests = 0\n")
     proc = inst.start()
     try:
         rng = random.Random(20240611)
@@ -278,7 +281,8 @@ def test_fuzz_master_100k_requests(tmp_path, record_property):
     # which Postfix's narrowing rule can hide a key stored the other way.
     with temporary_instance(tmp_path, main_extra={
             "max_use": "1000000", "proxymap_max_request_size": str(MAX_MESSAGE * 4),
-            "proxymap_max_attributes": str(MAX_ATTRS)}) as inst:
+            "proxymap_max_attributes": str(MAX_ATTRS),
+            "proxymap_max_bad_requests": "0"}) as inst:
         root = inst.root
         lmdb_table = f"lmdb:{root}/tables/fuzz"
         inst.make_tables({**WRITE_ENTRIES, "fuzz-sentinel": "sentinel-ok"})

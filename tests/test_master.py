@@ -172,7 +172,9 @@ def worker_pids(master_pid: int, service: str | None = None) -> list[int]:
     return pids
 
 
-def hold_connections(path: str, count: int) -> list[socket.socket]:
+def hold_connections(path: str, count: int, busy: bool = False) -> list[socket.socket]:
+    """`count` greeted connections; with `busy`, each with a request under
+    way (idle connections do not make the master add workers)."""
     socks = []
     for _ in range(count):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -181,6 +183,8 @@ def hold_connections(path: str, count: int) -> list[socket.socket]:
         data = b""
         while len(data) < GREETING_LEN:
             data += sock.recv(64)
+        if busy:
+            sock.sendall(b"request\0lookup\0table\0")
         socks.append(sock)
     return socks
 
@@ -293,11 +297,11 @@ def test_other_commands_are_skipped_with_a_warning(instance):
 def test_concurrent_clients_spread_over_several_workers(instance):
     instance.run_foreground()
     master = instance.master_pid()
-    held = hold_connections(instance.socket_path(), 12)
+    held = hold_connections(instance.socket_path(), 12, busy=True)
     try:
         wait_for(lambda: len(instance.workers("proxymap", "ready")) >= 2, 20,
                  what="a second proxymap worker")
-        more = hold_connections(instance.socket_path(), 8)
+        more = hold_connections(instance.socket_path(), 8, busy=True)
         held += more
 
         def serving_pids():
@@ -530,7 +534,7 @@ def test_max_use_retires_a_worker(instance):
 def test_max_idle_retires_extra_workers(instance):
     instance.write_main_cf(max_idle="1s")
     instance.run_foreground()
-    held = hold_connections(instance.socket_path(), 10)
+    held = hold_connections(instance.socket_path(), 10, busy=True)
     try:
         wait_for(lambda: len(instance.workers("proxymap")) >= 2, 20,
                  what="a second worker")

@@ -466,3 +466,43 @@ def test_a_match_error_is_logged_and_the_rule_does_not_apply():
     assert program.lookup(b"\xff") == b"next"
     assert warnings == ["pcre map /u.pcre, line 1: UTF-8 error: illegal byte (0xfe or 0xff)",
                         "pcre map /u.pcre, line 2: UTF-8 error: illegal byte (0xfe or 0xff)"]
+
+
+@pytest.mark.parametrize("kind", ["regexp", "pcre"])
+def test_literal_index_gives_the_rule_by_rule_answer(kind):
+    """Random tables of 20-60 rules (literals of several lengths, cases,
+    negations, IF blocks, rules without a literal): the indexed lookup,
+    the rule-by-rule scan and the engine alone agree on every key."""
+    import random
+    from proxymap.tables.patterns import LiteralIndex, Program
+    rng = random.Random(3)
+    words = [b"ab", b"abc", b"bc", b"xyz", b"Ab", b"q.", b"zz"]
+    compiled_fn = compile_regexp if kind == "regexp" else compile_pcre
+    indexed_tables = 0
+    for _ in range(60):
+        lines = []
+        for n in range(rng.randint(20, 60)):
+            word = rng.choice(words).replace(b".", b"\\.")
+            pattern = rng.choice([b"^%s", b"%s$", b"%s[a-c]", b"x?%s", b"[0-9]+", b"(a|b)%s"])
+            pattern = pattern % word if b"%s" in pattern else pattern
+            flags = rng.choice([b"", b"i"])
+            r = rng.random()
+            if r < 0.08:
+                lines.append(b"IF /" + pattern + b"/" + flags)
+            elif r < 0.14:
+                lines.append(b"ENDIF")
+            else:
+                neg = b"!" if rng.random() < 0.1 else b""
+                lines.append(neg + b"/" + pattern + b"/" + flags + b" r%d" % n)
+        data = b"\n".join(lines) + b"\n"
+        program = compiled_fn(data)
+        linear = Program(program.rules)
+        plain = _without_shortcut(kind, data)
+        indexed_tables += isinstance(program, LiteralIndex)
+        for _ in range(40):
+            key = b"".join(rng.choice([b"a", b"b", b"c", b"x", b"y", b"z", b"A", b"B", b"q", b".",
+                                       b"1"]) for _ in range(rng.randint(1, 8)))
+            expected = plain.lookup(key)
+            assert linear.lookup(key) == expected, (data, key)
+            assert program.lookup(key) == expected, (data, key)
+    assert indexed_tables > 30

@@ -86,6 +86,25 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         self.remember_file(path)
 
     # storage hooks
+    def _need_space(self, nbytes):
+        nulkeys.require_space(self.path, nbytes)
+
+    def _abandon(self):
+        # Close without writing the cache back: pages of the failed change
+        # that did not reach the file never will (an update answered RETRY
+        # must not appear later), then start again from the file.
+        old, self._db = self._db, None
+        if old is not None:
+            with contextlib.suppress(bdb.DBError):
+                old.close(bdb.DB_NOSYNC)
+        try:
+            self._db = _open_db(*self._open_args)
+        except bdb.DBError:
+            pass        # changed() now says so: the dispatcher reopens the table
+
+    def changed(self) -> bool:
+        return self._db is None or super().changed()
+
     def _refresh(self):
         # libdb caches pages privately: after another writer (postmap -i,
         # postmap -d) changed the file, writing through the old handle
@@ -95,8 +114,9 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         if self.lock is not None and self.lock.open_locked or not self.changed():
             return
         old, self._db = self._db, None
-        with contextlib.suppress(bdb.DBError):
-            old.close()
+        if old is not None:
+            with contextlib.suppress(bdb.DBError):
+                old.close()
         with _db_errors(self.path, "reopen"):
             self._db = _open_db(*self._open_args)
         self.remember_file(self.path)

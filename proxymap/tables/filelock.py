@@ -35,6 +35,12 @@ EXCLUSIVE = "exclusive"
 #: then answer RETRY (e.g. while proxywrite holds a cache's OPEN_LOCK).
 LOCK_WAIT_LIMIT = 1.0
 
+#: How long a lock call itself may sleep for a busy lock before it gives
+#: up. The worker's event loop sets 0: a busy lock then raises LockBusy at
+#: once and the loop retries the request later, serving the other clients
+#: meanwhile (proxymap/server.py); command-line tools keep the sleep.
+wait_limit = LOCK_WAIT_LIMIT
+
 #: (device, inode) -> number of instances in this process holding the
 #: file's OPEN_LOCK
 _lifetime_locks: dict[tuple[int, int], int] = {}
@@ -78,6 +84,10 @@ def open_for_rebuild(path: str, style: str) -> int:
         os.close(fd)
         raise TableOpenError(f"lock database {path}: {exc.strerror}") from None
     return fd
+
+
+class LockBusy(TableError):
+    """A lock another process holds; temporary (RETRY) once the wait is over."""
 
 
 class TableLock:
@@ -167,7 +177,7 @@ class TableLock:
                 if op == UNLOCK:
                     lock(self.fd, self.style, op)
                 return
-            deadline = time.monotonic() + LOCK_WAIT_LIMIT
+            deadline = time.monotonic() + wait_limit
             pause = 0.001
             while time.monotonic() < deadline:
                 time.sleep(pause)
@@ -176,5 +186,5 @@ class TableLock:
                     return
         except OSError as exc:
             raise TableError(f"{self.spec}: {op} lock: {exc.strerror or exc}") from None
-        raise TableError(f"{self.spec}: {op} lock: table is locked by another process"
-                         f" (waited {LOCK_WAIT_LIMIT:g}s)")
+        raise LockBusy(f"{self.spec}: {op} lock: table is locked by another process"
+                       f" (waited {LOCK_WAIT_LIMIT:g}s)")

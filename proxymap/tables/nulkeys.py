@@ -181,10 +181,16 @@ class NulKeyTable(Table):
         self.flags = narrow(self.flags, bit)
         with self._access(filelock.EXCLUSIVE):
             self._refresh()
-            outcome = self._put(encode(bit, key), encode(bit, value),
-                                bool(self.flags & F.DUP_REPLACE))
+            self._need_space(len(key) + len(value) + 2)
+            try:
+                outcome = self._put(encode(bit, key), encode(bit, value),
+                                    bool(self.flags & F.DUP_REPLACE))
+                if outcome != REFUSED:
+                    self._commit()
+            except TableError:
+                self._abandon()
+                raise
             if outcome != REFUSED:
-                self._commit()
                 self._remember_own_write()
         if outcome == REFUSED:
             if self.flags & F.DUP_WARN and not self.flags & F.DUP_IGNORE:
@@ -197,10 +203,17 @@ class NulKeyTable(Table):
         key = self.fold(key)
         with self._access(filelock.EXCLUSIVE):
             self._refresh()
+            self._need_space(len(key) + 1)
             for bit, stored in probes(self.flags, key):
-                if self._remove(stored):
+                try:
+                    removed = self._remove(stored)
+                    if removed:
+                        self._commit()
+                except TableError:
+                    self._abandon()
+                    raise
+                if removed:
                     self.flags = narrow(self.flags, bit)
-                    self._commit()
                     self._remember_own_write()
                     return True
         return False
@@ -222,6 +235,14 @@ class NulKeyTable(Table):
         self.remember_file(self.path, own_write=True)
 
     # storage hooks
+    def _need_space(self, nbytes: int) -> None:
+        """Called under the exclusive lock before a change of about `nbytes`
+        bytes: raise TableError when the change could not be written whole."""
+
+    def _abandon(self) -> None:
+        """A change failed half-way: forget whatever of it is not on disk
+        yet, so that a later write cannot store an update answered RETRY."""
+
     def _refresh(self) -> None:
         """Called under the exclusive lock before a change: a table with a
         private cache re-reads the file if another writer changed it."""
@@ -250,6 +271,29 @@ def storage_errors(path: str, action: str, library_error: type[Exception],
         raise TableError(f"{action} database {path}: {describe(exc)}") from None
     except OSError as exc:
         raise TableError(f"{action} database {path}: {exc.strerror or exc}") from None
+
+
+#: free space a change must leave on the table's filesystem, beyond twice
+#: its own size: the pages a split or an overflow chain may add
+SPACE_MARGIN = 128 * 1024
+
+
+def require_space(path: str, nbytes: int) -> None:
+    """Refuse (TableError, so RETRY) a change of `nbytes` bytes to the file
+    at `path` when its filesystem has less free space than the change may
+    need. Berkeley DB without an environment has no log to undo a write cut
+    short: a page it could not add leaves the others pointing at nothing
+    (db_verify: bad prev_pgno, unterminated leaf chain), so we do not start
+    a write that may not fit. Space counts as the unprivileged user sees it
+    (f_bavail), the one proxywrite runs as."""
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+    except OSError:
+        return      # the write itself will tell
+    free = st.f_bavail * st.f_frsize
+    if free < 2 * nbytes + SPACE_MARGIN:
+        raise TableError(f"write database {path}: No space left on device"
+                         f" ({free} bytes free, {2 * nbytes + SPACE_MARGIN} needed)")
 
 
 def param_int(params, name: str, default: int) -> int:

@@ -8,7 +8,9 @@ first rule that matches. This module is that common part, in one place:
 
 * `compile_rules`: the line loop, with the per-line parser supplied by the
   table type (`parse_line(line, number, nesting, say)`);
-* `Program` / `ProgramBuilder`: the compiled rule list with IF/ENDIF jumps;
+* `Program` / `ProgramBuilder`: the compiled rule list with IF/ENDIF jumps,
+  and `LiteralIndex`, the same list looked up through its rules'
+  necessary literals (literals.py);
 * `keyword`: Postfix's test for `IF` / `ENDIF` at the start of a line;
 * `parse_template`: the `$n ${n} $(n) $$` result text, checked the way
   Postfix's mac_parse() and its pre-scan callbacks check it, with their
@@ -95,6 +97,82 @@ class Program:
                 return rule.result(key)
             else:
                 i += 1
+        return None
+
+
+class LiteralIndex(Program):
+    """A rule list looked up through its rules' necessary literals.
+
+    When most rules carry a literal, the literals present in a key are
+    found by slicing the key at every position for each literal length in
+    use (a few dict probes for a short key) instead of testing every rule.
+    The rules then evaluated, in their order, are the ones whose literal
+    is in the key plus every rule that must always be asked (no literal,
+    negated, IF); IF blocks keep their jumps. A rule left out has a
+    literal the key lacks: the engine would say "no" to it too. Long keys
+    against many literal lengths go the rule-by-rule way."""
+
+    #: fewer rules with a literal than this: the plain scan is as quick
+    MIN_RULES = 16
+
+    @classmethod
+    def of(cls, program: Program) -> Program:
+        rules = program.rules
+        indexed = [i for i, r in enumerate(rules)
+                   if r.literal is not None and not r.negated and r.result is not None]
+        if len(indexed) < cls.MIN_RULES:
+            return program
+        lengths = sorted({len(rules[i].literal) for i in indexed})
+        table = cls(rules)
+        table.always = [i for i, r in enumerate(rules)
+                        if not (r.literal is not None and not r.negated and r.result is not None)]
+        table.lengths = lengths
+        table.caseless, table.exact = {}, {}
+        for i in indexed:
+            rule = rules[i]
+            (table.caseless if rule.caseless else table.exact).setdefault(rule.literal, []).append(i)
+        table.width = len(indexed) // len(lengths)
+        return table
+
+    def lookup(self, key: bytes) -> bytes | None:
+        m = len(key)
+        if m > self.width:
+            return Program.lookup(self, key)
+        folded = key.lower()
+        found: list[int] = []
+        caseless, exact = self.caseless, self.exact
+        for length in self.lengths:
+            for pos in range(m - length + 1):
+                if caseless:
+                    hit = caseless.get(folded[pos:pos + length])
+                    if hit:
+                        found += hit
+                if exact:
+                    hit = exact.get(key[pos:pos + length])
+                    if hit:
+                        found += hit
+        if found:
+            order = sorted(set(found).union(self.always))
+        else:
+            order = self.always
+        rules = self.rules
+        allowed = 0
+        for index in order:
+            if index < allowed:
+                continue
+            rule = rules[index]
+            literal = rule.literal
+            if literal is None:
+                applies = rule.test(key)
+            elif literal in (folded if rule.caseless else key):
+                applies = rule.test(key)
+            else:
+                applies = rule.negated
+            if rule.result is None:
+                if not applies:
+                    allowed = rule.skip
+            elif applies:
+                return rule.result(key)
         return None
 
 
@@ -469,9 +547,10 @@ def template_result(template: Template, group) -> Callable[[bytes], bytes]:
 def compile_regex_rules(dialect: RegexDialect, data: bytes, name: str, flags: int,
                         warn) -> Program:
     """Compile a regexp:/pcre: rule file with the dialect's parser."""
-    return compile_rules(data, dialect.kind, name,
-                         lambda line, number, nesting, say:
-                         parse_regex_line(dialect, line, number, nesting, say, flags), warn)
+    program = compile_rules(data, dialect.kind, name,
+                            lambda line, number, nesting, say:
+                            parse_regex_line(dialect, line, number, nesting, say, flags), warn)
+    return LiteralIndex.of(program)
 
 
 # ---------------------------------------------------------------------------
