@@ -9,6 +9,8 @@ RUN     := $(TOP)/run
 APT_PKGS := postfix postfix-lmdb postfix-pcre postfix-cdb libdb-dev db5.3-util
 # Postfix 3.10/3.11 clients for the tests come from Debian chroots (tests/chroots/build.sh)
 APT_PKGS += debootstrap
+# tables beyond one host: Postfix's own clients to compare with, servers the tests start
+APT_PKGS += postfix-sqlite postfix-pgsql postfix-mysql postgresql mariadb-server
 
 .PHONY: run stop status test bench deps clean install uninstall
 
@@ -17,7 +19,7 @@ deps: .venv/.installed
 # Debian packages first (berkeleydb compiles against libdb-dev; tests drive
 # real Postfix), installed without questions and without starting Postfix.
 .apt-done:
-	@if ! command -v postmap >/dev/null || ! dpkg -s libdb-dev db5.3-util postfix-lmdb postfix-pcre postfix-cdb debootstrap >/dev/null 2>&1; then \
+	@if ! command -v postmap >/dev/null || ! dpkg -s $(filter-out postfix,$(APT_PKGS)) >/dev/null 2>&1; then \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; fi; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PKGS); \

@@ -109,7 +109,7 @@ def test_check_warns_like_postconf_and_keeps_its_status(instance):
     os.chmod(os.path.join(tables, "secret"), 0o600)
     os.chown(os.path.join(tables, "secret"), 0, 0) if os.geteuid() == 0 else None
     read_maps = " ".join([f"proxy:{instance.read_table}", f"proxy:{instance.write_table}",
-                          "proxy:nosuchtype:/x", "proxy:pgsql:/etc/nothing.cf",
+                          "proxy:nosuchtype:/x", "proxy:ldap:/etc/nothing.cf",
                           f"proxy:hash:{tables}/missing", f"proxy:cidr:{tables}/secret"])
     instance.write_main_cf(max_idel="5s", proxymap_worker_busy_client="4",
                            proxy_read_maps=read_maps)
@@ -126,8 +126,8 @@ def test_check_warns_like_postconf_and_keeps_its_status(instance):
     assert not any("proxymap_worker_busy_clients" in w for w in got)
     where = f"{etc}/main.cf: proxy_read_maps: table"
     assert f"{where} nosuchtype:/x: unsupported dictionary type: nosuchtype" in got
-    assert (f"{where} pgsql:/etc/nothing.cf: unsupported dictionary type: pgsql. "
-            f"Is the postfix-pgsql package installed?") in got
+    assert (f"{where} ldap:/etc/nothing.cf: unsupported dictionary type: ldap. "
+            f"Is the postfix-ldap package installed?") in got
     assert (f"{where} hash:{tables}/missing: open {tables}/missing.db: "
             f"No such file or directory") in got
     if os.geteuid() == 0:

@@ -33,6 +33,10 @@ TABLE_TYPES = {
     "unionmap": "proxymap.tables.composite:UnionTable",
     "pipemap": "proxymap.tables.composite:PipeTable",
     "sqlite": "proxymap.tables.sqlite:SqliteTable",
+    "pgsql": "proxymap.tables.pgsql:PgsqlTable",
+    "mysql": "proxymap.tables.mysql:MysqlTable",
+    "socketmap": "proxymap.tables.socketmap:SocketmapTable",
+    "tcp": "proxymap.tables.tcp:TcpTable",
 }
 
 #: entry-point group of plugin table types (base class: tables/backend.py)

@@ -17,7 +17,9 @@ Contract (see docs/tables.md, "Table types in Python"):
 - `__init__(type_name, name, flags, writable, params)`: parse NAME (a file,
   usually); raise TableOpenError(reason) when the table cannot be used.
 - `lookup(key) -> bytes | None`, `update(key, value) -> bool`,
-  `delete(key) -> bool`, `sequence(first) -> (key, value) | None`; keys and
+  `delete(key) -> bool`, `walk(position) -> (position, key, value) | None`
+  (sequence: `walk(START)` gives the first record, `walk(pos)` the one
+  after pos; positions are the table's own opaque values); keys and
   values are bytes without NUL; `self.flags` is the flags word of the
   request being served (thread-local), `self.fold(key)` applies FOLD_FIX.
 - Raise TableError(reason) for a temporary failure (answered RETRY with a

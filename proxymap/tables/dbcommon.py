@@ -26,7 +26,6 @@ from master import maillog
 from master.config import ConfigError, read_logical_lines, split_name_value
 from proxymap import dictflags as F
 from proxymap.tables.base import TableError, TableOpenError
-from proxymap.utf8 import is_utf8
 
 # template needs (db_common's DB_COMMON_KEY_* and VALUE_* bits)
 KEY_DOMAIN, KEY_USER, VALUE_DOMAIN, VALUE_USER = 1, 2, 4, 8
@@ -121,7 +120,9 @@ PARAMETER_NAMES = (
     "dbpath", "query", "result_format", "expansion_limit", "domain", "table",
     "select_field", "where_field", "additional_conditions", "hosts", "user",
     "password", "dbname", "connect_timeout", "idle_interval", "retry_interval",
-    "encoding", "timeout", "cache_ttl", "cache_negative_ttl", "cache_size",
+    "encoding", "select_function", "option_file", "option_group", "tls_key_file",
+    "tls_cert_file", "tls_CAfile", "tls_CApath", "tls_ciphers", "tls_verify_cert",
+    "require_result_set", "charset",
 )
 
 
@@ -323,12 +324,10 @@ def unquoted_expansions(query: str) -> list[str]:
     return found
 
 
-def lookup_key(key: bytes, flags: int) -> str | None:
-    """The key as the SQL tables see it: None (not found, never sent) for
-    a key that is not UTF-8 unless the UTF-8 layer is active; folded to
-    lower case with FOLD_FIX."""
-    if not flags & F.UTF8_ACTIVE and not is_utf8(key):
-        return None
+def lookup_key(key: bytes, flags: int) -> str:
+    """The key as the SQL tables see it: folded to lower case (ASCII) with
+    FOLD_FIX. Postfix 3.7 sends any bytes; later releases skip keys that
+    are not UTF-8 in some types: we follow 3.7."""
     if flags & F.FOLD_FIX:
         key = F.fold_ascii(key)
     return key.decode("utf-8", "surrogateescape")
@@ -336,3 +335,16 @@ def lookup_key(key: bytes, flags: int) -> str | None:
 
 def encode_value(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
+
+
+def sql_lookup(table, key: bytes, fetch: Callable[[str], Iterable[str | None]]) -> bytes | None:
+    """The lookup every SQL table does (dict_sqlite/pgsql/mysql_lookup):
+    fold the key, apply the domain filter, skip keys the query cannot use,
+    then format what fetch(key) returns. `table` has `flags`, `spec`,
+    `templates` and `expansion_limit`."""
+    name = lookup_key(key, table.flags)
+    templates = table.templates
+    if not templates.domain_allows(name) or templates.expand_query(name, lambda s: s) is None:
+        return None
+    value = templates.results(fetch(name), name, table.spec, table.expansion_limit)
+    return None if value is None else encode_value(value)

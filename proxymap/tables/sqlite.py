@@ -26,8 +26,8 @@ from master import maillog
 from proxymap import dictflags as F
 from proxymap.tables.backend import BackendTable
 from proxymap.tables.base import TableError, TableOpenError
-from proxymap.tables.dbcommon import (Templates, encode_value, legacy_query, lookup_key,
-                                      read_parameters, unquoted_expansions)
+from proxymap.tables.dbcommon import (Templates, legacy_query, read_parameters, sql_lookup,
+                                      unquoted_expansions)
 
 
 def quote(text: str) -> str:
@@ -89,22 +89,18 @@ class SqliteTable(BackendTable):
         return conn
 
     def lookup(self, key: bytes) -> bytes | None:
-        name = lookup_key(key, self.flags)
-        if name is None or not self.templates.domain_allows(name):
-            return None
+        return sql_lookup(self, key, self._fetch)
+
+    def _fetch(self, name: str) -> list[str | None]:
         query = self.templates.expand_query(name, quote)
-        if query is None:
-            return None
         try:
             conn = self._connect()
         except TableOpenError as exc:
             raise TableError(str(exc)) from None
         try:
-            rows = [as_text(conn, row[0]) for row in conn.execute(query)]
+            return [as_text(conn, row[0]) for row in conn.execute(query)]
         except sqlite3.Error as exc:
             raise TableError(f"{self.spec}: SQL step failed for query '{query}': {exc}") from None
-        value = self.templates.results(rows, name, self.spec, self.expansion_limit)
-        return None if value is None else encode_value(value)
 
     def close(self) -> None:
         with self._lock:
