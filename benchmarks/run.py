@@ -166,7 +166,9 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)       # even when started with SIGINT ignored
 
-    base = tempfile.mkdtemp(prefix="pmbench-", dir="/tmp")
+    # PMBENCH_PARENT lets a caller (the smoke test) keep each run's
+    # processes apart from any other run's on the same machine
+    base = tempfile.mkdtemp(prefix="pmbench-", dir=os.environ.get("PMBENCH_PARENT", "/tmp"))
     os.chmod(base, 0o755)
     servers = []
     t_begin = time.monotonic()

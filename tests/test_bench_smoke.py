@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import psutil
 import pytest
@@ -36,12 +37,14 @@ def smoke(func):
     return func
 
 
-def bench_processes() -> set[int]:
-    """Pids of processes whose command line mentions a benchmark directory."""
+def bench_processes(parent: str) -> set[int]:
+    """Pids of processes whose command line or cwd mentions `parent`, the
+    directory this test's benchmark run makes its instances in (never those
+    of another run on the same machine)."""
     found = set()
     for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
         text = " ".join(proc.info.get("cmdline") or []) + " " + (proc.info.get("cwd") or "")
-        if "/tmp/pmbench-" in text:
+        if parent in text:
             found.add(proc.info["pid"])
     return found
 
@@ -49,15 +52,21 @@ def bench_processes() -> set[int]:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    before = bench_processes()
-    result = subprocess.run([sys.executable, RUN, "--quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
-    leftover = bench_processes() - before
-    for pid in leftover:      # never leave a server behind, even if the test fails
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
+    # a parent of our own, searchable by mail_owner (pytest's are root-only)
+    parent = tempfile.mkdtemp(prefix="pmbench-smoke-", dir="/tmp")
+    os.chmod(parent, 0o755)
+    try:
+        result = subprocess.run([sys.executable, RUN, "--quick", "--out", str(out)],
+                                capture_output=True, text=True, timeout=300, cwd=ROOT,
+                                env={**os.environ, "PMBENCH_PARENT": parent})
+        leftover = bench_processes(parent)
+        for pid in leftover:      # never leave a server behind, even if the test fails
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
     return result, out, leftover
 
 
