@@ -266,6 +266,12 @@ DEFAULTS.update({
     "proxymap_max_pipelined_requests": "16",
     "proxymap_max_unsent_reply_bytes": "65536",
     "proxymap_max_bad_requests": "10",
+    # Our own: the per-table cache of recent answers (proxymap/answercache.py):
+    # entries and bytes (keys plus replies) per table instance of a worker
+    # (0 entries: no cache), and tables (type:name) answered without one.
+    "proxymap_answer_cache_entries": "10000",
+    "proxymap_answer_cache_bytes": "4194304",
+    "proxymap_answer_cache_exclude": "",
 })
 
 #: parameters of this project that Postfix does not know
@@ -274,7 +280,8 @@ OWN_PARAMETERS = ("proxymap_max_attributes", "proxymap_max_request_size",
                   "proxymap_backend_threads", "proxymap_backend_queue", "proxymap_backend_timeout",
                   "proxymap_postfix_version",
                   "proxymap_max_pipelined_requests", "proxymap_max_unsent_reply_bytes",
-                  "proxymap_max_bad_requests")
+                  "proxymap_max_bad_requests", "proxymap_answer_cache_entries",
+                  "proxymap_answer_cache_bytes", "proxymap_answer_cache_exclude")
 
 DYNAMIC_DEFAULTS = ("myhostname", "mydomain", "mynetworks", "process_id", "process_name")
 READ_ONLY = ("process_id", "process_name")
@@ -291,6 +298,8 @@ LIMITS: dict[str, tuple[int | None, int | None]] = {
         "proxymap_max_pipelined_requests", "proxymap_max_unsent_reply_bytes")
 }
 LIMITS["proxymap_max_bad_requests"] = (0, None)
+LIMITS["proxymap_answer_cache_entries"] = (0, None)
+LIMITS["proxymap_answer_cache_bytes"] = (1, None)
 LIMITS["in_flow_delay"] = (0, 10)
 
 # Parameters Postfix stores as `long`; all other integers must fit an `int`.

@@ -333,9 +333,13 @@ def format_status(status: dict) -> str:
         for w in workers:
             rss = f"{w['rss'] / 1048576:.1f}M" if w.get("rss") else "-"
             cpu = f"{w['cpu']:.2f}s" if w.get("cpu") is not None else "-"
+            cache = ""
+            if w.get("cache_hits") or w.get("cache_misses"):
+                cache = (f" cache {w['cache_hits']}/{w['cache_misses']}/"
+                         f"{w.get('cache_invalidations', 0)} (hits/misses/invalidations)")
             lines.append(f"  pid {w['pid']:<7} gen {w['generation']:<3} {w['state']:<8} "
                          f"clients {w['clients']:<4} requests {w['requests']:<8} "
-                         f"rss {rss:<7} cpu {cpu}")
+                         f"rss {rss:<7} cpu {cpu}{cache}")
     return "\n".join(lines)
 
 

@@ -38,8 +38,9 @@ from master import fdlimit, maillog
 
 CLIENT, RETIRE, STOP, PING, STATUS, LOG_FILE = b"C", b"R", b"T", b"P", b"S", b"L"
 
-#: busy connections, open connections, connections accepted, requests answered
-STATUS_FORMAT = "!IIQQ"
+#: busy connections, open connections, connections accepted, requests answered,
+#: answer-cache hits, misses and invalidations (proxymap/answercache.py)
+STATUS_FORMAT = "!IIQQQQQ"
 STATUS_SIZE = struct.calcsize(STATUS_FORMAT)
 
 _truncated_logged = False
@@ -66,11 +67,15 @@ class Status:
     clients: int = 0    # connections open
     accepted: int = 0   # connections received in total
     requests: int = 0   # requests answered in total
+    cache_hits: int = 0           # answers from the answer cache
+    cache_misses: int = 0         # cacheable lookups that read the table
+    cache_invalidations: int = 0  # caches emptied by a change or a write
 
 
 def encode_status(status: Status) -> bytes:
     return STATUS + struct.pack(STATUS_FORMAT, status.busy, status.clients,
-                                status.accepted, status.requests)
+                                status.accepted, status.requests, status.cache_hits,
+                                status.cache_misses, status.cache_invalidations)
 
 
 def decode_status(record: bytes) -> Status:
@@ -191,8 +196,10 @@ class WorkerChannel:
         self.report(force=True)     # "I am up": the master counts us as ready
 
     def status(self) -> Status:
+        stats = getattr(getattr(self.worker, "dispatcher", None), "cache_stats", None)
+        cache = (0, 0, 0) if stats is None else (stats.hits, stats.misses, stats.invalidations)
         return Status(self.worker.active_clients(), self.worker.clients, self.worker.accepted,
-                      self.worker.requests)
+                      self.worker.requests, *cache)
 
     def report(self, force: bool = False) -> None:
         if self.closed:

@@ -123,7 +123,9 @@ class WorkerSlot:
                 "state": self.state, "clients": self.status.clients,
                 "busy": self.status.busy, "requests": self.status.requests,
                 "accepted": self.status.accepted, "handed": self.handed,
-                "pings": self.pings}
+                "pings": self.pings, "cache_hits": self.status.cache_hits,
+                "cache_misses": self.status.cache_misses,
+                "cache_invalidations": self.status.cache_invalidations}
 
 
 def pick_worker(slots, generation: int | None = None):

@@ -18,6 +18,15 @@ layout keep 3.7's answers. Sequence walks are kept per connection (the
 `walks` mapping the server passes), so that reopening a table, for
 freshness or after a write, never restarts or disturbs a walk in progress.
 
+Freshness costs no system call per request where it can: the dispatcher
+watches each table file with inotify (proxymap/filewatch.py; the worker
+drains the notifications before answering each batch of requests), and a
+table without a watch (network filesystem) is stat()ed per request as
+Postfix does. Lookups of cacheable tables are answered from a bounded cache
+of recent replies (proxymap/answercache.py) while the table has had no
+change notification and no write of our own; a miss reads the table, with
+Postfix's locks, as before.
+
 Operations of tables that may block (database clients, plugins) are handed
 to the worker's Offloader and answered later (see proxymap/offload.py).
 """
@@ -28,10 +37,11 @@ import time
 
 from master import maillog
 from proxymap import dictflags as F
+from proxymap.answercache import AnswerCache, CacheStats
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                BadRequest, Request, encode_reply, parse_request)
 from proxymap.tables import Table, TableError, TableOpenError, open_table, strip_proxy
-from proxymap.tables.base import END, START, Unsupported
+from proxymap.tables.base import END, START, Unsupported, file_stamp, stamp_is_settled
 from proxymap.tables.filelock import LockBusy
 from proxymap.utf8 import is_utf8, utf8_key
 
@@ -89,7 +99,8 @@ class Dispatcher:
     """Turns decoded requests into encoded replies for one service role."""
 
     def __init__(self, service: str, allowed: set[str], params, *, smtputf8: bool = True,
-                 opener=open_table, offload=None):
+                 opener=open_table, offload=None, watcher=None, cache_entries: int = 0,
+                 cache_bytes: int = 0, cache_exclude=frozenset()):
         self.service = service
         self.writable = service == WRITE_SERVICE
         self.allowed = allowed
@@ -102,6 +113,14 @@ class Dispatcher:
         self.param_name = "proxy_write_maps" if self.writable else "proxy_read_maps"
         #: walk positions of callers that keep none of their own
         self.walks: dict = {}
+        #: inotify watches of table files (filewatch.FileWatcher); None: stat
+        self.watcher = watcher
+        #: answer caches: per-instance bounds, tables without one, counters
+        self.cache_entries = cache_entries
+        self.cache_bytes = cache_bytes
+        self.cache_exclude = frozenset(cache_exclude)
+        self.cache_stats = CacheStats()
+        self._cacheable = False
 
         # the worker clears this for a connection that already had its
         # share of bad-request warnings (it counts and sums up the rest)
@@ -112,6 +131,13 @@ class Dispatcher:
         self.lock_users: dict[tuple[str, int], set] = {}
 
     # -- the request entry point ------------------------------------------------
+
+    def refresh(self) -> None:
+        """Count the change notifications queued so far. The worker calls
+        this after reading a batch of requests and before answering them; a
+        caller without a loop of its own may call it before each request."""
+        if self.watcher is not None:
+            self.watcher.drain()
 
     def handle(self, attrs: list[tuple[bytes, bytes]], walks: dict | None = None,
                may_wait: bool = False, client: object = None):
@@ -172,6 +198,28 @@ class Dispatcher:
         if table.blocking and self.offload is not None:
             return self.offload.submit(table, flags, lambda: self._operate(table, req, walks),
                                        encode_reply(name, RETRY, req.layout))
+        answers = table.answers
+        if answers is None:
+            return self._run(table, req, walks, flags)
+        if name == "lookup":
+            # the reply is a function of the flags word, the key and the
+            # file, and the file has not changed since the entry was made
+            ckey = (flags, req.key)
+            reply = answers.get(ckey, None)
+            if reply is None:
+                self._cacheable = False
+                reply = self._run(table, req, walks, flags)
+                if self._cacheable:
+                    answers.put(ckey, reply)
+            return reply
+        if name == "sequence":
+            return self._run(table, req, walks, flags)
+        try:        # a write of our own, done or not: what was read may differ
+            return self._run(table, req, walks, flags)
+        finally:
+            answers.invalidate()
+
+    def _run(self, table: Table, req: Request, walks: dict, flags: int) -> bytes:
         if req.layout == 37:
             return self._operate(table, req, walks)
         # a 3.11 request's word serves that request only: the instance's own
@@ -191,14 +239,17 @@ class Dispatcher:
             if utf8 and name != "sequence":
                 key = utf8_key(key, bool(table.flags & F.FOLD_FIX and table.flags & F.FIXED))
                 if key is None:  # Postfix's UTF-8 layer: not found / not done
+                    self._cacheable = True
                     return encode_reply(name, NOKEY if name == "lookup" else OK, layout,
                                         flags=table.flags)
             if name == "lookup":
                 value = table.lookup(key)
                 if value is None:
+                    self._cacheable = True
                     return encode_reply(name, NOKEY, layout, flags=table.flags)
                 if utf8 and not is_utf8(value):
                     return encode_reply(name, CONFIG, layout, flags=table.flags)
+                self._cacheable = True
                 return encode_reply(name, OK, layout, flags=table.flags, value=value)
             if name == "update":
                 done = table.update(key, req.value)
@@ -247,16 +298,30 @@ class Dispatcher:
         regkey = (spec, inst, req.layout)
         table = self.tables.get(regkey)
         if table is not None:
+            watch = table.watch
+            if watch is not None and watch.gen == table.watch_gen:
+                # no notification since the instance knew its file
+                if inst & F.OPEN_LOCK and self.writable:
+                    self._note_lock_user(regkey)
+                return table
             if isinstance(table, SurrogateTable):
                 if time.monotonic() - table.failed_at < OPEN_RETRY_INTERVAL:
                     return table
             elif not table.changed():
+                if watch is not None:
+                    # notified, yet nothing to reopen for (an lmdb file
+                    # written by another process): only answers may differ
+                    table.watch_gen = watch.gen
+                    if table.answers is not None:
+                        table.answers.invalidate()
                 if inst & F.OPEN_LOCK and self.writable:
                     self._note_lock_user(regkey)
                 return table
             elif table.modified():      # one line per change, not per unsettled reopen
                 maillog.info(f"table {spec}: has changed -- reopening")
             del self.tables[regkey]
+            if table.answers is not None:
+                table.answers.invalidate()
             self._close(table)
         # 3.7 opens with the full flags of the first request, 3.11 with the
         # instance flags. OPEN_LOCK holds an exclusive lock for the life of
@@ -306,7 +371,31 @@ class Dispatcher:
         if table.utf8_layer and self.smtputf8:
             table.flags |= F.UTF8_ACTIVE
         table.open_flags, table.fresh_flags = flags, table.flags
+        if not isinstance(table, SurrogateTable):
+            self._attach_watch(table)
+            if self.cache_entries > 0 and table.answers_cacheable \
+                    and spec not in self.cache_exclude:
+                table.answers = AnswerCache(self.cache_entries, self.cache_bytes,
+                                            stats=self.cache_stats)
         return table
+
+    def _attach_watch(self, table: Table) -> None:
+        """Watch the instance's file. Where the watch is new, a change may
+        have landed between the open and the watch: the stamp taken at open
+        (and the caution about coarse file times) decides whether the
+        instance already counts as changed."""
+        if self.watcher is None or table.path is None:
+            return
+        found = self.watcher.watch(table.path)
+        if found is None:
+            return      # the stat path
+        watch, new = found
+        table.watch = watch
+        stamp = getattr(table, "_stamp", None)
+        if new and (file_stamp(table.path) != stamp or not stamp_is_settled(stamp)):
+            table.watch_gen = -1    # reopened at its next request, watched throughout
+        else:
+            table.watch_gen = watch.gen
 
     def _close(self, table: Table) -> None:
         if table.blocking and self.offload is not None:
@@ -323,4 +412,6 @@ class Dispatcher:
         self.tables.clear()
         if self.offload is not None:
             self.offload.close()
+        if self.watcher is not None:
+            self.watcher.close()
 

@@ -29,9 +29,10 @@ from collections import deque
 from master import fdlimit, maillog
 from proxymap import version_line
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
+from proxymap.filewatch import FileWatcher
 from proxymap.offload import Offloader
 from proxymap.protocol import GREETING, Decoder, ProtocolError, is_bad_reply
-from proxymap.tables import filelock
+from proxymap.tables import filelock, strip_proxy
 from proxymap.tables.source import logical_lines
 
 READ_CHUNK = 65536
@@ -128,6 +129,9 @@ class Worker:
         self.on_tick = None     # called at least once a second
         self.idle_since = time.monotonic()
         self._ticked = 0.0
+        # connections that read requests in this loop pass: answered after
+        # the pass's change notifications are counted (Dispatcher.refresh)
+        self._readers: list[Connection] = []
         self.offload = getattr(dispatcher, "offload", None)
         if self.offload is not None:
             self.watch(self.offload, self._offload_done)
@@ -233,6 +237,14 @@ class Worker:
                         self._read(handler)
                 else:
                     handler[1](handler[0])
+            if self._readers:
+                readers, self._readers = self._readers, []
+                # every request read above was sent before this drain: a
+                # change completed before it was sent is counted now
+                self.dispatcher.refresh()
+                for conn in readers:
+                    if self.conns.get(conn.fd) is conn:
+                        self._pump(conn)
             if waiting:
                 for conn in list(waiting.values()):
                     if conn.fd in self.conns:
@@ -245,6 +257,10 @@ class Worker:
                 self._expire()
                 if self.on_tick is not None:
                     self.on_tick(self)
+        stats = self.dispatcher.cache_stats
+        if stats.hits or stats.misses:
+            maillog.info(f"answer cache: {stats.hits} hits, {stats.misses} misses,"
+                         f" {stats.invalidations} invalidations, {stats.evictions} evictions")
         self.dispatcher.close_all()
 
     def shutdown(self) -> None:
@@ -294,7 +310,7 @@ class Worker:
             if conn.since is None:
                 conn.since = time.monotonic()
             return
-        self._pump(conn)
+        self._readers.append(conn)
 
     def _pump(self, conn: Connection) -> None:
         """Answer the client's requests in order and send the replies.
@@ -496,7 +512,12 @@ def make_dispatcher(config, service: str) -> Dispatcher:
                         lane_queue=config.get_int("proxymap_backend_queue"),
                         timeout=config.get_time("proxymap_backend_timeout"))
     return Dispatcher(role, allowed, ParamView(config),
-                      smtputf8=config.get_bool("smtputf8_enable"), offload=offload)
+                      smtputf8=config.get_bool("smtputf8_enable"), offload=offload,
+                      watcher=FileWatcher(),
+                      cache_entries=config.get_int("proxymap_answer_cache_entries"),
+                      cache_bytes=config.get_int("proxymap_answer_cache_bytes"),
+                      cache_exclude={strip_proxy(name) for name in
+                                     config.get_list("proxymap_answer_cache_exclude")})
 
 
 def file_lines(path: str) -> list[str]:

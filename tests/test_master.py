@@ -31,7 +31,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/usr/sbin/postmap"),
 # -- pure helpers ---------------------------------------------------------------------
 
 def test_status_record_round_trip_and_rejects_bad_sizes():
-    status = handoff.Status(busy=1, clients=3, accepted=10, requests=99)
+    status = handoff.Status(busy=1, clients=3, accepted=10, requests=99, cache_hits=7,
+                            cache_misses=5, cache_invalidations=2)
     record = handoff.encode_status(status)
     assert record[:1] == b"S" and len(record) == 1 + handoff.STATUS_SIZE
     assert handoff.decode_status(record) == status
@@ -226,6 +227,23 @@ def test_start_serves_postmap_and_stop_ends_everything(instance):
     # the socket files stay, like Postfix's, and refuse connections
     with pytest.raises(ConnectionRefusedError):
         greeting_of(instance.socket_path())
+
+
+def test_status_shows_answer_cache_counters(instance):
+    """Hits, misses and invalidations of the workers' answer caches reach
+    `status` (the worker runs as mail_owner, with its inotify watch)."""
+    instance.start()
+    # misses: the first lookup, the one after the instance settled on keys
+    # with a NUL, and one more if the freshly built file was reopened once
+    for _ in range(5):
+        assert instance.lookup("alice") == "alice@example.org"
+
+    def counted():
+        (worker,) = instance.status()["services"]["proxymap"]["workers"]
+        return worker if worker["cache_hits"] >= 1 else None
+    worker = wait_for(counted, what="cache hits in status")
+    assert worker["cache_misses"] >= 1
+    assert " cache " in instance.control("status").stdout
 
 
 def test_directories_and_socket_modes(instance):

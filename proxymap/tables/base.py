@@ -55,6 +55,16 @@ class Table:
     #: operations may wait on something outside this process (a server, a
     #: socket): the dispatcher runs them in a lane of threads (offload.py)
     blocking = False
+    #: lookups are a function of the key, the flags word and the file alone
+    #: (no server, no clock, no other files): the dispatcher may keep recent
+    #: answers (proxymap/answercache.py) while the file has not changed
+    answers_cacheable = False
+    #: set by the dispatcher: the instance's answer cache (or None), the
+    #: inotify watch of `path` (filewatch.Watch, or None: stat path) and its
+    #: generation when this instance last knew the file
+    answers = None
+    watch = None
+    watch_gen = 0
 
     def __init__(self, type_name: str, name: str, flags: int, writable: bool, params):
         self.type_name = type_name
@@ -121,19 +131,38 @@ class Table:
         pass
 
     # Change detection: file-based tables record the file's identity at open
-    # and the dispatcher reopens the instance when it differs. File times
-    # are coarse (a few milliseconds), so a stamp taken while the file was
-    # still being written may equal the stamp after a later write: such an
-    # "unsettled" stamp counts as changed until a settled one is taken
-    # (Postfix applies the same caution to files modified in the last second).
+    # and the dispatcher reopens the instance when it differs. Normally the
+    # dispatcher attaches an inotify watch (proxymap/filewatch.py): then a
+    # change is a notification counted since the instance knew the file, no
+    # system call. Without one (a network filesystem, no inotify) the file
+    # is stat()ed: file times are coarse (a few milliseconds), so a stamp
+    # taken while the file was still being written may equal the stamp
+    # after a later write. Such an "unsettled" stamp counts as changed until
+    # a settled one is taken (Postfix applies the same caution to files
+    # modified in the last second); only this stat path needs that caution.
     def remember_file(self, path: str, own_write: bool = False) -> None:
         """Record path's identity; own_write: we just wrote it ourselves,
-        so the stamp is current by definition."""
+        so the stamp is current by definition (and so are the notifications
+        our write raised)."""
         self.path = path
         self._stamp = file_stamp(path)
         self._settled = own_write or stamp_is_settled(self._stamp)
+        watch = self.watch
+        if watch is not None:
+            if own_write:
+                watch.drain()
+            self.watch_gen = watch.gen
+
+    def note_changes(self) -> None:
+        """Count the notifications queued so far (a writer does this under
+        its exclusive lock, before deciding whether to re-read the file)."""
+        if self.watch is not None:
+            self.watch.drain()
 
     def changed(self) -> bool:
+        watch = self.watch
+        if watch is not None:
+            return watch.gen != self.watch_gen
         if self.path is None:
             return False
         return not self._settled or file_stamp(self.path) != self._stamp

@@ -61,6 +61,7 @@ def _open_db(path: str, dbtype: int, flags: int, cache_size: int):
 
 class _BerkeleyTable(nulkeys.NulKeyTable):
     impl_flags = F.FIXED
+    answers_cacheable = True
     dbtype = bdb.DB_HASH
 
     def __init__(self, type_name, name, flags, writable, params):
@@ -100,7 +101,7 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         try:
             self._db = _open_db(*self._open_args)
         except bdb.DBError:
-            pass        # changed() now says so: the dispatcher reopens the table
+            self.watch_gen = -1     # changed() now says so: the dispatcher reopens the table
 
     def changed(self) -> bool:
         return self._db is None or super().changed()
@@ -111,6 +112,7 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         # would put stale pages back and lose that writer's changes. We
         # hold the exclusive lock here, so a new handle sees a quiet file.
         # Under OPEN_LOCK nobody else could write since we opened it.
+        self.note_changes()
         if self.lock is not None and self.lock.open_locked or not self.changed():
             return
         old, self._db = self._db, None

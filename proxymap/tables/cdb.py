@@ -115,6 +115,8 @@ def encode_cdb(records) -> bytes:
 class CdbTable(nulkeys.NulKeyTable):
     """Read-only `cdb:` table; the whole file is mapped into memory."""
 
+    answers_cacheable = True
+
     impl_flags = F.FIXED
 
     def __init__(self, type_name, name, flags, writable, params):

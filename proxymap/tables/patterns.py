@@ -561,6 +561,8 @@ class PatternFileTable(Table):
     """A read-only table compiled from a rule file at open time. Subclasses
     set `compile_rules(data, name, flags, warn) -> Program`."""
 
+    answers_cacheable = True
+
     impl_flags = F.PATTERN
     compile_rules: Callable = None  # type: ignore[assignment]
 

@@ -103,6 +103,8 @@ class MemoryTable(Table):
     fold the key with the current request flags; a walk lists the keys
     present at FIRST, in dict order, with their current values."""
 
+    answers_cacheable = True
+
     def __init__(self, type_name, name, flags, writable, params):
         super().__init__(type_name, name, flags, writable, params)
         self.entries: dict[bytes, bytes] = {}

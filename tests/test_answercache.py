@@ -1,0 +1,388 @@
+"""The answer cache (proxymap/answercache.py), the inotify watcher
+(proxymap/filewatch.py) and how the dispatcher uses both: bounds, TTLs,
+counters, notifications for in-place writes and rename replacement, and
+that a cached answer never outlives a change of its table."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from proxymap import dictflags as F
+from proxymap.answercache import MISS, AnswerCache, CacheStats
+from proxymap.dispatch import Dispatcher
+from proxymap.filewatch import FileWatcher, filesystem_type, inotify_sees_all_writes
+from proxymap.protocol import encode
+
+# -- the cache alone -----------------------------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_hit_miss_and_counters():
+    cache = AnswerCache(10, 1000)
+    assert cache.get(b"k") is MISS
+    cache.put(b"k", b"v")
+    assert cache.get(b"k") == b"v"
+    assert cache.get(b"other", None) is None
+    assert cache.stats.as_dict() == {"hits": 1, "misses": 2, "invalidations": 0,
+                                     "evictions": 0}
+
+
+def test_entry_bound_evicts_the_oldest():
+    cache = AnswerCache(3, 1000)
+    for key in (b"a", b"b", b"c", b"d"):
+        cache.put(key, b"1")
+    assert len(cache) == 3
+    assert cache.get(b"a") is MISS and cache.get(b"d") == b"1"
+    assert cache.stats.evictions == 1
+
+
+def test_byte_bound_counts_keys_and_values():
+    cache = AnswerCache(100, 10)
+    cache.put(b"ab", b"cde")          # 5 bytes
+    cache.put(b"fg", b"hij")          # 10 in all
+    assert cache.bytes == 10 and len(cache) == 2
+    cache.put(b"k", b"l")             # 2 more: the oldest goes
+    assert cache.get(b"ab") is MISS and cache.bytes == 7
+    cache.put(b"x", b"y" * 20)        # larger than the bound: not kept
+    assert cache.get(b"x") is MISS and cache.bytes == 7
+
+
+def test_replacing_a_key_keeps_the_byte_count_right():
+    cache = AnswerCache(100, 100)
+    cache.put((7, b"key"), b"value")
+    cache.put((7, b"key"), b"v")
+    assert cache.bytes == 8 + 3 + 1 and len(cache) == 1
+
+
+def test_invalidate_forgets_everything_and_counts():
+    stats = CacheStats()
+    first, second = AnswerCache(10, 100, stats=stats), AnswerCache(10, 100, stats=stats)
+    first.put(b"k", b"v")
+    second.put(b"k", b"w")
+    first.invalidate()
+    assert first.get(b"k") is MISS and second.get(b"k") == b"w"
+    assert (len(first), first.bytes) == (0, 0)
+    assert stats.invalidations == 1 and stats.hits == 1
+
+
+def test_discard_one_key():
+    cache = AnswerCache(10, 100)
+    cache.put(b"a", b"1")
+    cache.put(b"b", b"2")
+    cache.discard(b"a")
+    cache.discard(b"absent")
+    assert cache.get(b"a") is MISS and cache.get(b"b") == b"2" and cache.bytes == 2
+
+
+def test_ttl_and_negative_ttl():
+    clock = Clock()
+    cache = AnswerCache(10, 100, ttl=5, negative_ttl=1, clock=clock)
+    cache.put(b"pos", b"v")
+    cache.put(b"neg", None, negative=True)
+    assert cache.get(b"neg", "miss") is None     # a cached negative answer
+    clock.now += 1
+    assert cache.get(b"neg", "miss") == "miss"
+    assert cache.get(b"pos") == b"v"
+    clock.now += 4
+    assert cache.get(b"pos") is MISS
+    assert (len(cache), cache.bytes) == (0, 0)
+
+
+def test_negative_ttl_zero_keeps_no_negative_answers():
+    cache = AnswerCache(10, 100, ttl=60, negative_ttl=0, clock=Clock())
+    cache.put(b"neg", None, negative=True)
+    assert cache.get(b"neg") is MISS and len(cache) == 0
+
+
+def test_negative_answers_live_as_long_as_positive_ones_by_default():
+    clock = Clock()
+    cache = AnswerCache(10, 100, ttl=2, clock=clock)
+    cache.put(b"neg", None, negative=True)
+    clock.now += 1
+    assert cache.get(b"neg", "miss") is None
+    clock.now += 1
+    assert cache.get(b"neg", "miss") == "miss"
+
+
+def test_a_cache_needs_room():
+    with pytest.raises(ValueError):
+        AnswerCache(0, 100)
+
+
+# -- which files inotify can watch ---------------------------------------------
+
+MOUNTS = """\
+/dev/sda1 / ext4 rw,relatime 0 0
+server:/export /srv/nfs nfs4 rw 0 0
+tmpfs /srv/nfs/local tmpfs rw 0 0
+sshfs#u@h: /mnt/s\\040space fuse.sshfs rw 0 0
+"""
+
+
+@pytest.mark.parametrize("path, fstype", [
+    ("/etc/postfix/virtual.db", "ext4"),
+    ("/srv/nfs/maps/virtual.db", "nfs4"),
+    ("/srv/nfs", "nfs4"),
+    ("/srv/nfsx/map", "ext4"),             # a name that only starts like the mount point
+    ("/srv/nfs/local/map", "tmpfs"),       # the longest mount point wins
+    ("/mnt/s space/map", "fuse.sshfs"),    # escaped blanks in /proc/self/mounts
+])
+def test_filesystem_type(path, fstype):
+    assert filesystem_type(path, MOUNTS) == fstype
+
+
+@pytest.mark.parametrize("fstype, local", [
+    ("ext4", True), ("xfs", True), ("tmpfs", True), ("btrfs", True),
+    ("nfs", False), ("nfs4", False), ("cifs", False), ("fuse.sshfs", False), ("9p", False),
+])
+def test_remote_filesystems_are_not_trusted_to_notify(fstype, local):
+    assert inotify_sees_all_writes(fstype) is local
+
+
+def test_a_table_on_nfs_gets_no_watch(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"server:/x {tmp_path} nfs rw 0 0\n")
+    (tmp_path / "map").write_text("k v\n")
+    watcher = FileWatcher(mounts=str(mounts))
+    try:
+        assert watcher.watch(str(tmp_path / "map")) is None
+    finally:
+        watcher.close()
+
+
+# -- notifications ------------------------------------------------------------
+
+
+@pytest.fixture
+def watcher():
+    w = FileWatcher()
+    yield w
+    w.close()
+
+
+def test_in_place_write_bumps_the_generation(tmp_path, watcher):
+    path = tmp_path / "map"
+    path.write_bytes(b"old")
+    watch, new = watcher.watch(str(path))
+    assert new and watch.gen == 0
+    watcher.drain()
+    assert watch.gen == 0
+    with open(path, "r+b") as f:
+        f.write(b"new")
+    assert watch.gen == 0          # nothing counted before a drain
+    watcher.drain()
+    assert watch.gen > 0
+    again, new = watcher.watch(str(path))
+    assert again is watch and not new
+
+
+def test_rename_replacement_is_seen_and_the_new_file_watched(tmp_path, watcher):
+    path = tmp_path / "map"
+    path.write_bytes(b"one")
+    watch, _ = watcher.watch(str(path))
+    (tmp_path / "map.tmp").write_bytes(b"two")
+    os.rename(tmp_path / "map.tmp", path)
+    watcher.drain()
+    after_rename = watch.gen
+    assert after_rename > 0
+    with open(path, "r+b") as f:      # the new file is watched too
+        f.write(b"TWO")
+    watcher.drain()
+    assert watch.gen > after_rename
+
+
+def test_removed_and_created_again(tmp_path, watcher):
+    path = tmp_path / "map"
+    path.write_bytes(b"one")
+    watch, _ = watcher.watch(str(path))
+    path.unlink()
+    watcher.drain()
+    gone = watch.gen
+    assert gone > 0
+    path.write_bytes(b"two")
+    watcher.drain()
+    created = watch.gen
+    assert created > gone
+    with open(path, "r+b") as f:
+        f.write(b"TWO")
+    watcher.drain()
+    assert watch.gen > created
+
+
+def test_other_files_in_the_directory_do_not_count(tmp_path, watcher):
+    path = tmp_path / "map"
+    path.write_bytes(b"one")
+    watch, _ = watcher.watch(str(path))
+    (tmp_path / "unrelated").write_bytes(b"x")
+    os.rename(tmp_path / "unrelated", tmp_path / "unrelated2")
+    watcher.drain()
+    assert watch.gen == 0
+
+
+def test_a_missing_file_is_watched_once_created(tmp_path, watcher):
+    path = tmp_path / "later"
+    watch, new = watcher.watch(str(path))
+    assert new and watch.file_wd is None
+    path.write_bytes(b"x")
+    watcher.drain()
+    assert watch.gen > 0 and watch.file_wd is not None
+
+
+# -- the dispatcher with both ---------------------------------------------------
+
+def lookup(dispatcher, table, key, flags=F.LOCK | F.FOLD_FIX):
+    attrs = [(k.encode(), v if isinstance(v, bytes) else str(v).encode()) for k, v in
+             [("request", "lookup"), ("table", table), ("flags", flags), ("key", key)]]
+    dispatcher.refresh()
+    reply = dispatcher.handle(attrs)
+    return dict(_decode(reply))
+
+
+def _decode(reply: bytes):
+    fields = reply.split(b"\0")
+    pairs, i = [], 0
+    while i + 1 < len(fields) and fields[i]:
+        pairs.append((fields[i], fields[i + 1]))
+        i += 2
+    return pairs
+
+
+def settle(path):
+    """Date the file's last change 10 s back: an instance opened on a file
+    changed in the last few milliseconds is reopened once (its stamp is not
+    trusted, see Dispatcher._attach_watch), which these tests do not want
+    to depend on."""
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 10**10))
+
+
+def make_dispatcher(tables, service="proxymap", **kwargs):
+    kwargs.setdefault("cache_entries", 100)
+    kwargs.setdefault("cache_bytes", 10000)
+    return Dispatcher(service, set(tables), {}, watcher=FileWatcher(), **kwargs)
+
+
+def test_reply_codec_helper_matches_the_wire():
+    assert _decode(encode([(b"status", b"0"), (b"value", b"v")])) == \
+        [(b"status", b"0"), (b"value", b"v")]
+
+
+def test_hot_key_is_answered_from_the_cache_until_the_file_changes(tmp_path):
+    src = tmp_path / "map"
+    src.write_text("k v1\n")
+    settle(src)
+    table = f"texthash:{src}"
+    d = make_dispatcher([table])
+    try:
+        assert lookup(d, table, "k")[b"value"] == b"v1"
+        assert lookup(d, table, "k")[b"value"] == b"v1"
+        assert lookup(d, table, "absent")[b"status"] == b"1"
+        assert lookup(d, table, "absent")[b"status"] == b"1"
+        assert (d.cache_stats.hits, d.cache_stats.misses) == (2, 2)
+        src.write_text("k v2\n")
+        assert lookup(d, table, "k")[b"value"] == b"v2"
+        assert d.cache_stats.invalidations == 1
+    finally:
+        d.close_all()
+
+
+def test_no_stat_per_request_while_watched(tmp_path, monkeypatch):
+    src = tmp_path / "map"
+    src.write_text("k v1\n")
+    settle(src)
+    table = f"texthash:{src}"
+    d = make_dispatcher([table], cache_entries=0)
+    try:
+        assert lookup(d, table, "k")[b"value"] == b"v1"
+        calls = []
+        monkeypatch.setattr("proxymap.tables.base.file_stamp", lambda p: calls.append(p))
+        assert lookup(d, table, "k")[b"value"] == b"v1"
+        assert lookup(d, table, "k")[b"value"] == b"v1"
+        assert calls == []
+    finally:
+        d.close_all()
+
+
+def test_excluded_table_and_zero_entries_mean_no_cache(tmp_path):
+    src = tmp_path / "map"
+    src.write_text("k v\n")
+    settle(src)
+    table = f"texthash:{src}"
+    for kwargs in ({"cache_exclude": {table}}, {"cache_entries": 0}):
+        d = make_dispatcher([table], **kwargs)
+        try:
+            lookup(d, table, "k")
+            lookup(d, table, "k")
+            assert d.cache_stats.as_dict()["hits"] == d.cache_stats.misses == 0
+        finally:
+            d.close_all()
+
+
+def test_flags_are_part_of_the_cache_key(tmp_path):
+    src = tmp_path / "map"
+    src.write_text("Key folded\n")
+    settle(src)
+    table = f"texthash:{src}"
+    d = make_dispatcher([table])
+    try:
+        assert lookup(d, table, "KEY", flags=F.LOCK)[b"status"] == b"1"
+        assert lookup(d, table, "KEY", flags=F.LOCK | F.FOLD_FIX)[b"status"] == b"1"
+        # texthash folds its keys at load under FOLD_FIX of the open: as Postfix
+        src.write_text("key folded\n")
+        assert lookup(d, table, "KEY", flags=F.LOCK | F.FOLD_FIX)[b"value"] == b"folded"
+        assert lookup(d, table, "KEY", flags=F.LOCK)[b"status"] == b"1"
+    finally:
+        d.close_all()
+
+
+def test_own_write_invalidates_and_other_instances_see_it(tmp_path):
+    from proxymap.tables.berkeleydb import HashTable
+    name = str(tmp_path / "map")
+    HashTable.build("hash", name, [(b"k", b"old")], F.TRY1NULL, {}, print)
+    settle(name + ".db")
+    table = f"hash:{name}"
+    d = make_dispatcher([table], service="proxywrite")
+    try:
+        assert lookup(d, table, "k")[b"value"] == b"old"
+        # an OPEN_LOCK instance of the same file is another instance
+        assert lookup(d, table, "k", flags=F.LOCK | F.FOLD_FIX | F.OPEN_LOCK)[b"value"] == b"old"
+        attrs = [(b"request", b"update"), (b"table", table.encode()),
+                 (b"flags", str(F.LOCK | F.FOLD_FIX).encode()), (b"key", b"k"),
+                 (b"value", b"new")]
+        d.refresh()
+        assert dict(_decode(d.handle(attrs)))[b"status"] == b"0"
+        assert lookup(d, table, "k")[b"value"] == b"new"
+        assert lookup(d, table, "k", flags=F.LOCK | F.FOLD_FIX | F.OPEN_LOCK)[b"value"] == b"new"
+    finally:
+        d.close_all()
+
+
+def test_writer_instance_is_not_reopened_for_its_own_writes(tmp_path):
+    from proxymap.tables.berkeleydb import HashTable
+    name = str(tmp_path / "map")
+    HashTable.build("hash", name, [(b"k", b"old")], F.TRY1NULL, {}, print)
+    settle(name + ".db")
+    table = f"hash:{name}"
+    d = make_dispatcher([table], service="proxywrite")
+    try:
+        lookup(d, table, "k")
+        (instance,) = d.tables.values()
+        for n in range(3):
+            attrs = [(b"request", b"update"), (b"table", table.encode()),
+                     (b"flags", str(F.LOCK | F.FOLD_FIX).encode()), (b"key", b"k"),
+                     (b"value", f"v{n}".encode())]
+            d.refresh()
+            d.handle(attrs)
+            assert lookup(d, table, "k")[b"value"] == f"v{n}".encode()
+        assert list(d.tables.values()) == [instance]
+    finally:
+        d.close_all()
