@@ -265,6 +265,22 @@ def settle(path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 10**10))
 
 
+def update(dispatcher, table, key, value):
+    attrs = [(b"request", b"update"), (b"table", table.encode()),
+             (b"flags", str(F.LOCK | F.FOLD_FIX).encode()), (b"key", key.encode()),
+             (b"value", value.encode())]
+    dispatcher.refresh()
+    return dict(_decode(dispatcher.handle(attrs)))
+
+
+def hash_table(tmp_path):
+    from proxymap.tables.berkeleydb import HashTable
+    name = str(tmp_path / "map")
+    HashTable.build("hash", name, [(b"k", b"old")], F.TRY1NULL, {}, print)
+    settle(name + ".db")
+    return f"hash:{name}"
+
+
 def make_dispatcher(tables, service="proxymap", **kwargs):
     kwargs.setdefault("cache_entries", 100)
     kwargs.setdefault("cache_bytes", 10000)
@@ -345,21 +361,13 @@ def test_flags_are_part_of_the_cache_key(tmp_path):
 
 
 def test_own_write_invalidates_and_other_instances_see_it(tmp_path):
-    from proxymap.tables.berkeleydb import HashTable
-    name = str(tmp_path / "map")
-    HashTable.build("hash", name, [(b"k", b"old")], F.TRY1NULL, {}, print)
-    settle(name + ".db")
-    table = f"hash:{name}"
+    table = hash_table(tmp_path)
     d = make_dispatcher([table], service="proxywrite")
     try:
         assert lookup(d, table, "k")[b"value"] == b"old"
         # an OPEN_LOCK instance of the same file is another instance
         assert lookup(d, table, "k", flags=F.LOCK | F.FOLD_FIX | F.OPEN_LOCK)[b"value"] == b"old"
-        attrs = [(b"request", b"update"), (b"table", table.encode()),
-                 (b"flags", str(F.LOCK | F.FOLD_FIX).encode()), (b"key", b"k"),
-                 (b"value", b"new")]
-        d.refresh()
-        assert dict(_decode(d.handle(attrs)))[b"status"] == b"0"
+        assert update(d, table, "k", "new")[b"status"] == b"0"
         assert lookup(d, table, "k")[b"value"] == b"new"
         assert lookup(d, table, "k", flags=F.LOCK | F.FOLD_FIX | F.OPEN_LOCK)[b"value"] == b"new"
     finally:
@@ -367,21 +375,13 @@ def test_own_write_invalidates_and_other_instances_see_it(tmp_path):
 
 
 def test_writer_instance_is_not_reopened_for_its_own_writes(tmp_path):
-    from proxymap.tables.berkeleydb import HashTable
-    name = str(tmp_path / "map")
-    HashTable.build("hash", name, [(b"k", b"old")], F.TRY1NULL, {}, print)
-    settle(name + ".db")
-    table = f"hash:{name}"
+    table = hash_table(tmp_path)
     d = make_dispatcher([table], service="proxywrite")
     try:
         lookup(d, table, "k")
         (instance,) = d.tables.values()
         for n in range(3):
-            attrs = [(b"request", b"update"), (b"table", table.encode()),
-                     (b"flags", str(F.LOCK | F.FOLD_FIX).encode()), (b"key", b"k"),
-                     (b"value", f"v{n}".encode())]
-            d.refresh()
-            d.handle(attrs)
+            assert update(d, table, "k", f"v{n}")[b"status"] == b"0"
             assert lookup(d, table, "k")[b"value"] == f"v{n}".encode()
         assert list(d.tables.values()) == [instance]
     finally:
