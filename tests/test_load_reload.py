@@ -162,11 +162,19 @@ def test_load_with_reloads_and_a_killed_worker(instance):
             result = instance.control("reload")
             assert result.returncode == 0, result.stderr
             if n == RELOADS // 2:
-                busy = wait_for(lambda: [w for w in instance.workers("proxymap", "ready")
-                                         if w["generation"] == n and w["clients"] > 0],
-                                20, what="a serving worker of the new generation")
-                killed = busy[0]["pid"]
-                os.kill(killed, signal.SIGKILL)
+                for _attempt in range(20):
+                    busy = wait_for(lambda: [w for w in instance.workers("proxymap", "ready")
+                                             if w["generation"] == n and w["clients"] > 0],
+                                    20, what="a serving worker of the new generation")
+                    killed = busy[0]["pid"]
+                    try:
+                        os.kill(killed, signal.SIGKILL)
+                        break
+                    except ProcessLookupError:
+                        # it retired (max_use) after the status file was written
+                        continue
+                else:
+                    raise AssertionError("every serving worker found had exited already")
         while time.monotonic() < started + LOAD_SECONDS:
             seen.update(w["pid"] for w in all_workers(instance))
             time.sleep(0.2)
