@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import time
 
-from master import maillog
 from proxymap import dictflags as F
 from proxymap.answercache import AnswerCache, CacheStats
+from proxymap.conventions import maillog
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                BadRequest, Request, encode_reply, parse_request)
 from proxymap.tables import Table, TableError, TableOpenError, open_table, strip_proxy

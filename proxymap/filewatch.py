@@ -32,7 +32,7 @@ import os
 
 from inotify_simple import INotify, flags as IN, parse_events
 
-from master import maillog
+from proxymap.conventions import maillog
 
 #: on the table file itself
 FILE_MASK = IN.MODIFY | IN.ATTRIB | IN.CLOSE_WRITE | IN.DELETE_SELF | IN.MOVE_SELF
