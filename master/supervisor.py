@@ -24,7 +24,6 @@ one keeps running (Postfix's master would die); workers are pre-forked
 
 from __future__ import annotations
 
-import errno
 import grp
 import json
 import os
@@ -48,7 +47,9 @@ from proxymap.conventions import maillog
 from proxymap.conventions.config_error import ConfigError
 from proxymap.conventions.main_cf import load_main_cf
 from proxymap.conventions.mainconfig import MainConfig
+from proxymap.conventions.service_sockets import PRIVATE, PUBLIC, service_socket_path
 from proxymap.util import fdlimit
+from proxymap.util.unix_listener import BACKLOG, bind_unix_listener
 
 PROGRAM = "proxymap-master"
 WORKER_COMMAND = "proxymap"
@@ -191,22 +192,24 @@ def load_configuration(config_dir: str, warn=None, workers: bool = False,
     return Configuration(main, used, owner, skipped, service_file(main, services_from))
 
 
+def not_served(service: Service) -> str:
+    """What is said of a master.cf entry whose command we do not run."""
+    return (f"{service.filename}: line {service.line}: service {service.name}/{service.type}:"
+            f" command {service.command} is not served by {PROGRAM}")
+
+
 def check_worker_settings(main: MainConfig, service: Service) -> None:
     """Build (and discard) what a worker of `service` builds at startup, so a
     value only workers read (ipc_timeout, proxymap_max_*, smtputf8_enable,
     the allow-lists, the service name) raises ConfigError here."""
-    from proxymap.server import make_worker, role_of
+    from proxymap.server import make_worker
     cfg = main.with_overrides(service.overrides)
     for name in ("proxy_read_maps", "proxy_write_maps"):
         try:
             proxy_allow_set(cfg.get(name))
         except ConfigError as exc:
             raise cfg.locate(name, f"parameter {name}: {exc.reason}") from None
-    if role_of(service.name, cfg) is None:
-        raise ConfigError(f"service name must be one of proxymap or proxywrite "
-                          f"(or $proxymap_service_name, $proxywrite_service_name), "
-                          f"not {service.name!r}")
-    make_worker(cfg, service.name).close()
+    make_worker(cfg, service.name).close()    # ConfigError for a name that is no role
 
 
 @dataclass
@@ -330,9 +333,7 @@ class Master:
 
     def log_skipped(self, config: Configuration) -> None:
         for service in config.skipped:
-            maillog.warning(f"{service.filename}: line {service.line}: service "
-                            f"{service.name}/{service.type}: command {service.command} is not "
-                            f"served by {PROGRAM} -- skipped")
+            maillog.warning(f"{not_served(service)} -- skipped")
 
     # -- start-up -------------------------------------------------------------------
 
@@ -372,8 +373,7 @@ class Master:
         self.selector.register(self.wake_r, selectors.EVENT_READ, ("signal", None))
 
     def socket_path(self, service: Service) -> str:
-        area = "private" if service.private else "public"
-        return os.path.join(self.queue_directory, area, service.name)
+        return service_socket_path(self.queue_directory, service.name, service.private)
 
     def add_service(self, service: Service, main: MainConfig) -> ServiceState:
         state = ServiceState(service, service_settings(main, service),
@@ -471,9 +471,9 @@ class Master:
                 return
             if client is None:
                 return
-            self.dispatch(state, client)
+            self.hand_over(state, client)
 
-    def dispatch(self, state: ServiceState, client: socket.socket) -> bool:
+    def hand_over(self, state: ServiceState, client: socket.socket) -> bool:
         """Hand `client` to the least-loaded ready worker, or queue it."""
         now = time.monotonic()
         tried: set[int] = set()
@@ -707,7 +707,7 @@ class Master:
         while state.pending:
             if pick_worker(state.slots, state.generation) is None:
                 break
-            if not self.dispatch(state, state.pending.popleft()):
+            if not self.hand_over(state, state.pending.popleft()):
                 break
         ready = pick_worker(state.slots, state.generation) is not None
         self.set_listening(state, ready and not state.pending)
@@ -951,8 +951,8 @@ def prepare_directories(main: MainConfig, owner: Credentials | None) -> None:
             group = grp.getgrnam(main.get("setgid_group")).gr_gid
         except KeyError:
             pass
-    for sub, mode, gid in (("private", 0o700, owner.gid if owner else -1),
-                           ("public", 0o710, group)):
+    for sub, mode, gid in ((PRIVATE, 0o700, owner.gid if owner else -1),
+                           (PUBLIC, 0o710, group)):
         path = os.path.join(queue, sub)
         os.makedirs(path, mode=mode, exist_ok=True)
         if owner is not None:
@@ -966,24 +966,7 @@ def prepare_directories(main: MainConfig, owner: Credentials | None) -> None:
 
 
 def bind_socket(path: str, main: MainConfig, owner: Credentials | None) -> socket.socket:
-    """A non-blocking listening UNIX socket at path (0666, owned by
-    mail_owner), replacing whatever file was there."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except IsADirectoryError:
-        raise OSError(errno.EISDIR, f"bind {path}: Is a directory") from None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, 0o666)
-        if owner is not None:
-            os.chown(path, owner.uid, owner.gid)
-        backlog = max(main.get_int("default_process_limit"), 128)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"bind {path}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
+    """A service's listening socket at path, owned by mail_owner, with a
+    backlog of at least default_process_limit."""
+    backlog = max(main.get_int("default_process_limit"), BACKLOG)
+    return bind_unix_listener(path, backlog, (owner.uid, owner.gid) if owner else None)

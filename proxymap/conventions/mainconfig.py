@@ -94,7 +94,7 @@ class MainConfig:
             self._release = (3, 7)   # while finding out: the reference release
             value = self.get("proxymap_postfix_version").strip()
             if value.lower() == "auto":
-                from proxymap.conventions.postfix_version import installed_mail_version
+                from proxymap.conventions.installed_postfix import installed_mail_version
                 value = installed_mail_version(self.get("command_directory")) or "3.7"
             release = parse_release(value)
             if release is None:
