@@ -21,7 +21,7 @@ import threading
 
 import pytest
 
-from worker_fixture import Instance, RawClient
+from worker_fixture import RawClient, WorkerInstance
 
 KEYS = [f"k{n}" for n in range(4)]
 REBUILDS = 30
@@ -57,8 +57,8 @@ def test_acceptable_versions():
 
 @pytest.mark.parametrize("kind", ["hash", "btree"])
 def test_no_stale_answer_while_postmap_rebuilds(tmp_path, kind):
-    inst = Instance(tmp_path)
-    src = os.path.join(inst.etc, "map")
+    inst = WorkerInstance(tmp_path)
+    src = os.path.join(inst.config_dir, "map")
     with open(src, "w") as f:
         f.write(source_text(0))
     assert inst.postmap(f"{kind}:{src}").returncode == 0
@@ -138,7 +138,7 @@ def test_no_stale_answer_while_postmap_rebuilds(tmp_path, kind):
     finally:
         done.set()
         inst.stop()
-    log = inst.read_log()
+    log = inst.log()
     # the cache did answer (it is what this test is about)
     hits = [line for line in log.splitlines() if "answer cache:" in line]
     assert hits, log[-2000:]
