@@ -155,10 +155,12 @@ class Worker:
                    if c.since is not None or c.queue or c.waiting or c.answered_at > since)
 
     def close(self) -> None:
-        """Release the event loop's descriptor (a worker that never ran)."""
+        """Release the event loop's descriptors (a worker that never ran)."""
         self._poll.close()
         if self.offload is not None:
             self.offload.close()
+        if getattr(self.dispatcher, "watcher", None) is not None:
+            self.dispatcher.watcher.close()
 
     # -- plugging in -----------------------------------------------------------
 
