@@ -11,6 +11,8 @@ APT_PKGS := postfix postfix-lmdb postfix-pcre postfix-cdb libdb-dev db5.3-util
 APT_PKGS += debootstrap
 # tables beyond one host: Postfix's own clients to compare with, servers the tests start
 APT_PKGS += postfix-sqlite postfix-pgsql postfix-mysql postgresql mariadb-server
+# make bench counts instructions per lookup (ours, the C proxymap) with callgrind
+APT_PKGS += valgrind
 
 .PHONY: run stop status test bench deps clean install uninstall
 
@@ -56,6 +58,7 @@ test: deps
 bench: deps
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/instructions.py --json benchmarks/instructions.json
 
 # make install: a site install (as root), not editable: a virtualenv of its
 # own under PREFIX with the package built from this checkout, the programs

@@ -87,6 +87,17 @@ class AnswerCache:
         self.stats.hits += 1
         return entry
 
+    def peek(self, key):
+        """get() for the dispatcher's hot path (caches without TTL): the
+        value or None, a hit counted only when found (a miss is counted by
+        the get() of the full path that follows)."""
+        if self._timed:
+            return None
+        value = self._entries.get(key)
+        if value is not None:
+            self.stats.hits += 1
+        return value
+
     def put(self, key, value, *, negative: bool = False) -> None:
         """Remember value for key. An entry counts len(key) + len(value)
         bytes (bytes or str, tuples of them; None counts 0, a number 8). A

@@ -27,6 +27,14 @@ of recent replies (proxymap/answercache.py) while the table has had no
 change notification and no write of our own; a miss reads the table, with
 Postfix's locks, as before.
 
+The write service commits in groups when its worker asks for it
+(`begin_batch`/`end_batch` around each loop pass): the updates and
+deletes of one table that are ready in a pass are applied under one
+exclusive lock and made durable with one sync, and their replies
+(`GroupedReply`, delivered like offloaded ones) are known only after that
+sync: OK/NOKEY when it succeeded, RETRY for every change of the group when
+anything failed. Any other operation on the table closes its group first.
+
 Operations of tables that may block (database clients, plugins) are handed
 to the worker's Offloader and answered later (see proxymap/offload.py).
 """
@@ -44,6 +52,9 @@ from proxymap.tables import Table, TableError, TableOpenError, open_table, strip
 from proxymap.tables.base import END, START, Unsupported, file_stamp, stamp_is_settled
 from proxymap.tables.filelock import LockBusy
 from proxymap.utf8 import is_utf8, utf8_key
+
+#: (table, flags) spellings kept for the hot path before it starts afresh
+HOT_SPELLINGS = 256
 
 #: seconds before a table that failed to open is tried again
 OPEN_RETRY_INTERVAL = 1.0
@@ -95,6 +106,19 @@ class SurrogateTable(Table):
         self._fail()
 
 
+class GroupedReply:
+    """The reply of a change in a commit group: known (`reply`) once the
+    group's sync is done. `owner` is set by the event loop."""
+
+    __slots__ = ("reply", "owner", "done", "failed")
+
+    def __init__(self, done: bytes, failed: bytes):
+        self.reply: bytes | None = None
+        self.owner = None
+        self.done = done        # the reply once durable
+        self.failed = failed    # the reply when the group failed
+
+
 class Dispatcher:
     """Turns decoded requests into encoded replies for one service role."""
 
@@ -120,7 +144,24 @@ class Dispatcher:
         self.cache_bytes = cache_bytes
         self.cache_exclude = frozenset(cache_exclude)
         self.cache_stats = CacheStats()
-        self._cacheable = False
+        self._answered = False
+        # The hot path: (table bytes, flags bytes) of a 3.6-3.10 lookup ->
+        # (instance, flags) once a lookup so spelled went through the whole
+        # path and into the instance's answer cache. A later lookup spelled
+        # the same is answered from that cache without decoding, allow-list
+        # and registry steps (which cannot answer differently: same table,
+        # same flags, and a key that the full path answered before).
+        self._hot: dict[tuple[bytes, bytes], tuple[Table, int]] = {}
+        self._hot_key: tuple[bytes, bytes] | None = None
+        self._hot_table: Table | None = None
+        # commit groups of this loop pass (None: no batch, every change is
+        # synced on its own): table -> its GroupedReply list; and replies
+        # whose group has ended, for the worker to deliver
+        self._groups: dict | None = None
+        self._ended: list[GroupedReply] = []
+        #: groups closed and changes they carried, in total
+        self.groups_committed = 0
+        self.grouped_changes = 0
 
         # the worker clears this for a connection that already had its
         # share of bad-request warnings (it counts and sums up the rest)
@@ -131,6 +172,64 @@ class Dispatcher:
         self.lock_users: dict[tuple[str, int], set] = {}
 
     # -- the request entry point ------------------------------------------------
+
+    def begin_batch(self) -> None:
+        """From now until end_batch(), changes of the write service are
+        grouped per table (no effect on the read service)."""
+        if self.writable and self._groups is None:
+            self._groups = {}
+
+    def end_batch(self) -> list[GroupedReply]:
+        """Close every open group (one sync each); the replies now known.
+        Grouping stays on until the next begin_batch."""
+        groups = self._groups
+        if groups:
+            for table in list(groups):
+                self._end_group(table)
+        self._groups = None
+        ended, self._ended = self._ended, []
+        return ended
+
+    def _end_group(self, table: Table) -> None:
+        replies = self._groups.pop(table)
+        durable = table.group_end()
+        self.groups_committed += 1
+        self.grouped_changes += len(replies)
+        for reply in replies:
+            reply.reply = reply.done if durable else reply.failed
+        self._ended.extend(replies)
+
+    def _grouped_change(self, table: Table, req: Request, walks: dict, flags: int):
+        """An update or delete inside the table's commit group (opened now
+        if need be): a GroupedReply, or the encoded reply of a change that
+        failed at once."""
+        groups = self._groups
+        saved = table.flags
+        table.flags = flags         # what the lock decision looks at
+        try:
+            if table in groups and not table.group_accepts():
+                self._end_group(table)
+            if table not in groups:
+                table.group_begin()     # LockBusy: the request waits
+                groups[table] = []
+        except TableError as exc:
+            if isinstance(exc, LockBusy):
+                raise
+            maillog.warning(exc.reason)
+            return encode_reply(req.name, exc.status, req.layout, flags=table.flags)
+        finally:
+            table.flags = saved
+        self._answered = False
+        reply = self._run(table, req, walks, flags)
+        if table.group_failed:      # this change failed, and with it the group
+            self._end_group(table)
+            return reply
+        if not self._answered:
+            return reply            # refused before touching the file
+        grouped = GroupedReply(reply, encode_reply(req.name, RETRY, req.layout,
+                                                   flags=table.flags))
+        groups[table].append(grouped)
+        return grouped
 
     def refresh(self) -> None:
         """Count the change notifications queued so far. The worker calls
@@ -148,6 +247,22 @@ class Dispatcher:
         With `may_wait`, a table lock that another process holds gives None
         instead (ask again later); without, RETRY. `client` names the
         connection, for instances that hold a lock while someone uses them."""
+        self._hot_key = None
+        if len(attrs) == 4 and not self.writable:
+            (n0, v0), (n1, v1), (n2, v2), (n3, v3) = attrs
+            if v0 == b"lookup" and n0 == b"request" and n1 == b"table" and n2 == b"flags" \
+                    and n3 == b"key":
+                hot = self._hot.get((v1, v2))
+                if hot is not None:
+                    table, req_flags = hot
+                    answers, watch = table.answers, table.watch
+                    if answers is not None and watch.gen == table.watch_gen:
+                        flags = (table.flags & ~F.RQST_MASK) | (req_flags & F.RQST_MASK)
+                        reply = answers.peek((flags, v3))
+                        if reply is not None:
+                            table.flags = flags
+                            return reply
+                self._hot_key = (v1, v2)
         try:
             req = parse_request(attrs)
         except BadRequest as exc:
@@ -199,6 +314,16 @@ class Dispatcher:
             return self.offload.submit(table, flags, lambda: self._operate(table, req, walks),
                                        encode_reply(name, RETRY, req.layout))
         answers = table.answers
+        groups = self._groups
+        if groups is not None:
+            if name in ("update", "delete") and getattr(table, "groups_writes", False):
+                try:
+                    return self._grouped_change(table, req, walks, flags)
+                finally:
+                    if answers is not None:
+                        answers.invalidate()
+            if table in groups:     # anything else sees the group's changes durable
+                self._end_group(table)
         if answers is None:
             return self._run(table, req, walks, flags)
         if name == "lookup":
@@ -207,10 +332,15 @@ class Dispatcher:
             ckey = (flags, req.key)
             reply = answers.get(ckey, None)
             if reply is None:
-                self._cacheable = False
+                self._answered = False
                 reply = self._run(table, req, walks, flags)
-                if self._cacheable:
+                if self._answered:
                     answers.put(ckey, reply)
+                    if self._hot_key is not None and table.watch is not None \
+                            and req.layout == 37:
+                        if len(self._hot) >= HOT_SPELLINGS:
+                            self._hot.clear()   # a client trying many spellings
+                        self._hot[self._hot_key] = (table, req.flags)
             return reply
         if name == "sequence":
             return self._run(table, req, walks, flags)
@@ -239,22 +369,24 @@ class Dispatcher:
             if utf8 and name != "sequence":
                 key = utf8_key(key, bool(table.flags & F.FOLD_FIX and table.flags & F.FIXED))
                 if key is None:  # Postfix's UTF-8 layer: not found / not done
-                    self._cacheable = True
+                    self._answered = True
                     return encode_reply(name, NOKEY if name == "lookup" else OK, layout,
                                         flags=table.flags)
             if name == "lookup":
                 value = table.lookup(key)
                 if value is None:
-                    self._cacheable = True
+                    self._answered = True
                     return encode_reply(name, NOKEY, layout, flags=table.flags)
                 if utf8 and not is_utf8(value):
                     return encode_reply(name, CONFIG, layout, flags=table.flags)
-                self._cacheable = True
+                self._answered = True
                 return encode_reply(name, OK, layout, flags=table.flags, value=value)
             if name == "update":
                 done = table.update(key, req.value)
+                self._answered = True
             elif name == "delete":
                 done = table.delete(key)
+                self._answered = True
             else:
                 record = self._step(table, req, walks)
                 if record is None:
@@ -299,7 +431,8 @@ class Dispatcher:
         table = self.tables.get(regkey)
         if table is not None:
             watch = table.watch
-            if watch is not None and watch.gen == table.watch_gen:
+            if watch is not None and watch.gen == table.watch_gen \
+                    or self._groups and table in self._groups:
                 # no notification since the instance knew its file
                 if inst & F.OPEN_LOCK and self.writable:
                     self._note_lock_user(regkey)
@@ -322,6 +455,7 @@ class Dispatcher:
             del self.tables[regkey]
             if table.answers is not None:
                 table.answers.invalidate()
+                table.answers = None    # and no hot path leads to it
             self._close(table)
         # 3.7 opens with the full flags of the first request, 3.11 with the
         # instance flags. OPEN_LOCK holds an exclusive lock for the life of
@@ -398,6 +532,9 @@ class Dispatcher:
             table.watch_gen = watch.gen
 
     def _close(self, table: Table) -> None:
+        if self._groups and table in self._groups:
+            self._end_group(table)
+        table.answers = None        # no hot path leads to a closed instance
         if table.blocking and self.offload is not None:
             self.offload.retire(table)   # after the operations it still has
             return
@@ -407,6 +544,7 @@ class Dispatcher:
             maillog.warning(f"close table {table.spec}: {exc}")
 
     def close_all(self) -> None:
+        self._ended += self.end_batch()
         for table in self.tables.values():
             self._close(table)
         self.tables.clear()

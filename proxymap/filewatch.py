@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 
 from inotify_simple import INotify, flags as IN, parse_events
 
@@ -118,6 +119,12 @@ class FileWatcher:
             self._warn(f"inotify unavailable ({exc.strerror}): table files are checked"
                        " with stat() before every request")
         self.fd = None if self._inotify is None else self._inotify.fileno()
+        # "anything queued?" without a failing read (an exception per loop
+        # pass costs more than the system call): an epoll of its own
+        self._queued = None
+        if self.fd is not None:
+            self._queued = select.epoll()
+            self._queued.register(self.fd, select.EPOLLIN)
 
     def _warn(self, message: str) -> None:
         if not self._warned:
@@ -192,7 +199,7 @@ class FileWatcher:
     def drain(self) -> int:
         """Count every queued notification into its paths' generations;
         returns the number of notifications read."""
-        if self._inotify is None or not self._watches:
+        if self._inotify is None or not self._watches or not self._queued.poll(0):
             return 0
         total = 0
         while True:
@@ -249,5 +256,6 @@ class FileWatcher:
 
     def close(self) -> None:
         if self._inotify is not None:
+            self._queued.close()
             self._inotify.close()
             self._inotify = None

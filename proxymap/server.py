@@ -227,8 +227,10 @@ class Worker:
         hangup = select.EPOLLERR | select.EPOLLHUP
         # the loop never sleeps on a lock: a busy one defers the request
         filelock.wait_limit = 0
+        dispatcher = self.dispatcher
         while not (self.stopping and not self.conns):
             waiting = self.lock_waiting
+            dispatcher.begin_batch()    # proxywrite: one sync per table and pass
             for fd, events in self._poll.poll(LOCK_RETRY if waiting else TICK):
                 handler = handlers.get(fd)
                 if handler is None:
@@ -256,6 +258,13 @@ class Worker:
                 for conn in list(waiting.values()):
                     if conn.fd in self.conns:
                         self._pump(conn)
+            # changes of the pass are durable now: answer them (which may
+            # answer requests queued behind them, in a group of their own)
+            ended = dispatcher.end_batch()
+            while ended:
+                dispatcher.begin_batch()
+                self._deliver(ended)
+                ended = dispatcher.end_batch()
             now = time.monotonic()
             if now - self._ticked >= TICK:
                 self._ticked = now
@@ -264,6 +273,9 @@ class Worker:
                 self._expire()
                 if self.on_tick is not None:
                     self.on_tick(self)
+        if dispatcher.groups_committed:
+            maillog.info(f"commit groups: {dispatcher.grouped_changes} changes"
+                         f" in {dispatcher.groups_committed} syncs")
         stats = self.dispatcher.cache_stats
         if stats.hits or stats.misses:
             maillog.info(f"answer cache: {stats.hits} hits, {stats.misses} misses,"

@@ -13,7 +13,7 @@ from proxymap import dictflags as F
 from proxymap.answercache import MISS, AnswerCache, CacheStats
 from proxymap.dispatch import Dispatcher
 from proxymap.filewatch import FileWatcher, filesystem_type, inotify_sees_all_writes
-from proxymap.protocol import encode
+from proxymap.protocol import RETRY, encode
 
 # -- the cache alone -----------------------------------------------------------
 
@@ -384,5 +384,143 @@ def test_writer_instance_is_not_reopened_for_its_own_writes(tmp_path):
             assert update(d, table, "k", f"v{n}")[b"status"] == b"0"
             assert lookup(d, table, "k")[b"value"] == f"v{n}".encode()
         assert list(d.tables.values()) == [instance]
+    finally:
+        d.close_all()
+
+
+# -- group commit (proxywrite) ---------------------------------------------------
+
+def lmdb_table(tmp_path):
+    from proxymap.tables.lmdb import LmdbTable
+    name = str(tmp_path / "map")
+    LmdbTable.build("lmdb", name, [(b"k", b"old")], F.TRY1NULL, {}, print)
+    settle(name + ".lmdb")
+    return f"lmdb:{name}"
+
+
+def change(dispatcher, request, table, key, value=None):
+    attrs = [(b"request", request.encode()), (b"table", table.encode()),
+             (b"flags", str(F.LOCK | F.FOLD_FIX).encode()), (b"key", key.encode())]
+    if value is not None:
+        attrs.append((b"value", value.encode()))
+    return dispatcher.handle(attrs)
+
+
+def status_of(reply):
+    return dict(_decode(reply))[b"status"]
+
+
+def test_changes_of_one_pass_share_one_sync_and_are_answered_after_it(tmp_path, monkeypatch):
+    from proxymap.tables.lmdb import LmdbTable
+    table = lmdb_table(tmp_path)
+    syncs = []
+    real_commit = LmdbTable._commit
+    monkeypatch.setattr(LmdbTable, "_commit", lambda self: (syncs.append(1), real_commit(self)))
+    d = make_dispatcher([table], service="proxywrite")
+    try:
+        d.begin_batch()
+        first = change(d, "update", table, "a", "1")
+        second = change(d, "update", table, "b", "2")
+        third = change(d, "delete", table, "absent")
+        assert type(first) is not bytes and first.reply is None and second.reply is None
+        assert syncs == []                       # nothing answered before the sync
+        ended = d.end_batch()
+        assert ended == [first, second, third] and syncs == [1]
+        assert [status_of(r.reply) for r in ended] == [b"0", b"0", b"1"]
+        assert lookup(d, table, "a")[b"value"] == b"1"
+        assert (d.groups_committed, d.grouped_changes) == (1, 3)
+        # without a batch every change is synced on its own, answered at once
+        assert status_of(change(d, "update", table, "c", "3")) == b"0"
+        assert syncs == [1, 1]
+    finally:
+        d.close_all()
+
+
+def test_a_failed_sync_fails_every_change_of_the_group(tmp_path, monkeypatch):
+    from proxymap.tables.base import TableError
+    from proxymap.tables.lmdb import LmdbTable
+    table = lmdb_table(tmp_path)
+    d = make_dispatcher([table], service="proxywrite")
+    try:
+        d.begin_batch()
+        first = change(d, "update", table, "a", "1")
+        second = change(d, "delete", table, "k")
+
+        def broken(self):
+            raise TableError("sync database: Input/output error")
+        monkeypatch.setattr(LmdbTable, "_commit", broken)
+        ended = d.end_batch()
+        assert [status_of(r.reply) for r in ended] == [b"%d" % RETRY] * 2
+        monkeypatch.undo()
+        # RETRY says "not known to be done"; the table goes on working
+        d.begin_batch()
+        again = change(d, "update", table, "a", "2")
+        assert [status_of(r.reply) for r in d.end_batch()] == [b"0"] and again.reply
+        assert lookup(d, table, "a")[b"value"] == b"2"
+    finally:
+        d.close_all()
+
+
+def test_a_lookup_in_the_pass_closes_the_group_first(tmp_path):
+    table = lmdb_table(tmp_path)
+    d = make_dispatcher([table], service="proxywrite")
+    try:
+        d.begin_batch()
+        pending = change(d, "update", table, "k", "new")
+        assert pending.reply is None
+        assert lookup(d, table, "k")[b"value"] == b"new"
+        assert pending.reply is not None and status_of(pending.reply) == b"0"
+        assert d.end_batch() == [pending]
+    finally:
+        d.close_all()
+
+
+def test_berkeley_db_changes_are_synced_one_by_one_even_in_a_batch(tmp_path):
+    table = hash_table(tmp_path)
+    d = make_dispatcher([table], service="proxywrite")
+    try:
+        d.begin_batch()
+        assert status_of(change(d, "update", table, "a", "1")) == b"0"   # answered at once
+        assert d.end_batch() == [] and d.groups_committed == 0
+    finally:
+        d.close_all()
+
+
+# -- the hot path of 3.6-3.10 lookups ----------------------------------------------
+
+def test_hot_path_gives_the_full_paths_answers_and_follows_changes(tmp_path):
+    src = tmp_path / "map"
+    src.write_text("k v1\nother o\n")
+    settle(src)
+    table = f"texthash:{src}"
+    d = make_dispatcher([table])
+    try:
+        first = lookup(d, table, "k", flags=64)            # full path, cached
+        hits = d.cache_stats.hits
+        assert lookup(d, table, "k", flags=64) == first     # hot path
+        assert d.cache_stats.hits == hits + 1
+        assert lookup(d, table, "other", flags=64)[b"value"] == b"o"
+        assert lookup(d, table, "absent", flags=64)[b"status"] == b"1"
+        assert lookup(d, table, "absent", flags=64)[b"status"] == b"1"
+        src.write_text("k v2\n")
+        assert lookup(d, table, "k", flags=64)[b"value"] == b"v2"
+        assert lookup(d, table, "other", flags=64)[b"status"] == b"1"
+        # another spelling of the same flags is its own hot entry, same answer
+        assert lookup(d, table, "k", flags=b"0064")[b"value"] == b"v2"
+    finally:
+        d.close_all()
+
+
+def test_hot_path_spellings_are_bounded(tmp_path):
+    from proxymap import dispatch
+    src = tmp_path / "map"
+    src.write_text("k v\n")
+    settle(src)
+    table = f"texthash:{src}"
+    d = make_dispatcher([table])
+    try:
+        for n in range(dispatch.HOT_SPELLINGS + 10):
+            assert lookup(d, table, "k", flags=b"0" * (n % 5) + b"%d" % (64 + 256 * n))[b"value"] == b"v"
+        assert len(d._hot) <= dispatch.HOT_SPELLINGS
     finally:
         d.close_all()

@@ -128,6 +128,106 @@ def test_worker_sigkill_loses_no_acknowledged_update(worker_setup, case):
     assert ledger.acked >= 4 * per_client
 
 
+class PipelinedWriter(threading.Thread):
+    """Sends its updates in batches of `batch` requests written at once, so
+    that proxywrite reads them in one loop pass and commits them as one
+    group (one sync, then the replies). Each key is written once; a reply
+    OK acknowledges it, a lost or RETRY reply leaves it unknown."""
+
+    def __init__(self, path: str, spec: str, ledger: D.Ledger, prefix: str, batches: int,
+                 batch: int = 16):
+        super().__init__(daemon=True)
+        self.path, self.spec, self.ledger, self.prefix = path, spec, ledger, prefix
+        self.batches, self.batch = batches, batch
+        self.error: str | None = None
+
+    def run(self) -> None:
+        from proxymap.protocol import encode
+        from tests.worker_fixture import RawClient
+        client = None
+        try:
+            for b in range(self.batches):
+                keys = [f"{self.prefix}{b}-{i}" for i in range(self.batch)]
+                deadline = time.monotonic() + 60      # a restart under load is slow
+                while client is None:
+                    try:
+                        client = RawClient(self.path)
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise AssertionError("proxywrite never came back") from None
+                        time.sleep(0.02)
+                data = b"".join(encode([("request", "update"), ("table", self.spec),
+                                        ("flags", D.LOCKED_WRITE), ("key", k),
+                                        ("value", f"{k}-g")]) for k in keys)
+                answered = 0
+                try:
+                    client.send(data)
+                    for k in keys:
+                        status = int(dict(client.read())[b"status"])
+                        answered += 1
+                        self.ledger.record(k, f"{k}-g", True if status == 0 else None)
+                except (OSError, EOFError):
+                    client.close()
+                    client = None
+                    for k in keys[answered:]:
+                        self.ledger.record(k, f"{k}-g", None)
+        except Exception as exc:  # reported by the test
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if client is not None:
+                client.close()
+
+
+@pytest.mark.slow
+def test_worker_sigkill_in_the_middle_of_commit_groups(worker_setup):
+    """Four clients pipeline 16 updates at a time, so proxywrite spends its
+    time applying and syncing groups of changes (lmdb: Berkeley DB files
+    are not grouped, see berkeleydb.py); it is killed with SIGKILL at
+    random moments, most of which fall inside a group. No update answered
+    OK may be missing afterwards, and the file must stay valid."""
+    inst, specs = worker_setup
+    spec = specs["lmdb"]
+    path = inst.socket_path("proxywrite")
+    current = {"proc": inst.start("proxywrite")}
+
+    def victim():
+        proc = current["proc"]
+        return proc.pid if proc.poll() is None else None
+
+    def revive(_pid):
+        current["proc"].wait(10)
+        current["proc"] = inst.start("proxywrite")
+
+    ledger = D.Ledger()
+    writers = [PipelinedWriter(path, spec, ledger, f"g{i}-", batches=500) for i in range(4)]
+    killer = D.Killer(victim, revive, 15, SEED + 11, pause=(0.02, 0.2))
+    for w in writers:
+        w.start()
+    killer.start()
+    try:
+        D.join_all(writers, 240)
+    finally:
+        killer.stop.set()
+        killer.join(30)
+    assert killer.error is None, killer.error
+    # one more round without kills: the last worker's summary shows the groups
+    tail = [PipelinedWriter(path, spec, ledger, f"t{i}-", batches=5) for i in range(4)]
+    for w in tail:
+        w.start()
+    D.join_all(tail, 120)
+    errors = [w.error for w in writers + tail if w.error]
+    assert not errors, errors
+    inst.stop()
+    figures = D.check_table(inst.config_dir, spec, D.expected_states(ledger))
+    report("worker SIGKILL during commit groups (lmdb)", ledger, figures, killer.kills)
+    assert killer.kills >= 1, "the worker was never killed: the run proves nothing"
+    summary = [line.split("commit groups: ")[1].split() for line in inst.log().splitlines()
+               if "commit groups: " in line]
+    assert summary, "no commit group was logged"
+    changes, syncs = int(summary[-1][0]), int(summary[-1][3])
+    assert changes > syncs, f"no group had more than one change: {summary[-1]}"
+
+
 # -- real postmap writing the same file while proxywrite updates ------------------------------
 
 class PostmapWriter(threading.Thread):

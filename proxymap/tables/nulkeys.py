@@ -133,6 +133,10 @@ class NulKeyTable(Table):
     default_write = F.TRY1NULL
     lock: TableLock | None = None
     label = ""
+    #: changes can be grouped under one lock and one sync (group_begin)
+    groups_writes = True
+    #: while a group is open: [lock taken, changes made, failed]
+    _group: list | None = None
 
     def __init__(self, type_name, name, flags, writable, params):
         super().__init__(type_name, name, flags, writable, params)
@@ -174,11 +178,92 @@ class NulKeyTable(Table):
             raise TableError(f"table {self.spec}: {operation} on a table opened read-only",
                              CONFIG)
 
+    # Group commit: proxywrite applies the changes that are ready in one
+    # loop pass under one exclusive lock and makes them durable with one
+    # sync (group_end); no change is answered before that sync. Postfix
+    # locks and syncs each change on its own; the file goes through the
+    # same states, only fewer syncs mark them durable.
+
+    def group_begin(self) -> None:
+        """Open a group: the exclusive lock when the current flags call for
+        one (raises LockBusy while another process holds it), and the
+        file re-read if another writer changed it."""
+        self._require_writable("update")
+        locked = self.lock is not None and self.lock.needed(self.flags)
+        if locked:
+            self.lock.acquire(filelock.EXCLUSIVE)
+        try:
+            self._refresh()
+        except BaseException:
+            if locked:
+                self.lock.release()
+            raise
+        self._group = [locked, False, False]
+
+    def group_accepts(self) -> bool:
+        """Whether a change under the current flags may join the open group
+        (it locks the same way)."""
+        needed = self.lock is not None and self.lock.needed(self.flags)
+        return self._group is not None and not self._group[2] and self._group[0] == needed
+
+    @property
+    def group_failed(self) -> bool:
+        return self._group is not None and self._group[2]
+
+    def group_end(self) -> bool:
+        """Close the group: one sync for all its changes, then the lock is
+        released. True when every change of the group is durable; False
+        when a change or the sync failed (then none of them counts: the
+        file is read afresh, as after any failed change)."""
+        locked, dirty, failed = self._group
+        self._group = None
+        try:
+            if failed:
+                return False
+            if dirty:
+                try:
+                    self._commit()
+                except TableError as exc:
+                    maillog.warning(exc.reason)
+                    self._abandon()
+                    return False
+                self._remember_own_write()
+            return True
+        finally:
+            if locked:
+                self.lock.release()
+
+    def _grouped(self, operation, *args):
+        """operation(*args) (a _put or _remove) inside the open group: a
+        failure fails the whole group (its earlier changes are dropped
+        with the cache)."""
+        try:
+            return operation(*args)
+        except TableError:
+            self._group[2] = True
+            self._abandon()
+            raise
+
     def update(self, key: bytes, value: bytes) -> bool:
         self._require_writable("update")
         key = self.fold(key)
         bit = write_bit(self.flags, self.default_write)
         self.flags = narrow(self.flags, bit)
+        if self._group is not None:
+            self._need_space(len(key) + len(value) + 2)
+            outcome = self._grouped(self._put, encode(bit, key), encode(bit, value),
+                                    bool(self.flags & F.DUP_REPLACE))
+            if outcome != REFUSED:
+                self._group[1] = True
+        else:
+            outcome = self._update_now(key, value, bit)
+        if outcome == REFUSED:
+            if self.flags & F.DUP_WARN and not self.flags & F.DUP_IGNORE:
+                maillog.warning(duplicate_message(self.label, key))
+            return False
+        return True
+
+    def _update_now(self, key: bytes, value: bytes, bit: int) -> str:
         with self._access(filelock.EXCLUSIVE):
             self._refresh()
             self._need_space(len(key) + len(value) + 2)
@@ -192,15 +277,19 @@ class NulKeyTable(Table):
                 raise
             if outcome != REFUSED:
                 self._remember_own_write()
-        if outcome == REFUSED:
-            if self.flags & F.DUP_WARN and not self.flags & F.DUP_IGNORE:
-                maillog.warning(duplicate_message(self.label, key))
-            return False
-        return True
+        return outcome
 
     def delete(self, key: bytes) -> bool:
         self._require_writable("delete")
         key = self.fold(key)
+        if self._group is not None:
+            self._need_space(len(key) + 1)
+            for bit, stored in probes(self.flags, key):
+                if self._grouped(self._remove, stored):
+                    self._group[1] = True
+                    self.flags = narrow(self.flags, bit)
+                    return True
+            return False
         with self._access(filelock.EXCLUSIVE):
             self._refresh()
             self._need_space(len(key) + 1)
