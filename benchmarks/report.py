@@ -9,7 +9,7 @@ import json
 import statistics
 
 METRICS = ("rate", "p50_ms", "p99_ms", "p999_ms", "cpu_per_10k", "peak_rss_mb",
-           "peak_pss_mb", "peak_procs", "client_cpu_per_10k")
+           "peak_pss_mb", "peak_procs", "client_cpu_per_10k", "cache_hit_rate")
 
 
 def median_or_none(values):
@@ -83,6 +83,10 @@ def table(rows: list[dict]) -> str:
             f"{_fmt(r['ours_peak_procs']):>4}  "
             f"{_fmt(r['c_client_cpu_per_10k'], '.3f'):>7} / "
             f"{_fmt(r['ours_client_cpu_per_10k'], '.3f')}")
+    hit_rates = [r for r in rows if r.get("ours_cache_hit_rate") is not None]
+    if hit_rates:
+        lines += ["", "our answer cache: hit rate per scenario (from status, approximate)"]
+        lines += [f"{r['scenario']:<24} {r['ours_cache_hit_rate']:.3f}" for r in hit_rates]
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ class Scenario:
     service: str         # proxymap or proxywrite
     table: str           # hash, btree, cidr, regexp, pcre, write, verify
     conns: int
+    keys: str = ""       # the key mix: "" uniform over the table's keys, "zipf" skewed
 
 
 def plan(quick: bool) -> list[Scenario]:
@@ -43,6 +44,8 @@ def plan(quick: bool) -> list[Scenario]:
            for p in postmap_procs]
     out += [Scenario(f"lookup hash c{c}", "lookup hash", "lookup", "proxymap", "hash", c)
             for c in lookup_conns]
+    out += [Scenario(f"lookup hash zipf c{c}", "lookup hash zipf", "lookup", "proxymap",
+                     "hash", c, "zipf") for c in lookup_conns]
     out += [Scenario(f"lookup {t} c{other_conns}", f"lookup {t}", "lookup", "proxymap", t,
                      other_conns) for t in other_tables]
     out += [Scenario(f"churn hash c{c}", "churn", "churn", "proxymap", "hash", c)
@@ -66,11 +69,40 @@ class Context:
         self.workdir = workdir
         self._keys: dict[str, list[bytes]] = {}
 
-    def keys(self, kind: str) -> list[bytes]:
-        if kind not in self._keys:
+    def keys(self, kind: str, mix: str = "") -> list[bytes]:
+        if (kind, mix) not in self._keys:
             base = "hash" if kind in ("write", "verify") else kind
-            self._keys[kind] = self.tables.lookup_keys(base, 20000, seed=7)
-        return self._keys[kind]
+            keys = self.tables.lookup_keys(base, 20000, seed=7)
+            if mix == "zipf":
+                keys = zipf_sequence(keys, len(keys), seed=11)
+            self._keys[kind, mix] = keys
+        return self._keys[kind, mix]
+
+
+def zipf_sequence(pool: list, count: int, seed: int, s: float = 1.0) -> list:
+    """`count` picks from `pool` where the r-th key is asked with weight
+    1/r**s (a Zipf-like skew: a few hot keys, a long tail), seeded."""
+    import random
+    rng = random.Random(seed)
+    return rng.choices(pool, weights=[1 / (r + 1) ** s for r in range(len(pool))], k=count)
+
+
+def cache_counts(server) -> tuple[int, int] | None:
+    """(hits, misses) of our workers' answer caches, from the master's
+    status file; None for the C proxymap (or no status)."""
+    import json
+    path = os.path.join(server.queue_dir, "pid", "proxymap-master.status")
+    try:
+        with open(path) as f:
+            status = json.load(f)
+    except (OSError, ValueError):
+        return None
+    hits = misses = 0
+    for service in status.get("services", {}).values():
+        for worker in service.get("workers", []):
+            hits += worker.get("cache_hits", 0)
+            misses += worker.get("cache_misses", 0)
+    return hits, misses
 
 
 def table_spec(server, ctx: Context, table: str) -> str:
@@ -84,15 +116,21 @@ def measure(server, sc: Scenario, ctx: Context) -> dict:
     spec = table_spec(server, ctx, sc.table)
     record = {"server": server.kind, "scenario": sc.name, "group": sc.group,
               "conns": sc.conns, "client": sc.client}
+    before = cache_counts(server) if server.kind == "ours" else None
     with UsageMeter(server) as usage:
         if sc.client == "postmap":
             out = postmap_streams(server.config_dir, spec, ctx, sc.conns)
         else:
-            wl = loadgen.Workload(sc.client, spec, ctx.keys(sc.table))
+            wl = loadgen.Workload(sc.client, spec, ctx.keys(sc.table, sc.keys))
             res = loadgen.run(server.socket_path(sc.service), wl, sc.conns, ctx.duration,
                               ctx.gen_procs)
             out = summarize(res)
     record.update(out)
+    after = cache_counts(server) if before is not None else None
+    if after is not None:
+        # status travels every 0.5 s: a close estimate, not an exact count
+        hits, misses = after[0] - before[0], after[1] - before[1]
+        record["cache_hit_rate"] = hits / (hits + misses) if hits + misses > 0 else None
     n = record["requests"]
     record["server_cpu"] = usage.cpu
     record["cpu_per_10k"] = usage.cpu / n * 10000 if n else None
