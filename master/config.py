@@ -266,6 +266,9 @@ DEFAULTS.update({
     "proxymap_max_pipelined_requests": "16",
     "proxymap_max_unsent_reply_bytes": "65536",
     "proxymap_max_bad_requests": "10",
+    # Our own: the Prometheus listener (master/exporter.py): empty = none, an
+    # absolute UNIX socket path, or a loopback host:port (port 0: any).
+    "proxymap_metrics_listen": "",
 })
 
 #: parameters of this project that Postfix does not know
@@ -274,7 +277,7 @@ OWN_PARAMETERS = ("proxymap_max_attributes", "proxymap_max_request_size",
                   "proxymap_backend_threads", "proxymap_backend_queue", "proxymap_backend_timeout",
                   "proxymap_postfix_version",
                   "proxymap_max_pipelined_requests", "proxymap_max_unsent_reply_bytes",
-                  "proxymap_max_bad_requests")
+                  "proxymap_max_bad_requests", "proxymap_metrics_listen")
 
 DYNAMIC_DEFAULTS = ("myhostname", "mydomain", "mynetworks", "process_id", "process_name")
 READ_ONLY = ("process_id", "process_name")

@@ -20,14 +20,23 @@ freshness or after a write, never restarts or disturbs a walk in progress.
 
 Operations of tables that may block (database clients, plugins) are handed
 to the worker's Offloader and answered later (see proxymap/offload.py).
+
+Every answered request is counted in `metrics` (proxymap/metrics.py) under
+its table, type and status, with its latency: from `woke_at`, the moment
+the worker woke up to read it (set by the worker's loop), to the reply;
+one clock read per request. Offloaded requests are counted when their
+reply is delivered (`count_delivered`).
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 
 from master import maillog
 from proxymap import dictflags as F
+from proxymap.metrics import (LATENCY_BOUNDS, NO_TABLE, OPERATION_INDEX, REPLY_STATUS_OFFSET,
+                              STATUS_COUNT, UNKNOWN_OPERATION, WorkerMetrics)
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                BadRequest, Request, encode_reply, parse_request)
 from proxymap.tables import Table, TableError, TableOpenError, open_table, strip_proxy
@@ -110,6 +119,12 @@ class Dispatcher:
         # proxywrite instances opened with OPEN_LOCK -> the clients that used
         # them: the lock is given back when the last of them has gone
         self.lock_users: dict[tuple[str, int], set] = {}
+        #: request counters by table (see the module text)
+        self.metrics = WorkerMetrics()
+        #: monotonic time the worker woke up to read the requests it answers
+        self.woke_at = time.monotonic()
+        # the table the request in progress is counted under
+        self._counted = NO_TABLE
 
     # -- the request entry point ------------------------------------------------
 
@@ -127,18 +142,46 @@ class Dispatcher:
         except BadRequest as exc:
             if self.log_bad:
                 maillog.warning(f"{self.service}: bad request: {exc.reason}")
-            return encode_reply(exc.name, BAD, exc.layout)
+            reply = encode_reply(exc.name, BAD, exc.layout)
+            self._count(self.metrics.table(NO_TABLE),
+                        OPERATION_INDEX.get(exc.name, UNKNOWN_OPERATION), reply)
+            return reply
         self._client = client
+        self._counted = NO_TABLE
         try:
-            return self._answer(req, self.walks if walks is None else walks)
+            reply = self._answer(req, self.walks if walks is None else walks)
         except LockBusy as exc:
             if may_wait:
-                return None
+                return None     # asked again later: counted then
             maillog.warning(exc.reason)
-            return encode_reply(req.name, RETRY, req.layout)
+            reply = encode_reply(req.name, RETRY, req.layout)
         except Exception as exc:  # a bug must not cost the client its answer
             maillog.error(f"{req.name} {req.table}: unexpected {type(exc).__name__}: {exc}")
-            return encode_reply(req.name, RETRY, req.layout)
+            self.metrics.table(self._counted).errors += 1
+            reply = encode_reply(req.name, RETRY, req.layout)
+        counters = self.metrics.tables.get(self._counted) or self.metrics.table(self._counted)
+        if type(reply) is bytes:
+            self._count(counters, OPERATION_INDEX[req.name], reply)
+        else:   # offloaded: counted when the reply is there
+            reply.counted = (counters, OPERATION_INDEX[req.name], self.woke_at)
+        return reply
+
+    def _count(self, counters, operation: int, reply: bytes,
+               since: float | None = None) -> None:
+        """One answered request: its type and status, its latency since
+        `since` (default: woke_at)."""
+        elapsed = time.monotonic() - (self.woke_at if since is None else since)
+        counters.requests[operation * STATUS_COUNT + reply[REPLY_STATUS_OFFSET] - 48] += 1
+        counters.latency[bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+        counters.latency_sum += elapsed
+        counters.changed = True
+
+    def count_delivered(self, pending) -> None:
+        """Count an offloaded request whose reply is now known."""
+        counted = pending.counted
+        if counted is not None:
+            pending.counted = None
+            self._count(counted[0], counted[1], pending.reply, counted[2])
 
     def _answer(self, req: Request, walks: dict) -> bytes:
         name = req.name
@@ -157,6 +200,7 @@ class Dispatcher:
             maillog.warning(f"to approve this table for {'read-write' if self.writable else 'read-only'}"
                             f" access, list proxy:{spec} in {self.param_name}")
             return encode_reply(name, DENY, req.layout)
+        self._counted = spec
         table = self.find_table(spec, req)
         if req.layout == 311:
             if name == "open":
@@ -256,6 +300,7 @@ class Dispatcher:
                 return table
             elif table.modified():      # one line per change, not per unsettled reopen
                 maillog.info(f"table {spec}: has changed -- reopening")
+                self.metrics.table(spec).reopens += 1
             del self.tables[regkey]
             self._close(table)
         # 3.7 opens with the full flags of the first request, 3.11 with the
@@ -298,6 +343,7 @@ class Dispatcher:
         except Exception as exc:
             reason = str(exc) if isinstance(exc, TableOpenError) else f"{type(exc).__name__}: {exc}"
             maillog.error(f"open table {spec}: {reason}")
+            self.metrics.table(spec).errors += 1
             table = SurrogateTable(spec, flags, str(exc))
             if layout == 311:   # what 3.11's surrogate reports
                 table.flags |= F.SURROGATE_311

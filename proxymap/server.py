@@ -216,9 +216,13 @@ class Worker:
         hangup = select.EPOLLERR | select.EPOLLHUP
         # the loop never sleeps on a lock: a busy one defers the request
         filelock.wait_limit = 0
+        dispatcher = self.dispatcher
         while not (self.stopping and not self.conns):
             waiting = self.lock_waiting
-            for fd, events in self._poll.poll(LOCK_RETRY if waiting else TICK):
+            ready = self._poll.poll(LOCK_RETRY if waiting else TICK)
+            # the start of every request's latency (proxymap/metrics.py)
+            now = dispatcher.woke_at = time.monotonic()
+            for fd, events in ready:
                 handler = handlers.get(fd)
                 if handler is None:
                     continue
@@ -237,7 +241,6 @@ class Worker:
                 for conn in list(waiting.values()):
                     if conn.fd in self.conns:
                         self._pump(conn)
-            now = time.monotonic()
             if now - self._ticked >= TICK:
                 self._ticked = now
                 if self.offload is not None:
@@ -280,12 +283,14 @@ class Worker:
             if conn.decoder.pending:
                 maillog.warning(f"premature end-of-input from {conn.peer}"
                                 f" ({conn.decoder.pending} bytes of an unfinished request)")
+                self.dispatcher.metrics.connection_error()
             self._close(conn)
             return
         try:
             conn.queue.extend(conn.decoder.feed(data, self.max_pipeline))
         except ProtocolError as exc:
             maillog.warning(f"{exc} from {conn.peer}: closing the connection")
+            self.dispatcher.metrics.connection_error()
             self._close(conn)
             return
         if not conn.queue:
@@ -361,6 +366,7 @@ class Worker:
                 break
         except ProtocolError as exc:
             maillog.warning(f"{exc} from {conn.peer}: closing the connection")
+            self.dispatcher.metrics.connection_error()
             self._close(conn)
             return
         finally:
@@ -394,6 +400,7 @@ class Worker:
         unlogged = conn.bad - BAD_LOGGED
         more = f" ({unlogged} more not logged)" if unlogged > 0 else ""
         maillog.warning(f"{conn.peer}: {conn.bad} bad requests{more}: closing the connection")
+        self.dispatcher.metrics.connection_error()
         try:
             conn.sock.send(conn.out)
         except OSError:
@@ -408,7 +415,9 @@ class Worker:
     def _deliver(self, answered) -> None:
         """Move the replies now known to their connections, in order."""
         touched = []
+        count = self.dispatcher.count_delivered
         for pending in answered:
+            count(pending)
             conn = pending.owner
             if conn is None or self.conns.get(conn.fd) is not conn:
                 continue   # the client went away meanwhile
@@ -446,6 +455,7 @@ class Worker:
     def _close(self, conn: Connection, why: str | None = None) -> None:
         if why:
             maillog.warning(f"{conn.peer}: {why}: closing the connection")
+            self.dispatcher.metrics.connection_error()
         self.conns.pop(conn.fd, None)
         self.lock_waiting.pop(conn.fd, None)
         self.dispatcher.client_gone(conn)
