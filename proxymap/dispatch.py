@@ -190,6 +190,8 @@ class Dispatcher:
             return encode_reply(name, BAD, req.layout)
         if name in ("update", "delete") and not self.writable:
             maillog.warning(f"refusing {req.table} {name} request on non-{WRITE_SERVICE} service")
+            if strip_proxy(req.table) in self.allowed:
+                self._counted = strip_proxy(req.table)
             return encode_reply(name, DENY, req.layout)
         spec = strip_proxy(req.table)
         if ":" not in spec or spec.startswith(":"):
