@@ -1025,30 +1025,64 @@ def _run_worker(argv, env, chan_fd, queue_directory) -> None:
     read its configuration (as Postfix daemons do), see
     handoff.drop_privileges(). `argv` is the command line an exec would
     have used, kept for `ps` and for the argument parser."""
+    def worker() -> int:
+        # the title first: setproctitle needs the environment it started with
+        setproctitle.setproctitle(" ".join([WORKER_COMMAND] + argv[argv.index("-c"):]))
+        os.environ.clear()
+        os.environ.update(env)
+        from proxymap import server
+        return server.main(argv[argv.index("-c"):])
+    _run_child(f"master_spawn: {argv[0]}", chan_fd, queue_directory, worker)
+
+
+def _run_exporter(sock: socket.socket, status_file: str, owner: Credentials | None,
+                  queue_directory: str, config_dir: str) -> None:
+    """In the forked child: serve the metrics listener (master/exporter.py)
+    with nothing else of the master's open, as mail_owner."""
+    def listener() -> int:
+        from master import exporter
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        listening = socket.socket(fileno=WORKER_FD)
+        setproctitle.setproctitle(f"{exporter.TITLE} -c {config_dir} "
+                                  f"{exporter.address_of(listening)}")
+        master_pid = os.getppid()
+        if owner is not None and os.geteuid() == 0:
+            exporter.preload()
+            handoff.drop_privileges(owner.user)
+        exporter.serve(listening, status_file, master_pid)
+        return 0
+    _run_child("metrics listener", sock.fileno(), queue_directory, listener)
+
+
+def exporter_title() -> str:
+    from master import exporter
+    return exporter.TITLE
+
+
+def _run_child(what: str, keep_fd: int, queue_directory: str, body) -> None:
+    """The frame of a forked child of the master: default signal handling,
+    `keep_fd` moved to WORKER_FD and every other descriptor above stderr
+    closed, the queue directory as working directory; then body(), whose
+    result is the exit status. Never returns."""
     status = 127
     try:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                        signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(signum, signal.SIG_DFL)
-        os.dup2(chan_fd, WORKER_FD, inheritable=False)
+        if keep_fd != WORKER_FD:
+            os.dup2(keep_fd, WORKER_FD, inheritable=False)
         os.closerange(WORKER_FD + 1, _max_fd())
         try:
             os.chdir(queue_directory)
         except OSError:
             pass
-        # the title first: setproctitle needs the environment it started with
-        setproctitle.setproctitle(" ".join([WORKER_COMMAND] + argv[argv.index("-c"):]))
-        os.environ.clear()
-        os.environ.update(env)
-        from proxymap import server
-        status = server.main(argv[argv.index("-c"):])
+        status = body()
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:    # noqa: BLE001 - the child must never return
         try:
-            os.write(2, f"{PROGRAM}[{os.getpid()}]: fatal: master_spawn: {argv[0]}: "
-                        f"{exc}\n".encode())
+            os.write(2, f"{PROGRAM}[{os.getpid()}]: fatal: {what}: {exc}\n".encode())
         except OSError:
             pass
         status = 1
@@ -1058,51 +1092,6 @@ def _run_worker(argv, env, chan_fd, queue_directory) -> None:
             sys.stderr.flush()
         except Exception:   # noqa: BLE001
             pass
-        os._exit(status or 0)
-
-
-def exporter_title() -> str:
-    from master import exporter
-    return exporter.TITLE
-
-
-def _run_exporter(sock: socket.socket, status_file: str, owner: Credentials | None,
-                  queue_directory: str, config_dir: str) -> None:
-    """In the forked child: serve the metrics listener (master/exporter.py)
-    with nothing else of the master's open, as mail_owner."""
-    status = 0
-    try:
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-                       signal.SIGCHLD, signal.SIGPIPE):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        if sock.fileno() != WORKER_FD:
-            os.dup2(sock.fileno(), WORKER_FD, inheritable=False)
-        os.closerange(WORKER_FD + 1, _max_fd())
-        try:
-            os.chdir(queue_directory)
-        except OSError:
-            pass
-        from master import exporter
-        listener = socket.socket(fileno=WORKER_FD)
-        setproctitle.setproctitle(f"{exporter.TITLE} -c {config_dir} "
-                                  f"{exporter.address_of(listener)}")
-        master_pid = os.getppid()
-        if owner is not None and os.geteuid() == 0:
-            exporter.preload()
-            handoff.drop_privileges(owner.user)
-        exporter.serve(listener, status_file, master_pid)
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else 1
-    except BaseException as exc:    # noqa: BLE001 - the child must never return
-        try:
-            os.write(2, f"{PROGRAM}[{os.getpid()}]: fatal: metrics listener: "
-                        f"{type(exc).__name__}: {exc}\n".encode())
-        except OSError:
-            pass
-        status = 1
-    finally:
         os._exit(status or 0)
 
 
