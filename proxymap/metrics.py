@@ -33,16 +33,23 @@ OPERATION_INDEX = {name: index for index, name in enumerate(OPERATIONS)}
 UNKNOWN_OPERATION = OPERATION_INDEX["unknown"]
 #: statuses per request type (protocol.OK .. protocol.CONFIG)
 STATUS_COUNT = len(STATUS_NAMES)
-#: upper bounds (seconds) of the latency histogram's buckets; one more
-#: bucket counts the rest (+Inf)
-LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                  0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: The latency histogram's buckets: powers of four nanoseconds, from 2**14
+#: ns (16 us) to 2**34 ns (17 s), and one more for the rest (+Inf). A
+#: latency in nanoseconds finds its bucket by its bit length
+#: (LATENCY_BUCKET[ns.bit_length()]): no comparisons in the request path.
+LATENCY_BITS = tuple(range(14, 35, 2))
+LATENCY_BOUNDS = tuple(2 ** bits / 1e9 for bits in LATENCY_BITS)    # seconds
+LATENCY_BUCKET = tuple(next((i for i, bits in enumerate(LATENCY_BITS) if length <= bits),
+                            len(LATENCY_BITS)) for length in range(129))
 #: where requests are counted that name no table of the allow-list; its
 #: `errors` are the worker's connection errors (protocol errors, timeouts,
 #: too many bad requests, failed reads and writes)
 NO_TABLE = "-"
 #: every encoded reply starts with b"status\0" and the status digit
 REPLY_STATUS_OFFSET = len(b"status\0")
+#: requests[REQUEST_BASE[name] + reply[REPLY_STATUS_OFFSET]] counts a reply
+#: (the status digit is ASCII: "0" is 48)
+REQUEST_BASE = {name: index * STATUS_COUNT - 48 for index, name in enumerate(OPERATIONS)}
 
 
 def reply_status(reply: bytes) -> int:
@@ -55,17 +62,21 @@ class TableCounters:
 
     `requests[OPERATION_INDEX[op] * STATUS_COUNT + status]`, `latency[i]`
     the requests answered within LATENCY_BOUNDS[i] (and above the bound
-    before; the last one: above every bound), `latency_sum` their seconds.
-    `changed` is set on every count and cleared when the worker reports."""
+    before; the last one: above every bound), `latency_ns` their sum in
+    nanoseconds. `reported` is the number of requests at the last report
+    (take_changed); `changed` marks a change that counts no request (a
+    connection error)."""
 
-    __slots__ = ("requests", "latency", "latency_sum", "reopens", "errors", "changed")
+    __slots__ = ("requests", "latency", "latency_ns", "reopens", "errors", "reported",
+                 "changed")
 
     def __init__(self):
         self.requests = [0] * (len(OPERATIONS) * STATUS_COUNT)
         self.latency = [0] * (len(LATENCY_BOUNDS) + 1)
-        self.latency_sum = 0.0
+        self.latency_ns = 0
         self.reopens = 0
         self.errors = 0
+        self.reported = 0
         self.changed = False
 
     def add(self, other: "TableCounters") -> None:
@@ -73,7 +84,7 @@ class TableCounters:
             self.requests[i] += n
         for i, n in enumerate(other.latency):
             self.latency[i] += n
-        self.latency_sum += other.latency_sum
+        self.latency_ns += other.latency_ns
         self.reopens += other.reopens
         self.errors += other.errors
 
@@ -94,7 +105,7 @@ class TableCounters:
             total += n
             buckets.append([bound, total])
         return {"requests": requests, "reopens": self.reopens, "errors": self.errors,
-                "latency_seconds": {"buckets": buckets, "sum": self.latency_sum,
+                "latency_seconds": {"buckets": buckets, "sum": self.latency_ns / 1e9,
                                     "count": total}}
 
 
@@ -109,24 +120,23 @@ def sum_tables(*groups: dict) -> dict[str, TableCounters]:
 
 def encode_record(spec: str, counters: TableCounters) -> bytes:
     """The body of one b"M" record: one table's totals in this worker."""
-    return json.dumps([spec, counters.requests, counters.latency, counters.latency_sum,
+    return json.dumps([spec, counters.requests, counters.latency, counters.latency_ns,
                        counters.reopens, counters.errors], separators=(",", ":")).encode()
 
 
 def decode_record(body: bytes) -> tuple[str, TableCounters]:
     """Inverse of encode_record(); ValueError when malformed."""
     try:
-        spec, requests, latency, latency_sum, reopens, errors = json.loads(body)
+        spec, requests, latency, latency_ns, reopens, errors = json.loads(body)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"bad metrics record: {exc}") from None
     counters = TableCounters()
     if not (isinstance(spec, str) and len(requests) == len(counters.requests)
             and len(latency) == len(counters.latency)
-            and all(type(n) is int for n in (*requests, *latency, reopens, errors))
-            and isinstance(latency_sum, (int, float))):
+            and all(type(n) is int for n in (*requests, *latency, latency_ns, reopens, errors))):
         raise ValueError("bad metrics record: wrong layout")
     counters.requests, counters.latency = requests, latency
-    counters.latency_sum, counters.reopens, counters.errors = float(latency_sum), reopens, errors
+    counters.latency_ns, counters.reopens, counters.errors = latency_ns, reopens, errors
     return spec, counters
 
 
@@ -151,11 +161,17 @@ class WorkerMetrics:
         counters.changed = True
 
     def take_changed(self) -> list[tuple[str, TableCounters]]:
-        """The tables counted since the last call (their flag is cleared;
-        `mark_changed` puts it back when the report could not be sent)."""
-        changed = [(spec, c) for spec, c in self.tables.items() if c.changed]
-        for _, counters in changed:
-            counters.changed = False
+        """The tables counted since the last call (`mark_changed` puts them
+        back when the report could not be sent). A reopen or a table error
+        always comes with the request that met it, so counting requests
+        (sum(), once per report, not once per request) finds every change."""
+        changed = []
+        for spec, counters in self.tables.items():
+            total = sum(counters.requests)
+            if counters.changed or total != counters.reported:
+                counters.reported = total
+                counters.changed = False
+                changed.append((spec, counters))
         return changed
 
     @staticmethod

@@ -221,7 +221,8 @@ class Worker:
             waiting = self.lock_waiting
             ready = self._poll.poll(LOCK_RETRY if waiting else TICK)
             # the start of every request's latency (proxymap/metrics.py)
-            now = dispatcher.woke_at = time.monotonic()
+            woke = dispatcher.woke_at = time.monotonic_ns()
+            now = woke * 1e-9
             for fd, events in ready:
                 handler = handlers.get(fd)
                 if handler is None:
