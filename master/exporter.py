@@ -9,7 +9,7 @@ format (prometheus-client's WSGI app on the standard library's server).
 
 That process reads the master's status file on every scrape: the counters
 there are the sums the master made of its workers' reports
-(proxymap/metrics.py, master/handoff.py), so a scrape never waits on the
+(proxymap/metrics.py, proxymap/handoff.py), so a scrape never waits on the
 master's loop or on a worker. It runs as mail_owner when the master runs as
 root, and exits when the master has gone. The master restarts it if it
 dies, after service_throttle_time.

@@ -11,7 +11,7 @@ table of the allow-list (malformed, unapproved) are counted under
 NO_TABLE, so a client cannot make the counters grow without bound.
 
 The worker sends the counters of the tables that changed to its master
-with its load reports (master/handoff.py, one b"M" record per table:
+with its load reports (proxymap/handoff.py, one b"M" record per table:
 `encode_record`/`decode_record`); the master keeps each worker's latest
 totals, adds those of exited workers, and writes the sums per service and
 table into its status file (`TableCounters.as_json`).

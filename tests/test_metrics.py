@@ -20,7 +20,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from master import exporter, handoff
+from master import exporter
+from proxymap import handoff
 from proxymap import metrics
 from proxymap.dispatch import Dispatcher
 from proxymap.metrics import NO_TABLE, TableCounters, reply_status

@@ -37,8 +37,9 @@ import struct
 import time
 from dataclasses import dataclass
 
-from master import fdlimit, maillog
 from proxymap import metrics
+from proxymap.conventions import maillog
+from proxymap.util import fdlimit
 
 CLIENT, RETIRE, STOP, PING, STATUS, LOG_FILE, METRICS = \
     b"C", b"R", b"T", b"P", b"S", b"L", b"M"
