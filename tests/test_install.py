@@ -12,14 +12,13 @@ import subprocess
 
 import pytest
 
-from tests.instance import instance_base, Instance, kill_leftover_workers
+from tests.instance import MasterInstance, instance_base, kill_leftover_workers, needs_postmap
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = ("proxymap-master", "proxymap", "proxymap-postmap")
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not os.path.exists("/usr/sbin/postmap"),
-                                 reason="needs Postfix's postmap")]
+              needs_postmap]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +69,7 @@ def test_installed_master_serves_real_postmap(installed):
     os.makedirs(root)
     os.chmod(root, 0o755)
     # the metrics listener too: its library must come with the install
-    site = Instance(root, main_extra={"proxymap_metrics_listen": "127.0.0.1:0"})
+    site = MasterInstance(root, main_extra={"proxymap_metrics_listen": "127.0.0.1:0"})
     master = os.path.join(installed["BINDIR"], "proxymap-master")
     try:
         result = subprocess.run([master, "-c", site.config_dir, "start"], capture_output=True,
