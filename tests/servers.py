@@ -5,7 +5,8 @@ socket there (no TCP port to collide with other engineers or CI), runs as
 the package's own system user (PostgreSQL refuses root), is waited for
 with a bounded loop and stopped by its pid. `find_postgres()` and
 `find_mariadb()` return None when the binaries are missing, so a test can
-skip with the reason.
+skip with the reason. slapd (`SlapdServer`) also listens on a loopback
+port the kernel picked, for the host:port forms of server_host.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
+
+import psutil
 
 
 def find_postgres() -> str | None:
@@ -180,6 +185,121 @@ class MariadbServer:
     def connections(self, user: str) -> int:
         return int(self.sql("SELECT count(*) FROM information_schema.processlist"
                             f" WHERE user = '{user}'").strip())
+
+    def read_log(self) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def find_slapd() -> str | None:
+    """OpenLDAP's server binary, if installed (Debian's slapd)."""
+    return shutil.which("slapd", path="/usr/sbin:/usr/bin")
+
+
+def free_loopback_port() -> int:
+    """A port the kernel just handed out on 127.0.0.1 (closed again)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SlapdServer:
+    """slapd with an mdb database in a temporary directory (slapd.conf made
+    there, `schema` lines added to the standard ones), listening on an
+    ldapi:// socket there and on a loopback port; entries loaded with
+    ldapadd as the rootdn."""
+
+    SUFFIX = "dc=example,dc=com"
+    ROOT_DN = "cn=admin,dc=example,dc=com"
+    ROOT_PW = "secret"
+
+    def __init__(self, schema: str = ""):
+        self.slapd = find_slapd()
+        if self.slapd is None:
+            raise RuntimeError("slapd is not installed (apt-get install slapd ldap-utils)")
+        self.root = tempfile.mkdtemp(prefix="pmtest-ldap-")
+        os.chmod(self.root, 0o755)
+        self.db = os.path.join(self.root, "db")
+        os.mkdir(self.db)
+        self.socket = os.path.join(self.root, "ldapi")
+        self.ldapi_url = "ldapi://" + urllib.parse.quote(self.socket, safe="")
+        self.conf = os.path.join(self.root, "slapd.conf")
+        self.log = os.path.join(self.root, "slapd.log")
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        includes = "".join(f"include /etc/ldap/schema/{name}.schema\n"
+                           for name in ("core", "cosine", "inetorgperson"))
+        with open(self.conf, "w") as f:
+            f.write(f"{includes}{schema}\n"
+                    f"pidfile {self.root}/slapd.pid\n"
+                    "modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
+                    f"database mdb\nsuffix \"{self.SUFFIX}\"\n"
+                    f"rootdn \"{self.ROOT_DN}\"\nrootpw {self.ROOT_PW}\n"
+                    f"directory {self.db}\nmaxsize 10485760\n")
+        for _ in range(3):            # bounded: another process may take the port first
+            self.port = free_loopback_port()
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                if "Address already in use" not in self.read_log():
+                    raise
+        raise RuntimeError(f"slapd did not start: {self.read_log()[-2000:]}")
+
+    @property
+    def tcp_url(self) -> str:
+        return f"ldap://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        logf = open(self.log, "ab")
+        # -d 0: stay in the foreground (so the pid is slapd's), log nothing
+        self.proc = subprocess.Popen(
+            [self.slapd, "-f", self.conf, "-h", f"{self.ldapi_url} {self.tcp_url}/", "-d", "0"],
+            stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+        logf.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.proc = None
+                raise RuntimeError(f"slapd exited: {self.read_log()[-2000:]}")
+            r = subprocess.run(["ldapsearch", "-x", "-H", self.ldapi_url, "-s", "base", "-b", "",
+                                "-LLL", "1.1"], capture_output=True, timeout=30)
+            if r.returncode == 0:
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"slapd did not start: {self.read_log()[-2000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM to slapd by its pid (a clean shutdown), bounded."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def add(self, ldif: str) -> None:
+        r = subprocess.run(["ldapadd", "-x", "-H", self.ldapi_url, "-D", self.ROOT_DN,
+                            "-w", self.ROOT_PW], input=ldif.encode(), capture_output=True,
+                           timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"ldapadd failed: {r.stderr.decode(errors='replace')}")
+
+    def connections_from(self, pid: int) -> int:
+        """Established TCP connections from process pid to slapd's port now."""
+        return sum(1 for c in psutil.Process(pid).net_connections("tcp")
+                   if c.status == psutil.CONN_ESTABLISHED and c.raddr
+                   and c.raddr.port == self.port)
 
     def read_log(self) -> str:
         try:

@@ -519,7 +519,7 @@ class LdapTable(BackendTable):
             raise Dropped()
         if code == SUCCESS:
             state = Expansion()
-            self._get_values(conn, entries, state, name, 1)
+            self._collect(conn, entries, state, name)
             if state.failed:
                 raise TableError(f"table {self.spec}: lookup of '{name}' failed")
             return encode_value(",".join(state.values)) if state.values else None
@@ -534,9 +534,22 @@ class LdapTable(BackendTable):
         maillog.warning(message)
         raise SearchFailed(message)
 
-    def _get_values(self, conn, entries, state: Expansion, name: str, recursion: int) -> None:
-        """dict_ldap_get_values(): the values of one search result's entries,
-        searching DN and URL values of special attributes in turn."""
+    def _collect(self, conn, entries, state: Expansion, name: str) -> None:
+        """Depth first through the nested searches, with a stack of our own
+        (recursion_limit may be deeper than Python's)."""
+        stack = [self._get_values(conn, entries, state, name, 1)]
+        while stack:
+            try:
+                nested, recursion = next(stack[-1])
+            except StopIteration:
+                stack.pop()
+                continue
+            stack.append(self._get_values(conn, nested, state, name, recursion))
+
+    def _get_values(self, conn, entries, state: Expansion, name: str, recursion: int):
+        """dict_ldap_get_values(): the values of one search result's entries;
+        yields (entries, level) for each nested search result of a DN or URL
+        value of a special attribute, to be collected before it goes on."""
         here = f"dict_ldap_get_values[{recursion}]"
         attrs = self.attributes
         t = self.templates
@@ -587,8 +600,11 @@ class LdapTable(BackendTable):
                             break
                 elif i < len(attrs) and recursion < self.recursion_limit:
                     for raw in values:
-                        if not self._follow(conn, raw.decode("utf-8", "surrogateescape"),
-                                            state, name, recursion):
+                        nested = self._follow(conn, raw.decode("utf-8", "surrogateescape"),
+                                              state, recursion)
+                        if nested is not None:
+                            yield nested, recursion + 1
+                        if state.failed:
                             break
                 elif i < len(attrs):
                     maillog.warning(f"{here}: {self.parser_name}: Recursion limit exceeded"
@@ -596,8 +612,9 @@ class LdapTable(BackendTable):
                                     f"{values[0].decode('utf-8', 'replace')}")
                     state.failed = True
 
-    def _follow(self, conn, value: str, state: Expansion, name: str, recursion: int) -> bool:
-        """Search one DN or URL value of a special attribute; False: stop."""
+    def _follow(self, conn, value: str, state: Expansion, recursion: int):
+        """Search one DN or URL value of a special attribute: the entries
+        found, or None (skipped, or failed: then state.failed is set)."""
         here = f"dict_ldap_get_values[{recursion}]"
         if is_ldap_url(value):
             try:
@@ -605,23 +622,23 @@ class LdapTable(BackendTable):
             except ValueError as exc:
                 maillog.warning(f"{here}: malformed URL {value}: {exc}(-9)")
                 state.failed = True
-                return False
+                return None
             wanted = url_attrs(url.attributes, self.attributes)
             if wanted is None:
-                return True
+                return None
             code, entries = self._search(conn, url.base, getattr(ldap3, SCOPE_NAMES[url.scope]),
                                          url.filter, wanted)
         else:
             code, entries = self._search(conn, value, ldap3.BASE, "(objectClass=*)",
                                          self.attributes)
         if code == SUCCESS:
-            self._get_values(conn, entries, state, name, recursion + 1)
-        elif code == NO_SUCH_OBJECT:
+            return entries
+        if code == NO_SUCH_OBJECT:
             maillog.warning(f"{here}: DN {value} not found, skipping")
         else:
             maillog.warning(f"{here}: search error {code}: {error_text(code)}")
             state.failed = True
-        return not state.failed
+        return None
 
     def close(self) -> None:
         self.pool.close()
