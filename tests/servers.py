@@ -47,8 +47,41 @@ def _as_user(user: str):
     return demote if os.geteuid() == 0 else None
 
 
-class PostgresServer:
+class ServerProcess:
+    """What every test server shares: stopped by its pid with stop_signal
+    (bounded, then SIGKILL), its log file, its temporary directory."""
+
+    stop_signal = signal.SIGTERM
+    proc: subprocess.Popen | None = None
+    log = ""
+    root = ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(self.stop_signal)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def read_log(self) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PostgresServer(ServerProcess):
     """initdb + postgres on a UNIX socket in a temporary directory."""
+
+    stop_signal = signal.SIGINT    # fast shutdown
 
     def __init__(self, user: str = "postgres"):
         self.bin = find_postgres()
@@ -88,17 +121,6 @@ class PostgresServer:
             time.sleep(0.1)
         raise RuntimeError(f"postgres did not start: {self.read_log()[-2000:]}")
 
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT) of the postmaster by its pid, bounded."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
     def psql(self, sql: str, db: str = "postgres") -> str:
         r = subprocess.run([os.path.join(self.bin, "psql"), "-h", self.socket_dir, "-U",
                             "postgres", "-d", db, "-v", "ON_ERROR_STOP=1", "-q", "-A", "-t",
@@ -112,19 +134,9 @@ class PostgresServer:
         return int(self.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = "
                              f"'{db}' AND pid <> pg_backend_pid()").strip())
 
-    def read_log(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
-class MariadbServer:
+class MariadbServer(ServerProcess):
     """mariadb-install-db + mariadbd on a UNIX socket in a temporary directory."""
 
     def __init__(self, user: str = "mysql"):
@@ -163,17 +175,6 @@ class MariadbServer:
             time.sleep(0.1)
         raise RuntimeError(f"mariadbd did not start: {self.read_log()[-2000:]}")
 
-    def stop(self) -> None:
-        """SIGTERM to mariadbd by its pid (a clean shutdown), bounded."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
     def sql(self, sql: str, db: str = "") -> str:
         r = subprocess.run(["mariadb", "--no-defaults", "-S", self.socket, "-u", "root",
                             "-N", "-B", *([db] if db else []), "-e", sql],
@@ -186,16 +187,6 @@ class MariadbServer:
         return int(self.sql("SELECT count(*) FROM information_schema.processlist"
                             f" WHERE user = '{user}'").strip())
 
-    def read_log(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def find_slapd() -> str | None:
@@ -210,7 +201,7 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-class SlapdServer:
+class SlapdServer(ServerProcess):
     """slapd with an mdb database in a temporary directory (slapd.conf made
     there, `schema` lines added to the standard ones), listening on an
     ldapi:// socket there and on a loopback port; entries loaded with
@@ -277,17 +268,6 @@ class SlapdServer:
         self.stop()
         raise RuntimeError(f"slapd did not start: {self.read_log()[-2000:]}")
 
-    def stop(self) -> None:
-        """SIGTERM to slapd by its pid (a clean shutdown), bounded."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
     def add(self, ldif: str) -> None:
         r = subprocess.run(["ldapadd", "-x", "-H", self.ldapi_url, "-D", self.ROOT_DN,
                             "-w", self.ROOT_PW], input=ldif.encode(), capture_output=True,
@@ -301,13 +281,3 @@ class SlapdServer:
                    if c.status == psutil.CONN_ESTABLISHED and c.raddr
                    and c.raddr.port == self.port)
 
-    def read_log(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
