@@ -194,24 +194,35 @@ def find_slapd() -> str | None:
     return shutil.which("slapd", path="/usr/sbin:/usr/bin")
 
 
+def free_loopback_ports(count: int) -> list[int]:
+    """Distinct ports the kernel just handed out on 127.0.0.1 (closed again)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_loopback_port() -> int:
-    """A port the kernel just handed out on 127.0.0.1 (closed again)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_loopback_ports(1)[0]
 
 
 class SlapdServer(ServerProcess):
     """slapd with an mdb database in a temporary directory (slapd.conf made
     there, `schema` lines added to the standard ones), listening on an
     ldapi:// socket there and on a loopback port; entries loaded with
-    ldapadd as the rootdn."""
+    ldapadd as the rootdn. With tls=True: a self-signed certificate for
+    127.0.0.1 (`cert`, its own CA) made with openssl, STARTTLS on the
+    loopback port and ldaps:// on a second one."""
 
     SUFFIX = "dc=example,dc=com"
     ROOT_DN = "cn=admin,dc=example,dc=com"
     ROOT_PW = "secret"
 
-    def __init__(self, schema: str = ""):
+    def __init__(self, schema: str = "", tls: bool = False):
         self.slapd = find_slapd()
         if self.slapd is None:
             raise RuntimeError("slapd is not installed (apt-get install slapd ldap-utils)")
@@ -223,19 +234,29 @@ class SlapdServer(ServerProcess):
         self.ldapi_url = "ldapi://" + urllib.parse.quote(self.socket, safe="")
         self.conf = os.path.join(self.root, "slapd.conf")
         self.log = os.path.join(self.root, "slapd.log")
-        self.port = 0
+        self.port = self.ldaps_port = 0    # ldaps_port: listened on with tls only
         self.proc: subprocess.Popen | None = None
+        self.tls = tls
+        self.cert = os.path.join(self.root, "cert.pem")
+        tls_conf = ""
+        if tls:
+            key = os.path.join(self.root, "key.pem")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                            "-keyout", key, "-out", self.cert, "-days", "30",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                           check=True, capture_output=True, timeout=120)
+            tls_conf = f"TLSCertificateFile {self.cert}\nTLSCertificateKeyFile {key}\n"
         includes = "".join(f"include /etc/ldap/schema/{name}.schema\n"
                            for name in ("core", "cosine", "inetorgperson"))
         with open(self.conf, "w") as f:
-            f.write(f"{includes}{schema}\n"
+            f.write(f"{includes}{schema}\n{tls_conf}"
                     f"pidfile {self.root}/slapd.pid\n"
                     "modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
                     f"database mdb\nsuffix \"{self.SUFFIX}\"\n"
                     f"rootdn \"{self.ROOT_DN}\"\nrootpw {self.ROOT_PW}\n"
                     f"directory {self.db}\nmaxsize 10485760\n")
         for _ in range(3):            # bounded: another process may take the port first
-            self.port = free_loopback_port()
+            self.port, self.ldaps_port = free_loopback_ports(2)
             try:
                 self.start()
                 return
@@ -248,11 +269,17 @@ class SlapdServer(ServerProcess):
     def tcp_url(self) -> str:
         return f"ldap://127.0.0.1:{self.port}"
 
+    @property
+    def urls(self) -> str:
+        """What slapd listens on (-h)."""
+        extra = f" ldaps://127.0.0.1:{self.ldaps_port}/" if self.tls else ""
+        return f"{self.ldapi_url} {self.tcp_url}/{extra}"
+
     def start(self) -> None:
         logf = open(self.log, "ab")
         # -d 0: stay in the foreground (so the pid is slapd's), log nothing
         self.proc = subprocess.Popen(
-            [self.slapd, "-f", self.conf, "-h", f"{self.ldapi_url} {self.tcp_url}/", "-d", "0"],
+            [self.slapd, "-f", self.conf, "-h", self.urls, "-d", "0"],
             stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
         logf.close()
         deadline = time.monotonic() + 60

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(find_slapd() is None,
 
 @pytest.fixture(scope="module")
 def slapd():
-    server = SlapdServer(SCHEMA)
+    server = SlapdServer(SCHEMA, tls=True)
     try:
         server.add(LDIF)
         yield server
@@ -62,6 +62,16 @@ def inst(slapd, tmp_path_factory):
     # version 2 stays 2 with ldap:// only (ldapi:// makes it 3), and slapd 2.5 refuses it
     i.cfs.update(write_cfs(i, slapd, {"version2tcp": CONFIGS["version2"]},
                            host=f"127.0.0.1:{slapd.port}"))
+    # TLS: slapd's certificate is self-signed for 127.0.0.1 (its own CA)
+    tcp, ldaps = f"127.0.0.1:{slapd.port}", f"ldaps://127.0.0.1:{slapd.ldaps_port}/"
+    trusted = f"tls_require_cert = yes\ntls_ca_cert_file = {slapd.cert}\n"
+    untrusted = "tls_require_cert = yes\n"            # the system's CAs do not know it
+    for name, host, body in (("starttls", tcp, "start_tls = yes\n"),
+                             ("starttls_verified", tcp, "start_tls = yes\n" + trusted),
+                             ("starttls_untrusted", tcp, "start_tls = yes\n" + untrusted),
+                             ("ldaps", ldaps, ""), ("ldaps_verified", ldaps, trusted),
+                             ("ldaps_untrusted", ldaps, untrusted)):
+        i.cfs.update(write_cfs(i, slapd, {name: body}, host=host))
     i.write_main_cf(read_maps=" ".join(f"proxy:{s}" for s in i.cfs.values()))
     i.start("proxymap")
     yield i
@@ -84,7 +94,8 @@ def answer(inst, table, key):
 #: with one `postmap -q -` run per side for all keys
 BATCH_TABLES = sorted(set(CONFIGS) - {"recursion", "labels", "sizelimit", "fixedbase",
                                       "badbind", "badfilter"}
-                      | {"tcp", "port", "failover"})
+                      | {"tcp", "port", "failover", "starttls", "starttls_verified", "ldaps",
+                         "ldaps_verified"})
 #: tables where some or all keys are a temporary error (postmap stops at
 #: the first): compared key by key on a few keys
 ERROR_TABLES = {
@@ -95,6 +106,7 @@ ERROR_TABLES = {
     "version2tcp": ["bob@example.com"], "badfilter": ["bob@example.com"],
     "down": ["bob@example.com", "plain"],
     "special": ["loop@example.com"],
+    "starttls_untrusted": ["bob@example.com"], "ldaps_untrusted": ["bob@example.com"],
 }
 
 
@@ -149,6 +161,8 @@ def test_known_answers(inst):
                                          "alice2@mail.example.com")
     assert get("failover", "bob@example.com") == (0, "bob@mail.example.com")
     assert get("rootbind", "bob@example.com") == (0, "bob@mail.example.com")
+    for table in ("starttls", "starttls_verified", "ldaps", "ldaps_verified"):
+        assert get(table, "bob@example.com") == (0, "bob@mail.example.com"), table
     for table, keys in ERROR_TABLES.items():     # each has at least one temporary error
         assert any(b"fatal:" in both(inst, key, inst.cfs[table])[1].stderr
                    for key in keys), table
@@ -156,13 +170,15 @@ def test_known_answers(inst):
 
 def test_log_has_postfix_warnings_and_no_traceback(inst):
     for table, key in (("special", "staff@example.com"), ("fixedbase", "bob@example.com"),
-                       ("badbind", "bob@example.com"), ("special", "loop@example.com")):
+                       ("badbind", "bob@example.com"), ("special", "loop@example.com"),
+                       ("starttls_untrusted", "bob@example.com")):
         both(inst, key, inst.cfs[table])
     log = inst.read_log()
     assert "Traceback" not in log
     assert f"DN cn=nobody,ou=people,{SUFFIX} not found, skipping" in log
     assert f"Search base 'ou=nowhere,{SUFFIX}' not found: 32: No such object" in log
     assert "with dn cn=admin,dc=example,dc=com: 49 (Invalid credentials)" in log
+    assert "error: dict_ldap_connect: Unable to set STARTTLS: -11: Connect error" in log
     # 1000 levels deep, as Postfix counts them, without Python's recursion limit
     assert ("dict_ldap_get_values[1000]: " in log and "Recursion limit exceeded for special"
             f" attribute pmMember=cn=loop,ou=groups,{SUFFIX}" in log)

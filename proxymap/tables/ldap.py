@@ -269,6 +269,10 @@ class SearchFailed(TableError):
     """A search error that also tears the connection down (Postfix does)."""
 
 
+class StartTlsFailed(HostFailed):
+    """STARTTLS refused: Postfix logs it as an error, not a warning."""
+
+
 @dataclass
 class Expansion:
     """The state of one lookup across nested searches."""
@@ -425,7 +429,7 @@ class LdapTable(BackendTable):
                     ok, conn.result = False, {"result": CONNECT_ERROR, "description": str(exc)}
                 if not ok:
                     code = (conn.result or {}).get("result", CONNECT_ERROR)
-                    raise HostFailed(f"dict_ldap_connect: Unable to set STARTTLS: {code}:"
+                    raise StartTlsFailed(f"dict_ldap_connect: Unable to set STARTTLS: {code}:"
                                      f" {error_text(code, (conn.result or {}).get('description'))}")
             if self.bind != BIND_NONE:
                 self._bind(conn)
@@ -495,7 +499,7 @@ class LdapTable(BackendTable):
                 conn = self.pool.get(float(self.ldap_timeout or 10))
             except HostFailed as exc:
                 message = str(exc) or f"{self.spec}: no LDAP connection"
-                maillog.warning(message)
+                (maillog.error if isinstance(exc, StartTlsFailed) else maillog.warning)(message)
                 raise TableError(message) from None
             broken = True
             try:
@@ -645,4 +649,7 @@ class LdapTable(BackendTable):
 
 
 def _unbind(conn) -> None:
-    conn.unbind()
+    try:
+        conn.unbind()
+    except ldap_errors.LDAPException:   # a connection that cannot say goodbye is gone anyway
+        pass
