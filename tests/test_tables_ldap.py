@@ -16,7 +16,7 @@ import pytest
 from ldapdata import CONFIGS, KEYS, LDIF, SCHEMA, SUFFIX
 from servers import SlapdServer, find_slapd, free_loopback_port
 from sqldata import assert_same_answers, both, check_outage_and_recovery, check_pool_bound
-from worker_fixture import Instance
+from worker_fixture import WorkerInstance
 from proxymap import dictflags as F
 from proxymap.tables import open_table
 from proxymap.tables.base import TableError, TableOpenError
@@ -40,7 +40,7 @@ def slapd():
 def write_cfs(inst, server, configs, host=None, extra=""):
     specs = {}
     for name, body in configs.items():
-        cf = f"{inst.etc}/ldap-{name}.cf"
+        cf = f"{inst.config_dir}/ldap-{name}.cf"
         with open(cf, "w", encoding="utf-8") as f:
             f.write(f"server_host = {host or server.ldapi_url}\nsearch_base = {SUFFIX}\n"
                     f"{extra}{body}")
@@ -50,7 +50,7 @@ def write_cfs(inst, server, configs, host=None, extra=""):
 
 @pytest.fixture(scope="module")
 def inst(slapd, tmp_path_factory):
-    i = Instance(tmp_path_factory.mktemp("ldap"))
+    i = WorkerInstance(tmp_path_factory.mktemp("ldap"))
     i.cfs = write_cfs(i, slapd, CONFIGS)
     dead = free_loopback_port()          # nothing listens there: the next URL is used
     i.cfs.update(write_cfs(i, slapd, {"tcp": ""}, host=f"127.0.0.1:{slapd.port}"))
@@ -86,7 +86,7 @@ def outcome(result):
 def answer(inst, table, key):
     direct, proxied = both(inst, key, inst.cfs[table])
     assert outcome(proxied) == outcome(direct), (table, key, direct, proxied,
-                                                 inst.read_log()[-2000:])
+                                                 inst.log()[-2000:])
     return proxied.returncode, proxied.stdout.decode().strip()
 
 
@@ -116,7 +116,7 @@ def test_every_key_answers_like_postfix(inst, table):
     direct = inst.postmap("-q", "-", inst.cfs[table], input=keys)
     proxied = inst.postmap("-q", "-", f"proxy:{inst.cfs[table]}", input=keys)
     assert outcome(proxied) == outcome(direct), (table, direct, proxied,
-                                                 inst.read_log()[-2000:])
+                                                 inst.log()[-2000:])
     assert direct.returncode == 0 and direct.stdout, (table, direct)
 
 
@@ -173,7 +173,7 @@ def test_log_has_postfix_warnings_and_no_traceback(inst):
                        ("badbind", "bob@example.com"), ("special", "loop@example.com"),
                        ("starttls_untrusted", "bob@example.com")):
         both(inst, key, inst.cfs[table])
-    log = inst.read_log()
+    log = inst.log()
     assert "Traceback" not in log
     assert f"DN cn=nobody,ou=people,{SUFFIX} not found, skipping" in log
     assert f"Search base 'ou=nowhere,{SUFFIX}' not found: 32: No such object" in log
@@ -185,7 +185,7 @@ def test_log_has_postfix_warnings_and_no_traceback(inst):
 
 
 def test_64_clients_share_a_few_connections(slapd, tmp_path):
-    i = Instance(tmp_path)
+    i = WorkerInstance(tmp_path)
     # the key and value check_pool_bound() looks up, alone under a base of its own
     slapd.add(f"dn: cn=pool,{SUFFIX}\nobjectClass: pmEntry\nobjectClass: pmMailbox\n"
               "cn: pool\nmailacceptinggeneralid: alice@example.com\n"
@@ -198,7 +198,7 @@ def test_64_clients_share_a_few_connections(slapd, tmp_path):
 
 
 def test_directory_down_under_load_answers_retry_and_recovers(slapd, tmp_path):
-    i = Instance(tmp_path)
+    i = WorkerInstance(tmp_path)
     slapd.add(f"dn: cn=fault,{SUFFIX}\nobjectClass: pmEntry\nobjectClass: pmMailbox\n"
               "cn: fault\nmailacceptinggeneralid: alice@example.com\n")
     specs = write_cfs(i, slapd, {"fault": f"result_attribute = cn\nsearch_base = cn=fault,"
