@@ -43,6 +43,7 @@ from proxymap.util.unix_listener import bind_unix_listener
 READ_CHUNK = 65536
 #: seconds between checks for expired connections (and on_tick calls)
 TICK = 1.0
+TICK_NS = int(TICK * 1e9)
 #: when stopping, a connection idle this long since our last reply is closed
 STOP_IDLE = 1.0
 #: a connection that had a request or reply in this many seconds counts as
@@ -133,7 +134,7 @@ class Worker:
         self.on_change = None   # called when clients or requests change
         self.on_tick = None     # called at least once a second
         self.idle_since = time.monotonic()
-        self._ticked = 0.0
+        self._ticked = 0       # monotonic_ns of the last tick
         # connections that read requests in this loop pass: answered after
         # the pass's change notifications are counted (Dispatcher.refresh)
         self._readers: list[Connection] = []
@@ -231,7 +232,10 @@ class Worker:
         while not (self.stopping and not self.conns):
             waiting = self.lock_waiting
             dispatcher.begin_batch()    # proxywrite: one sync per table and pass
-            for fd, events in self._poll.poll(LOCK_RETRY if waiting else TICK):
+            ready = self._poll.poll(LOCK_RETRY if waiting else TICK)
+            # the start of every request's latency (proxymap/metrics.py)
+            woke = dispatcher.woke_at = time.monotonic_ns()
+            for fd, events in ready:
                 handler = handlers.get(fd)
                 if handler is None:
                     continue
@@ -265,11 +269,10 @@ class Worker:
                 dispatcher.begin_batch()
                 self._deliver(ended)
                 ended = dispatcher.end_batch()
-            now = time.monotonic()
-            if now - self._ticked >= TICK:
-                self._ticked = now
+            if woke - self._ticked >= TICK_NS:
+                self._ticked = woke
                 if self.offload is not None:
-                    self._deliver(self.offload.expire(now))
+                    self._deliver(self.offload.expire(woke * 1e-9))
                 self._expire()
                 if self.on_tick is not None:
                     self.on_tick(self)
@@ -315,12 +318,14 @@ class Worker:
             if conn.decoder.pending:
                 maillog.warning(f"premature end-of-input from {conn.peer}"
                                 f" ({conn.decoder.pending} bytes of an unfinished request)")
+                self.dispatcher.metrics.connection_error()
             self._close(conn)
             return
         try:
             conn.queue.extend(conn.decoder.feed(data, self.max_pipeline))
         except ProtocolError as exc:
             maillog.warning(f"{exc} from {conn.peer}: closing the connection")
+            self.dispatcher.metrics.connection_error()
             self._close(conn)
             return
         if not conn.queue:
@@ -396,6 +401,7 @@ class Worker:
                 break
         except ProtocolError as exc:
             maillog.warning(f"{exc} from {conn.peer}: closing the connection")
+            self.dispatcher.metrics.connection_error()
             self._close(conn)
             return
         finally:
@@ -429,6 +435,7 @@ class Worker:
         unlogged = conn.bad - BAD_LOGGED
         more = f" ({unlogged} more not logged)" if unlogged > 0 else ""
         maillog.warning(f"{conn.peer}: {conn.bad} bad requests{more}: closing the connection")
+        self.dispatcher.metrics.connection_error()
         try:
             conn.sock.send(conn.out)
         except OSError:
@@ -443,7 +450,9 @@ class Worker:
     def _deliver(self, answered) -> None:
         """Move the replies now known to their connections, in order."""
         touched = []
+        count = self.dispatcher.count_delivered
         for pending in answered:
+            count(pending)
             conn = pending.owner
             if conn is None or self.conns.get(conn.fd) is not conn:
                 continue   # the client went away meanwhile
@@ -481,6 +490,7 @@ class Worker:
     def _close(self, conn: Connection, why: str | None = None) -> None:
         if why:
             maillog.warning(f"{conn.peer}: {why}: closing the connection")
+            self.dispatcher.metrics.connection_error()
         self.conns.pop(conn.fd, None)
         self.lock_waiting.pop(conn.fd, None)
         self.dispatcher.client_gone(conn)

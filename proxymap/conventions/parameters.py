@@ -200,6 +200,9 @@ declare("proxymap_max_bad_requests", "10", INT, low=0, readers=(WORKER,), own=Tr
 declare("proxymap_answer_cache_entries", "10000", INT, low=0, readers=(WORKER,), own=True)
 declare("proxymap_answer_cache_bytes", "4194304", INT, low=1, readers=(WORKER,), own=True)
 declare("proxymap_answer_cache_exclude", "", LIST, readers=(WORKER,), own=True)
+# Our own: the Prometheus listener (master/exporter.py): empty = none, an
+# absolute UNIX socket path, or a loopback host:port (port 0: any).
+declare("proxymap_metrics_listen", "", readers=(MASTER,), own=True)
 
 # ---------------------------------------------------------------------------
 # Parameters known only for `$name` expansion and `config -d`: what
