@@ -235,6 +235,7 @@ class Worker:
             ready = self._poll.poll(LOCK_RETRY if waiting else TICK)
             # the start of every request's latency (proxymap/metrics.py)
             woke = dispatcher.woke_at = time.monotonic_ns()
+            others = None
             for fd, events in ready:
                 handler = handlers.get(fd)
                 if handler is None:
@@ -248,8 +249,10 @@ class Worker:
                         self._pump(handler)
                     if events & in_events and not handler.out and fd in self.conns:
                         self._read(handler)
+                elif others is None:
+                    others = [(fd, handler)]
                 else:
-                    handler[1](handler[0])
+                    others.append((fd, handler))
             if self._readers:
                 readers, self._readers = self._readers, []
                 # every request read above was sent before this drain: a
@@ -258,6 +261,13 @@ class Worker:
                 for conn in readers:
                     if self.conns.get(conn.fd) is conn:
                         self._pump(conn)
+            # the rest (offloaded replies, the master, signals, new clients)
+            # after the requests read in this pass, in the order a reading
+            # connection saw them before: requests first, then completions
+            if others is not None:
+                for fd, handler in others:
+                    if handlers.get(fd) is handler:     # not unwatched meanwhile
+                        handler[1](handler[0])
             if waiting:
                 for conn in list(waiting.values()):
                     if conn.fd in self.conns:
