@@ -3,8 +3,8 @@
 Each server runs in a fresh temporary directory, listens only on a UNIX
 socket there (no TCP port to collide with other engineers or CI), runs as
 the package's own system user (PostgreSQL refuses root), is waited for
-with a bounded loop and stopped by its pid. `find_postgres()` and
-`find_mariadb()` return None when the binaries are missing, so a test can
+with a bounded loop and stopped by its pid; so are memcached and
+redis-server. `find_postgres()` and `find_mariadb()` return None when the binaries are missing, so a test can
 skip with the reason.
 """
 
@@ -191,3 +191,122 @@ class MariadbServer:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class _CacheServer:
+    """A cache server listening on a UNIX socket in a temporary directory,
+    run as the package's user when the tests run as root, stopped by pid."""
+
+    user = ""
+    prefix = "pmtest-cache-"
+
+    def __init__(self):
+        self.root = tempfile.mkdtemp(prefix=self.prefix)
+        os.chmod(self.root, 0o755)
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam(self.user)
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+        self.socket = os.path.join(self.root, "server.sock")
+        self.log = os.path.join(self.root, "server.log")
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def answers(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=logf,
+                                     preexec_fn=_as_user(self.user))
+        logf.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.command()[0]} exited: {self.read_log()[-2000:]}")
+            if os.path.exists(self.socket) and self.answers():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.command()[0]} did not start: {self.read_log()[-2000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM by pid (redis saves its data first), bounded."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def read_log(self) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _ask(self, request: bytes, until: bytes) -> bytes:
+        import socket
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(self.socket)
+            s.sendall(request)
+            data = b""
+            while until not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            return data
+
+
+class MemcachedServer(_CacheServer):
+    """Debian's memcached on a UNIX socket; `text(cmd)` speaks its protocol."""
+
+    user = "memcache"
+    prefix = "pmtest-mc-"
+
+    def command(self) -> list[str]:
+        return ["memcached", "-s", self.socket, "-a", "0666", "-m", "16", "-c", "512",
+                *(["-u", self.user] if os.geteuid() == 0 else [])]
+
+    def answers(self) -> bool:
+        try:
+            return b"END" in self._ask(b"version\r\nget x\r\n", b"END")
+        except OSError:
+            return False
+
+    def text(self, request: bytes, until: bytes = b"\r\n") -> bytes:
+        return self._ask(request, until)
+
+
+class RedisServer(_CacheServer):
+    """Debian's redis-server on a UNIX socket, no TCP port; its data is
+    saved on SIGTERM and read back by start(), so a restart keeps it."""
+
+    user = "redis"
+    prefix = "pmtest-redis-"
+
+    def __init__(self, password: str = ""):
+        self.password = password
+        super().__init__()
+
+    def command(self) -> list[str]:
+        return ["redis-server", "--port", "0", "--unixsocket", self.socket,
+                "--unixsocketperm", "777", "--dir", self.root, "--save", "3600 1",
+                "--appendonly", "no", "--daemonize", "no", "--logfile", self.log,
+                *(["--requirepass", self.password] if self.password else [])]
+
+    def answers(self) -> bool:
+        try:
+            return self._ask(b"PING\r\n", b"\r\n").startswith((b"+PONG", b"-NOAUTH"))
+        except OSError:
+            return False

@@ -96,9 +96,10 @@ def parse_parameters(data: bytes, path: str) -> dict[str, str]:
     return values
 
 
-def read_parameters(name: str, main_cf) -> Parameters:
+def read_parameters(name: str, main_cf, names: Iterable[str] | None = None) -> Parameters:
     """cfg_parser_alloc(): a file when name starts with / or ., else the
-    main.cf parameters `name_*`."""
+    main.cf parameters `name_*` (of `names`, by default those of the SQL
+    and LDAP tables)."""
     if name.startswith(("/", ".")):
         try:
             with open(name, "rb") as f:
@@ -108,7 +109,7 @@ def read_parameters(name: str, main_cf) -> Parameters:
         return Parameters(name, parse_parameters(data, name), name)
     prefix = name + "_"
     values = {}
-    for param in PARAMETER_NAMES:
+    for param in (PARAMETER_NAMES if names is None else names):
         value = main_cf.get(prefix + param) if main_cf is not None else None
         if value is not None:
             values[param] = value
