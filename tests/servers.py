@@ -302,7 +302,7 @@ class RedisServer(_CacheServer):
     def command(self) -> list[str]:
         return ["redis-server", "--port", "0", "--unixsocket", self.socket,
                 "--unixsocketperm", "777", "--dir", self.root, "--save", "3600 1",
-                "--appendonly", "no", "--daemonize", "no", "--logfile", self.log,
+                "--appendonly", "no", "--daemonize", "no",
                 *(["--requirepass", self.password] if self.password else [])]
 
     def answers(self) -> bool:

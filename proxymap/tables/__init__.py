@@ -38,6 +38,7 @@ TABLE_TYPES = {
     "socketmap": "proxymap.tables.socketmap:SocketmapTable",
     "tcp": "proxymap.tables.tcp:TcpTable",
     "memcache": "proxymap.tables.memcache:MemcacheTable",
+    "redis": "proxymap.tables.redis:RedisTable",
 }
 
 #: entry-point group of plugin table types (base class: tables/backend.py)
