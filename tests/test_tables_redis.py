@@ -226,3 +226,52 @@ def test_parsing_helpers():
     assert scan_pattern("a%%b%s.x") == ("a%b", ".x")
     assert scan_pattern("%d/%u") is None and scan_pattern("%s%s") is None
     assert glob_escape("a*b?[c]\\") == "a\\*b\\?\\[c\\]\\\\"
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(os.geteuid() != 0, reason="a real Postfix master needs root")
+def test_real_verify_keeps_its_cache_in_redis(tmp_path):
+    """Real verify(8) (Postfix 3.7) with address_verify_map =
+    proxy:redis:FILE runs its cache cleanup through our proxywrite: a
+    sequence over redis, the expired records deleted, the stamp updated."""
+    from tests.instance import temporary_instance, wait_for
+    from tests.test_real_daemons import RealPostfix, free_port
+    server = RedisServer()
+    try:
+        client = redis.Redis(unix_socket_path=server.socket)
+        client.mset({"keep@example.com": "0:0:4102444800:ok", "old1@example.com": "0:0:1:ok",
+                     "old2@example.com": "0:0:1:ok"})
+        with temporary_instance(tmp_path) as ours:
+            cf = os.path.join(ours.table_dir, "verify.cf")
+            with open(cf, "w") as f:
+                f.write(f"hosts = unix:{server.socket}\n")
+            cache = f"redis:{cf}"
+            ours.write_main_cf(proxy_read_maps=f"proxy:{cache}",
+                               proxy_write_maps=f"proxy:{cache}",
+                               maillog_file=os.path.join(ours.root, "ours.log"),
+                               maillog_file_prefixes=ours.root)
+            ours.start()
+            real = RealPostfix(ours.root, ours, free_port(), f"""\
+address_verify_map = proxy:{cache}
+address_verify_cache_cleanup_interval = 1s
+""")
+            try:
+                real.start()
+                with socket.socket(socket.AF_UNIX) as s:   # waking verify starts its cleanup
+                    s.connect(os.path.join(real.queue, "private", "verify"))
+                    try:
+                        wait_for(lambda: client.get("_LAST_CACHE_CLEANUP_COMPLETED_"), 60,
+                                 what="verify's cache cleanup in redis")
+                    except AssertionError as exc:
+                        with open(os.path.join(ours.root, "ours.log"), errors="replace") as f:
+                            raise AssertionError(f"{exc}\n{real.log()[-3000:]}\n{f.read()}") \
+                                from None
+                log = real.log()
+            finally:
+                real.stop()
+        assert client.get("keep@example.com") == b"0:0:4102444800:ok"
+        assert client.get("old1@example.com") is None and client.get("old2@example.com") is None
+        assert "retained=1 dropped=2" in log, log
+        client.close()
+    finally:
+        server.cleanup()

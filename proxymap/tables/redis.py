@@ -58,6 +58,10 @@ try:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
     from redis.sentinel import Sentinel
+    # redis-py imports these on first use, when a worker that dropped its
+    # privileges may no longer read the interpreter's files (preload)
+    import email.parser  # noqa: F401
+    import secrets  # noqa: F401
 except ImportError as exc:   # reported when a redis: table is opened
     redis = None
     _IMPORT_ERROR = str(exc)
