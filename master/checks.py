@@ -27,13 +27,16 @@ import os
 import pwd
 import re
 import selectors
-import shutil
 import stat
 import subprocess
 import time
 
-from master.config import (OWN_PARAMETERS, MainConfig, Service, proxy_allow_set,
-                           referenced_names)
+from master.master_cf import Service
+from proxymap.allowlist import proxy_allow_set
+from proxymap.conventions.expansion import referenced_names
+from proxymap.conventions.mainconfig import MainConfig
+from proxymap.conventions.parameters import OWN_PARAMETERS
+from proxymap.conventions.postfix_version import postconf_program_in
 from proxymap.tables import TABLE_TYPES, plugin_types, table_class
 from proxymap.tables.base import TableOpenError
 
@@ -55,13 +58,6 @@ _UNUSED = re.compile(r"^\S*postconf: warning: (.*): unused parameter: ([^=\s]+)=
 def postconf_program(main: MainConfig) -> str | None:
     """Real postconf(1): $command_directory/postconf, else on PATH."""
     return postconf_program_in(main.get("command_directory"))
-
-
-def postconf_program_in(command_directory: str) -> str | None:
-    candidate = os.path.join(command_directory, "postconf")
-    if os.access(candidate, os.X_OK):
-        return candidate
-    return shutil.which("postconf")
 
 
 def run_postconf(main: MainConfig, option: str) -> tuple[str, str] | None:

@@ -20,14 +20,16 @@ import socket
 import sys
 import time
 
-from master import maillog, pidfile
-from master.config import (PROXY_READ_MAPS_DEFAULT, PROXY_READ_MAPS_DEFAULT_311, ConfigError,
-                           load_main_cf)
-from master.output import emit
+from master import pidfile
 from master.supervisor import (PROGRAM, Master, load_configuration, socket_state,
                                status_path)
 from proxymap import version_line
+from proxymap.conventions import maillog
+from proxymap.conventions.config_error import ConfigError
+from proxymap.conventions.main_cf import load_main_cf
+from proxymap.conventions.parameters import PROXY_READ_MAPS_DEFAULT, PROXY_READ_MAPS_DEFAULT_311
 from proxymap.protocol import GREETING
+from proxymap.util.output import emit
 
 #: seconds `start` waits for the daemon to report its workers ready
 START_TIMEOUT = 30.0

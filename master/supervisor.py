@@ -4,7 +4,7 @@ This plays the role of Postfix's master(8) for the proxymap services of a
 master.cf, with one deliberate difference (documented in
 docs/architecture.md): the master accepts every connection itself and
 hands it to the least-loaded worker over that worker's control channel
-(master/handoff.py), instead of letting children race for accept().
+(proxymap/handoff.py), instead of letting children race for accept().
 
 What it mirrors from Postfix:
 * socket paths `$queue_directory/{private,public}/NAME`, mode 0666, kept
@@ -39,10 +39,16 @@ from dataclasses import dataclass, field
 
 import setproctitle
 
-from master import fdlimit, handoff, maillog, pidfile, sdnotify
-from master.config import (ConfigError, MainConfig, Service, load_main_cf, load_master_cf,
-                           proxy_allow_set)
+from master import pidfile, sdnotify
+from master.master_cf import Service, load_master_cf
 from master.workerslot import READY, RETIRING, STARTING, WorkerSlot, pick_worker
+from proxymap import handoff
+from proxymap.allowlist import proxy_allow_set
+from proxymap.conventions import maillog
+from proxymap.conventions.config_error import ConfigError
+from proxymap.conventions.main_cf import load_main_cf
+from proxymap.conventions.mainconfig import MainConfig
+from proxymap.util import fdlimit
 
 PROGRAM = "proxymap-master"
 WORKER_COMMAND = "proxymap"
@@ -348,7 +354,7 @@ class Master:
         os.environ["MAIL_CONFIG"] = self.config_dir
         self.install_signals()
         fdlimit.raise_open_limit()
-        self.accept_guard = fdlimit.AcceptGuard("accept connection")
+        self.accept_guard = fdlimit.AcceptGuard("accept connection", maillog.warning)
         preload_worker()
         self.log_skipped(config)
         for service in config.services:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from master.handoff import Status
+from proxymap.handoff import Status
 
 STARTING, READY, RETIRING, KILLED, EXITED = "starting", "ready", "retiring", "killed", "exited"
 ALIVE_STATES = (STARTING, READY, RETIRING, KILLED)

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import time
 
-from master import maillog
 from proxymap import dictflags as F
+from proxymap.conventions import maillog
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                BadRequest, Request, encode_reply, parse_request)
 from proxymap.tables import Table, TableError, TableOpenError, open_table, strip_proxy

@@ -37,7 +37,7 @@ import stat
 import struct
 import time
 
-from master import maillog
+from proxymap.conventions import maillog
 
 #: descriptors Postfix's master gives a child (global/mail_server.h)
 STATUS_FD = 5
@@ -163,7 +163,7 @@ class PostfixChild:
 def attach(worker, config, unprivileged: bool) -> PostfixChild:
     """Run `worker` as a child of Postfix's master (see the module text)."""
     if unprivileged and os.geteuid() == 0:
-        from master.handoff import drop_privileges, preload_table_modules
+        from proxymap.handoff import drop_privileges, preload_table_modules
         preload_table_modules()
         user = config.get("mail_owner")
         try:

@@ -24,7 +24,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from master import maillog
+from proxymap.conventions import maillog
 
 #: default threads per blocking table (its concurrent backend operations)
 DEFAULT_LANE_SIZE = 4

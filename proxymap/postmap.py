@@ -519,7 +519,8 @@ def as_source_owner(st: os.stat_result, keep_root: bool):
 
 
 def load_config(config_dir: str):
-    from master.config import ConfigError, load_main_cf
+    from proxymap.conventions.config_error import ConfigError
+    from proxymap.conventions.main_cf import load_main_cf
     try:
         return load_main_cf(config_dir, warn=warn)
     except ConfigError as exc:
@@ -527,13 +528,13 @@ def load_config(config_dir: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from master import maillog
-    from proxymap.server import ParamView
+    from proxymap.conventions import maillog
+    from proxymap.conventions.mainconfig import ParamView
     maillog.setup(PROG, stderr=True)
     program = None
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--version"]:
-        from master.output import emit
+        from proxymap.util.output import emit
         from proxymap import version_line
         emit(version_line(PROG))
         return 0
@@ -554,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     except Exception as exc:  # no tracebacks for users; still say what broke
-        from master.config import ConfigError
+        from proxymap.conventions.config_error import ConfigError
         if isinstance(exc, ConfigError):
             print(f"{PROG}: fatal: {exc}", file=sys.stderr, flush=True)
         else:

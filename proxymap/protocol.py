@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from proxymap.conventions.parameters import DEFAULTS
+
 OK, NOKEY, RETRY, BAD, DENY, CONFIG = range(6)
 STATUS_NAMES = {OK: "OK", NOKEY: "NOKEY", RETRY: "RETRY", BAD: "BAD",
                 DENY: "DENY", CONFIG: "CONFIG"}
@@ -51,8 +53,9 @@ REPLY_37 = {
 }
 INTEGER_ATTRS = frozenset({"flags", "instance_flags", "function"})
 
-DEFAULT_MAX_ATTRS = 32            # far above the 6 a request can carry
-DEFAULT_MAX_MESSAGE = 1024 * 1024  # bytes in one attribute list
+# the defaults of proxymap_max_attributes and proxymap_max_request_size
+DEFAULT_MAX_ATTRS = int(DEFAULTS["proxymap_max_attributes"])
+DEFAULT_MAX_MESSAGE = int(DEFAULTS["proxymap_max_request_size"])
 
 
 class ProtocolError(Exception):

@@ -6,7 +6,7 @@ every connected client, answers them in order through a `Dispatcher`, and
 never lets a slow, silent or hostile client hold up the others. Clients
 arrive either by accepting on a listening socket (`--listen`, for
 development and tests) or as descriptors passed by our master over a
-control channel (`--master-fd`, see master/handoff.py).
+control channel (`--master-fd`, see proxymap/handoff.py).
 
 The service name decides the role: `proxymap` is read-only, `proxywrite`
 is read-write (and runs in its own session, so a signal to the process
@@ -26,13 +26,15 @@ import sys
 import time
 from collections import deque
 
-from master import fdlimit, maillog
 from proxymap import version_line
+from proxymap.conventions import maillog
+from proxymap.conventions.mainconfig import ParamView
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
 from proxymap.offload import Offloader
 from proxymap.protocol import GREETING, Decoder, ProtocolError, is_bad_reply
 from proxymap.tables import filelock
-from proxymap.tables.source import logical_lines
+from proxymap.util import fdlimit
+from proxymap.util.logical_lines import logical_lines
 
 READ_CHUNK = 65536
 #: seconds between checks for expired connections (and on_tick calls)
@@ -193,7 +195,7 @@ class Worker:
 
     def _accept(self, listener: socket.socket) -> None:
         if self._accept_guard is None:
-            self._accept_guard = fdlimit.AcceptGuard("accept")
+            self._accept_guard = fdlimit.AcceptGuard("accept", maillog.warning)
         for _ in range(64):
             try:
                 sock = self._accept_guard.accept(listener)
@@ -479,7 +481,7 @@ def peer_name(sock: socket.socket) -> str:
 
 def make_dispatcher(config, service: str) -> Dispatcher:
     """The dispatcher for `service` with its allow-list from main.cf."""
-    from master.config import proxy_allow_set
+    from proxymap.allowlist import proxy_allow_set
     role = WRITE_SERVICE if service == config.get("proxywrite_service_name") or \
         service == WRITE_SERVICE else READ_SERVICE
     param = "proxy_write_maps" if role == WRITE_SERVICE else "proxy_read_maps"
@@ -518,20 +520,6 @@ def make_worker(config, service: str) -> Worker:
                   max_pipeline=config.get_int("proxymap_max_pipelined_requests"),
                   max_unsent=config.get_int("proxymap_max_unsent_reply_bytes"),
                   max_bad=config.get_int("proxymap_max_bad_requests"))
-
-
-class ParamView:
-    """Read-only mapping view of main.cf for tables (expanded values)."""
-
-    def __init__(self, config):
-        self._config = config
-
-    def get(self, name, default=None):
-        value = self._config.get(name)
-        return value if value != "" else default
-
-    def __getitem__(self, name):
-        return self._config.get(name)
 
 
 def role_of(service: str, config) -> str | None:
@@ -581,7 +569,8 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from master.config import ConfigError, load_main_cf
+    from proxymap.conventions.config_error import ConfigError
+    from proxymap.conventions.main_cf import load_main_cf
     args = parse_args(sys.argv[1:] if argv is None else argv)
     service = args.service or "proxymap"
     overrides = {}
@@ -645,7 +634,7 @@ def main(argv=None) -> int:
     worker.watch(wake_r, on_signal)
     from proxymap import multiserver
     if args.master_fd is not None:
-        from master.handoff import attach_worker
+        from proxymap.handoff import attach_worker
         attach_worker(worker, args.master_fd)
     elif args.listen is None and multiserver.started_by_postfix(args.transport):
         multiserver.attach(worker, config, unprivileged=args.ignored_u)

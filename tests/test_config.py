@@ -1,4 +1,4 @@
-"""Tests for master/config.py: main.cf/master.cf syntax, `$` expansion,
+"""Tests for proxymap/conventions/ and master/master_cf.py: main.cf/master.cf syntax, `$` expansion,
 value conversions, allow-lists, and agreement with real postconf(1)."""
 
 from __future__ import annotations
@@ -10,11 +10,15 @@ import subprocess
 
 import pytest
 
-from master.config import (DEFAULTS, OWN_PARAMETERS, ConfigError, MacroError, MainConfig, Service, compare,
-                           expand, load_main_cf, load_master_cf, parse_int, parse_main_cf,
-                           parse_master_cf, parse_overrides, parse_table_list, parse_time,
-                           proxy_allow_set, read_logical_lines, split_command_args, split_list,
-                           split_name_value)
+from master.master_cf import Service, load_master_cf, parse_master_cf, parse_overrides, split_command_args
+from proxymap.allowlist import proxy_allow_set
+from proxymap.conventions.config_error import ConfigError
+from proxymap.conventions.expansion import MacroError, compare, expand
+from proxymap.conventions.main_cf import load_main_cf, parse_main_cf, split_name_value
+from proxymap.conventions.mainconfig import MainConfig
+from proxymap.conventions.parameters import DEFAULTS, OWN_PARAMETERS
+from proxymap.conventions.values import parse_int, parse_table_list, parse_time, split_list
+from proxymap.util.logical_lines import read_logical_lines
 
 POSTCONF = shutil.which("postconf") or ("/usr/sbin/postconf"
                                         if os.path.exists("/usr/sbin/postconf") else None)
@@ -557,7 +561,7 @@ def test_mydomain_follows_myhostname(tmp_path, text, hostname, domain):
 
 def test_settle_rereads_a_hot_file(tmp_path, monkeypatch):
     """A main.cf modified within the last second is read again after a pause."""
-    import master.config as config
+    import proxymap.conventions.main_cf as main_cf
 
     config_dir = make_dir(tmp_path, "max_use = 1\n")
     path = os.path.join(config_dir, "main.cf")
@@ -573,7 +577,7 @@ def test_settle_rereads_a_hot_file(tmp_path, monkeypatch):
         os.utime(path, (old, old))
 
     os.utime(path, None)                      # "just modified"
-    monkeypatch.setattr(config.time, "sleep", fake_sleep)
+    monkeypatch.setattr(main_cf.time, "sleep", fake_sleep)
     cfg = load_main_cf(config_dir, warn=lambda m: None, settle=True)
     assert reads == [0.3]
     assert cfg.get_int("max_use") == 2
@@ -606,12 +610,12 @@ def test_main_cf_warnings_are_kept(tmp_path):
     ("3.11.7", (3, 11)), ("3.11", (3, 11)), ("3.7.11", (3, 7)), ("3.12-20260821", (3, 12)),
     ("auto", None), ("3", None), ("", None), ("3.x", None)])
 def test_parse_release(text, release):
-    from master.config import parse_release
+    from proxymap.conventions.values import parse_release
     assert parse_release(text) == release
 
 
 def test_release_chooses_proxy_read_maps_default(tmp_path):
-    from master.config import PROXY_READ_MAPS_DEFAULT, PROXY_READ_MAPS_DEFAULT_311
+    from proxymap.conventions.parameters import PROXY_READ_MAPS_DEFAULT, PROXY_READ_MAPS_DEFAULT_311
     old = load(tmp_path, "proxymap_postfix_version = 3.10.13\n")
     assert old.raw("proxy_read_maps") is None
     assert old.default("proxy_read_maps") == PROXY_READ_MAPS_DEFAULT
@@ -631,7 +635,7 @@ def test_release_chooses_proxy_read_maps_default(tmp_path):
 def test_auto_release_is_the_installed_postfix(tmp_path):
     main = load(tmp_path, "")
     done = subprocess.run(["postconf", "-dh", "mail_version"], capture_output=True, text=True)
-    from master.config import parse_release
+    from proxymap.conventions.values import parse_release
     assert main.postfix_release() == parse_release(done.stdout.strip())
 
 

@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
-from master import handoff, pidfile, sdnotify
+from master import pidfile, sdnotify
+from proxymap import handoff
 from master.control import config_lines, format_uptime, parse_args
 from master.supervisor import describe_exit
 from master.workerslot import READY, RETIRING, STARTING, WorkerSlot, pick_worker
@@ -146,7 +147,7 @@ def test_uptime_and_command_line():
 
 
 def test_config_lines_like_postconf(tmp_path):
-    from master.config import load_main_cf
+    from proxymap.conventions.main_cf import load_main_cf
     (tmp_path / "main.cf").write_text("max_use = 7\nmyorigin = a,\n   b\n")
     main = load_main_cf(str(tmp_path), warn=lambda _: None)
     lines, unknown = config_lines(main, "n", [], False)
@@ -613,7 +614,7 @@ def test_stop_is_bounded_when_a_worker_does_not_cooperate(instance):
 
 
 def test_load_configuration_forces_a_single_writer_and_checks_values(tmp_path):
-    from master.config import ConfigError
+    from proxymap.conventions.config_error import ConfigError
     from master.supervisor import load_configuration, service_settings
     (tmp_path / "main.cf").write_text(f"queue_directory = {tmp_path}/q\nmax_use = 7\n"
                                       f"mail_owner = {'postfix' if os.geteuid() == 0 else 'x'}\n")
@@ -634,7 +635,8 @@ def test_load_configuration_forces_a_single_writer_and_checks_values(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mail_owner is only checked as root")
 def test_mail_owner_must_be_a_known_unprivileged_user(tmp_path):
-    from master.config import ConfigError, load_main_cf
+    from proxymap.conventions.config_error import ConfigError
+    from proxymap.conventions.main_cf import load_main_cf
     from master.supervisor import mail_owner_credentials
     for owner, reason in (("root", "privileged user ID"), ("no-such-user-x", "unknown user")):
         (tmp_path / "main.cf").write_text(f"mail_owner = {owner}\n")

@@ -398,7 +398,8 @@ def test_walks_survive_changes(site, type_name):
 def test_311_defaults_match_postconf_of_311():
     """Our 3.11 defaults are sid's `postconf -d` text, and `config -d` shows
     the other generation's proxy_read_maps beside the one in effect."""
-    from master.config import DEFAULTS_311, PROXY_READ_MAPS_DEFAULT, MainConfig
+    from proxymap.conventions.mainconfig import MainConfig
+    from proxymap.conventions.parameters import DEFAULTS_311, PROXY_READ_MAPS_DEFAULT
     chroot = chroot_for("sid")
     done = chroot.run("/usr/sbin/postconf", "-d", *sorted(DEFAULTS_311))
     assert done.returncode == 0, done.stderr

@@ -17,9 +17,9 @@ import subprocess
 
 import pytest
 
-from master import maillog
 from proxymap import dictflags as F
 from proxymap import tables
+from proxymap.conventions import maillog
 from proxymap.protocol import CONFIG, RETRY
 from proxymap.tables import Table, TableError, TableOpenError, open_table
 from proxymap.tables.composite import member_specs

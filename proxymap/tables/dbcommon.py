@@ -22,10 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from master import maillog
-from master.config import ConfigError, read_logical_lines, split_name_value
 from proxymap import dictflags as F
+from proxymap.conventions import maillog
+from proxymap.conventions.config_error import ConfigError
+from proxymap.conventions.main_cf import split_name_value
 from proxymap.tables.base import TableError, TableOpenError
+from proxymap.util.logical_lines import read_logical_lines
 
 # template needs (db_common's DB_COMMON_KEY_* and VALUE_* bits)
 KEY_DOMAIN, KEY_USER, VALUE_DOMAIN, VALUE_USER = 1, 2, 4, 8

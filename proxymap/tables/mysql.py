@@ -18,8 +18,8 @@ Uses PyMySQL (pure Python, well kept) with a bounded pool per server
 
 from __future__ import annotations
 
-from master import maillog
 from proxymap import dictflags as F
+from proxymap.conventions import maillog
 from proxymap.tables.backend import BackendTable
 from proxymap.tables.base import TableOpenError
 from proxymap.tables.connpool import Pool

@@ -18,8 +18,8 @@ import contextlib
 import os
 from typing import Callable, Iterable
 
-from master import maillog
 from proxymap import dictflags as F
+from proxymap.conventions import maillog
 from proxymap.protocol import CONFIG
 from proxymap.tables import filelock
 from proxymap.tables.base import Table, TableError

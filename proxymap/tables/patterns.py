@@ -31,7 +31,7 @@ from typing import Callable
 
 from proxymap import dictflags as F
 from proxymap.tables.base import Table, TableOpenError
-from proxymap.tables.source import logical_lines
+from proxymap.util.logical_lines import logical_lines
 
 #: Postfix's ISSPACE() and ISALNUM() (ASCII only, the C locale)
 SPACE = b" \t\n\v\f\r"
@@ -568,7 +568,7 @@ class PatternFileTable(Table):
         super().__init__(type_name, name, flags, writable, params)
         if writable:
             raise TableOpenError(f"{type_name}:{name} map requires O_RDONLY access mode")
-        from master import maillog
+        from proxymap.conventions import maillog
         try:
             self.remember_file(name)
             with open(name, "rb") as f:

@@ -29,8 +29,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from master import maillog
 from proxymap import dictflags as F
+from proxymap.conventions import maillog
 from proxymap.tables.backend import BackendTable
 from proxymap.tables.base import TableError, TableOpenError
 from proxymap.tables.dbcommon import Templates, legacy_query, read_parameters, sql_lookup

@@ -1,38 +1,18 @@
 """Readers for the text sources of lookup tables.
 
-`logical_lines` is Postfix's readllines(): comments and blank lines are
-dropped (also inside a continued entry), a line that starts with whitespace
-continues the previous one. `parse_entry` splits a postmap(1)/texthash line
+Entries are read by logical lines (proxymap/util/logical_lines.py,
+Postfix's readllines()). `parse_entry` splits a postmap(1)/texthash line
 into key and value, keeping quotes and backslashes in the key as Postfix
 does. Both report the line number so errors can name file:line.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterator
 
-_BLANKS = b" \t\r\n\v\f"
+from proxymap.util.logical_lines import BLANKS, logical_lines
 
-
-def logical_lines(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
-    """Yield (first line number, logical line) from raw lines (with or
-    without their newlines). A continuation with nothing to continue is
-    yielded on its own with leading whitespace kept, for the caller to warn."""
-    current: bytearray | None = None
-    start = 0
-    for number, raw in enumerate(lines, 1):
-        line = raw.rstrip(b"\r\n")
-        stripped = line.lstrip(_BLANKS)
-        if not stripped or stripped.startswith(b"#"):
-            continue
-        if line[:1] in (b" ", b"\t") and current is not None:
-            current += line
-            continue
-        if current is not None:
-            yield start, bytes(current)
-        current, start = bytearray(line), number
-    if current is not None:
-        yield start, bytes(current)
+_BLANKS = BLANKS.encode()
 
 
 class EntryError(ValueError):

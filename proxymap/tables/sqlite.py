@@ -22,8 +22,8 @@ import sqlite3
 import threading
 import urllib.parse
 
-from master import maillog
 from proxymap import dictflags as F
+from proxymap.conventions import maillog
 from proxymap.tables.backend import BackendTable
 from proxymap.tables.base import TableError, TableOpenError
 from proxymap.tables.dbcommon import (Templates, legacy_query, read_parameters, sql_lookup,

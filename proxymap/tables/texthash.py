@@ -21,11 +21,12 @@ with inline:.
 
 from __future__ import annotations
 
-from master import maillog
 from proxymap import dictflags as F
+from proxymap.conventions import maillog
 from proxymap.tables.base import Table, TableOpenError, file_stamp, snapshot_walk
-from proxymap.tables.source import EntryError, logical_lines, parse_entry
+from proxymap.tables.source import EntryError, parse_entry
 from proxymap.utf8 import is_utf8, utf8_key
+from proxymap.util.logical_lines import logical_lines
 
 #: how often a file that keeps changing during the load is read again
 MAX_LOAD_ATTEMPTS = 3

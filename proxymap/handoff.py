@@ -34,7 +34,8 @@ import struct
 import time
 from dataclasses import dataclass
 
-from master import fdlimit, maillog
+from proxymap.conventions import maillog
+from proxymap.util import fdlimit
 
 CLIENT, RETIRE, STOP, PING, STATUS, LOG_FILE = b"C", b"R", b"T", b"P", b"S", b"L"
 

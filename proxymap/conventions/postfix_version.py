@@ -8,6 +8,8 @@ one on PATH), asked once per process and directory.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 
 #: seconds postconf may take
@@ -16,11 +18,18 @@ TIMEOUT = 10
 _known: dict[str, str | None] = {}
 
 
+def postconf_program_in(command_directory: str) -> str | None:
+    """Real postconf(1): command_directory/postconf, else the one on PATH."""
+    candidate = os.path.join(command_directory, "postconf")
+    if os.access(candidate, os.X_OK):
+        return candidate
+    return shutil.which("postconf")
+
+
 def installed_mail_version(command_directory: str) -> str | None:
     """mail_version of the installed Postfix, or None when there is none
     (or it does not answer)."""
     if command_directory not in _known:
-        from master.checks import postconf_program_in
         program = postconf_program_in(command_directory)
         version = None
         if program:

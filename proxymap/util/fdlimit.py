@@ -19,7 +19,7 @@ import os
 import resource
 import socket
 
-from master import maillog
+from typing import Callable
 
 OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 
@@ -43,8 +43,9 @@ def open_limit() -> int:
 class AcceptGuard:
     """accept() for a non-blocking listener that copes with the limit."""
 
-    def __init__(self, who: str):
+    def __init__(self, who: str, warn: Callable[[str], None]):
         self.who = who
+        self.warn = warn      # where the limit is reported (maillog.warning)
         self.spare: int | None = None
         self.at_limit = False
         self.refused = 0      # clients closed for want of a descriptor
@@ -80,8 +81,8 @@ class AcceptGuard:
         when that did not work either."""
         if not self.at_limit:
             self.at_limit = True    # logged once: a flood must not flood the log
-            maillog.warning(f"{self.who}: {exc.strerror} (descriptor limit {open_limit()}):"
-                            f" closing clients that cannot be served")
+            self.warn(f"{self.who}: {exc.strerror} (descriptor limit {open_limit()}):"
+                      f" closing clients that cannot be served")
         if self.spare is not None:
             os.close(self.spare)
             self.spare = None
