@@ -33,7 +33,7 @@ from __future__ import annotations
 import threading
 import time
 
-from master import maillog
+from proxymap.conventions import maillog
 from proxymap import dictflags as F
 from proxymap.tables.backend import BackendTable
 from proxymap.tables.base import TableError, TableOpenError

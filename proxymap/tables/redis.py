@@ -46,7 +46,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from master import maillog
+from proxymap.conventions import maillog
 from proxymap import dictflags as F
 from proxymap.tables.backend import BackendTable
 from proxymap.tables.base import END, START, TableError, TableOpenError, Unsupported
