@@ -42,7 +42,36 @@ def _as_user(user: str):
     return demote if os.geteuid() == 0 else None
 
 
-class PostgresServer:
+class ServerProcess:
+    """What the servers below share (PostgreSQL stops its own way): `proc`, `log` and `root` set by the
+    subclass; stopped with SIGTERM by pid (a clean shutdown), bounded."""
+
+    proc: subprocess.Popen | None = None
+    log = root = ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def read_log(self) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PostgresServer(ServerProcess):
     """initdb + postgres on a UNIX socket in a temporary directory."""
 
     def __init__(self, user: str = "postgres"):
@@ -107,19 +136,7 @@ class PostgresServer:
         return int(self.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = "
                              f"'{db}' AND pid <> pg_backend_pid()").strip())
 
-    def read_log(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-class MariadbServer:
+class MariadbServer(ServerProcess):
     """mariadb-install-db + mariadbd on a UNIX socket in a temporary directory."""
 
     def __init__(self, user: str = "mysql"):
@@ -158,17 +175,6 @@ class MariadbServer:
             time.sleep(0.1)
         raise RuntimeError(f"mariadbd did not start: {self.read_log()[-2000:]}")
 
-    def stop(self) -> None:
-        """SIGTERM to mariadbd by its pid (a clean shutdown), bounded."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
     def sql(self, sql: str, db: str = "") -> str:
         r = subprocess.run(["mariadb", "--no-defaults", "-S", self.socket, "-u", "root",
                             "-N", "-B", *([db] if db else []), "-e", sql],
@@ -181,21 +187,11 @@ class MariadbServer:
         return int(self.sql("SELECT count(*) FROM information_schema.processlist"
                             f" WHERE user = '{user}'").strip())
 
-    def read_log(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
 
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-class _CacheServer:
+class _CacheServer(ServerProcess):
     """A cache server listening on a UNIX socket in a temporary directory,
-    run as the package's user when the tests run as root, stopped by pid."""
+    run as the package's user when the tests run as root, stopped by pid
+    (SIGTERM: redis saves its data first)."""
 
     user = ""
     prefix = "pmtest-cache-"
@@ -230,28 +226,6 @@ class _CacheServer:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"{self.command()[0]} did not start: {self.read_log()[-2000:]}")
-
-    def stop(self) -> None:
-        """SIGTERM by pid (redis saves its data first), bounded."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def read_log(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
 
     def _ask(self, request: bytes, until: bytes) -> bytes:
         import socket
@@ -295,15 +269,10 @@ class RedisServer(_CacheServer):
     user = "redis"
     prefix = "pmtest-redis-"
 
-    def __init__(self, password: str = ""):
-        self.password = password
-        super().__init__()
-
     def command(self) -> list[str]:
         return ["redis-server", "--port", "0", "--unixsocket", self.socket,
                 "--unixsocketperm", "777", "--dir", self.root, "--save", "3600 1",
-                "--appendonly", "no", "--daemonize", "no",
-                *(["--requirepass", self.password] if self.password else [])]
+                "--appendonly", "no", "--daemonize", "no"]
 
     def answers(self) -> bool:
         try:
