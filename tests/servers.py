@@ -189,14 +189,16 @@ class MariadbServer(ServerProcess):
 
 
 class _CacheServer(ServerProcess):
-    """A cache server listening on a UNIX socket in a temporary directory,
-    run as the package's user when the tests run as root, stopped by pid
-    (SIGTERM: redis saves its data first)."""
+    """A cache server listening on a UNIX socket in a temporary directory
+    (and on a loopback `port` when one is given), run as the package's user
+    when the tests run as root, stopped by pid (SIGTERM: redis saves its
+    data first)."""
 
     user = ""
     prefix = "pmtest-cache-"
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
+        self.port = port
         self.root = tempfile.mkdtemp(prefix=self.prefix)
         os.chmod(self.root, 0o755)
         if os.geteuid() == 0:
@@ -222,16 +224,16 @@ class _CacheServer(ServerProcess):
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.command()[0]} exited: {self.read_log()[-2000:]}")
-            if os.path.exists(self.socket) and self.answers():
+            if self.answers():
                 return
             time.sleep(0.05)
         raise RuntimeError(f"{self.command()[0]} did not start: {self.read_log()[-2000:]}")
 
     def _ask(self, request: bytes, until: bytes) -> bytes:
         import socket
-        with socket.socket(socket.AF_UNIX) as s:
+        with socket.socket(socket.AF_INET if self.port else socket.AF_UNIX) as s:
             s.settimeout(10)
-            s.connect(self.socket)
+            s.connect(("127.0.0.1", self.port) if self.port else self.socket)
             s.sendall(request)
             data = b""
             while until not in data:
@@ -270,12 +272,42 @@ class RedisServer(_CacheServer):
     prefix = "pmtest-redis-"
 
     def command(self) -> list[str]:
-        return ["redis-server", "--port", "0", "--unixsocket", self.socket,
-                "--unixsocketperm", "777", "--dir", self.root, "--save", "3600 1",
-                "--appendonly", "no", "--daemonize", "no"]
+        return ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--unixsocket", self.socket, "--unixsocketperm", "777", "--dir", self.root,
+                "--save", "3600 1", "--appendonly", "no", "--daemonize", "no"]
 
     def answers(self) -> bool:
         try:
             return self._ask(b"PING\r\n", b"\r\n").startswith((b"+PONG", b"-NOAUTH"))
+        except OSError:
+            return False
+
+
+class RedisSentinel(_CacheServer):
+    """A Redis Sentinel on loopback `port` watching the master `name` at
+    127.0.0.1:master_port (a sentinel only speaks TCP)."""
+
+    user = "redis"
+    prefix = "pmtest-sentinel-"
+
+    def __init__(self, port: int, master_port: int, name: str = "mymaster"):
+        self.master_port, self.name = master_port, name
+        super().__init__(port)
+
+    def command(self) -> list[str]:
+        conf = os.path.join(self.root, "sentinel.conf")
+        if not os.path.exists(conf):
+            with open(conf, "w") as f:
+                f.write(f"port {self.port}\nbind 127.0.0.1\ndir {self.root}\n"
+                        f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} 1\n")
+            if os.geteuid() == 0:
+                shutil.chown(conf, self.user)
+        return ["redis-server", conf, "--sentinel"]
+
+    def answers(self) -> bool:
+        try:
+            reply = self._ask(f"SENTINEL get-master-addr-by-name {self.name}\r\n".encode(),
+                              b"\r\n")
+            return reply.startswith(b"*2")
         except OSError:
             return False

@@ -11,7 +11,7 @@ each key deleted as it is seen (what postscreen's and verify's cache
 cleanup does); 64 clients sharing a few connections; redis stopped under
 load answers RETRY while a file table keeps answering, and recovers when
 it is back; real verify(8) keeps its cache in redis through our
-proxywrite.
+proxywrite; a real Redis Sentinel names the master.
 """
 
 import os
@@ -275,3 +275,43 @@ address_verify_cache_cleanup_interval = 1s
         client.close()
     finally:
         server.cleanup()
+
+
+def free_port() -> int:
+    """A loopback port the kernel picked (a sentinel only speaks TCP)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sentinels_name_the_master(tmp_path):
+    """With `sentinels`, redis-py asks a real Redis Sentinel for the master."""
+    from servers import RedisSentinel
+    master = RedisServer(port=free_port())
+    try:
+        sentinel = RedisSentinel(free_port(), master.port)
+        try:
+            client = redis.Redis(unix_socket_path=master.socket)
+            client.set("alice@example.com", "from the master")
+            i = Instance(tmp_path)
+            cf = f"{i.etc}/sentinel.cf"
+            with open(cf, "w") as f:
+                f.write(f"sentinels = inet:127.0.0.1:{sentinel.port}\n"
+                        "sentinel_master = mymaster\n")
+            spec = f"redis:{cf}"
+            i.write_main_cf(read_maps=f"proxy:{spec}", write_maps=f"proxy:{spec}")
+            i.start("proxymap")
+            i.start("proxywrite")
+            try:
+                r = i.postmap("-q", "Alice@Example.com", f"proxy:{spec}")
+                assert (r.returncode, r.stdout) == (0, b"from the master\n"), (r, i.read_log())
+                assert proxywrite(i, b"update", spec.encode(), key=b"new",
+                                  value=b"v")[b"status"] == b"0"
+                assert client.get("new") == b"v"
+            finally:
+                i.stop()
+            client.close()
+        finally:
+            sentinel.cleanup()
+    finally:
+        master.cleanup()
