@@ -271,10 +271,14 @@ class RedisServer(_CacheServer):
     user = "redis"
     prefix = "pmtest-redis-"
 
+    def __init__(self, port: int = 0, options: tuple[str, ...] = ()):
+        self.options = options    # more redis-server options (TLS ...)
+        super().__init__(port)
+
     def command(self) -> list[str]:
         return ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                 "--unixsocket", self.socket, "--unixsocketperm", "777", "--dir", self.root,
-                "--save", "3600 1", "--appendonly", "no", "--daemonize", "no"]
+                "--save", "3600 1", "--appendonly", "no", "--daemonize", "no", *self.options]
 
     def answers(self) -> bool:
         try:

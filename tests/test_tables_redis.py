@@ -11,7 +11,8 @@ each key deleted as it is seen (what postscreen's and verify's cache
 cleanup does); 64 clients sharing a few connections; redis stopped under
 load answers RETRY while a file table keeps answering, and recovers when
 it is back; real verify(8) keeps its cache in redis through our
-proxywrite; a real Redis Sentinel names the master.
+proxywrite; a real Redis Sentinel names the master; TLS with a CA of the
+test's own (openssl).
 """
 
 import os
@@ -315,3 +316,64 @@ def test_sentinels_name_the_master(tmp_path):
             sentinel.cleanup()
     finally:
         master.cleanup()
+
+
+def make_certificates(directory) -> dict:
+    """A CA and a server certificate for 127.0.0.1 (openssl), for TLS."""
+    import subprocess
+    paths = {n: os.path.join(directory, f"{n}.pem") for n in ("ca", "cakey", "cert", "key")}
+    ext = os.path.join(directory, "san.cnf")
+    with open(ext, "w") as f:
+        f.write("subjectAltName = IP:127.0.0.1\n")
+    csr = os.path.join(directory, "server.csr")
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
+         "-keyout", paths["cakey"], "-out", paths["ca"]],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+         "-keyout", paths["key"], "-out", csr],
+        ["x509", "-req", "-in", csr, "-CA", paths["ca"], "-CAkey", paths["cakey"],
+         "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", paths["cert"]]):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+    for path in paths.values():
+        os.chmod(path, 0o644)
+    return paths
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_tls_to_a_server_with_a_certificate_of_our_ca(tmp_path):
+    import tempfile
+    certs_dir = tempfile.mkdtemp(prefix="pmtest-certs-")    # redis-server's user reads it
+    os.chmod(certs_dir, 0o755)
+    try:
+        certs = make_certificates(certs_dir)
+        tls_port = free_port()
+        server = RedisServer(options=(
+            "--tls-port", str(tls_port), "--tls-cert-file", certs["cert"], "--tls-key-file",
+            certs["key"], "--tls-ca-cert-file", certs["ca"], "--tls-auth-clients", "no"))
+    except BaseException:
+        shutil.rmtree(certs_dir, ignore_errors=True)
+        raise
+    try:
+        client = redis.Redis(unix_socket_path=server.socket)
+        client.set("secret@example.com", "over tls")
+        i = Instance(tmp_path / "inst")
+        specs = {}
+        for name, ca in (("good", certs["ca"]), ("wrong_ca", certs["cert"])):
+            cf = f"{i.etc}/tls-{name}.cf"
+            with open(cf, "w") as f:
+                f.write(f"hosts = inet:127.0.0.1:{tls_port}\ntls = yes\ntls_CAfile = {ca}\n")
+            specs[name] = f"redis:{cf}"
+        i.write_main_cf(read_maps=" ".join(f"proxy:{s}" for s in specs.values()))
+        i.start("proxymap")
+        try:
+            r = i.postmap("-q", "secret@example.com", f"proxy:{specs['good']}")
+            assert (r.returncode, r.stdout) == (0, b"over tls\n"), (r, i.read_log())
+            r = i.postmap("-q", "secret@example.com", f"proxy:{specs['wrong_ca']}")
+            assert r.returncode == 1 and b"query error" in r.stderr   # not verified: RETRY
+            assert "certificate verify failed" in i.read_log()
+        finally:
+            i.stop()
+        client.close()
+    finally:
+        server.cleanup()
+        shutil.rmtree(certs_dir, ignore_errors=True)
