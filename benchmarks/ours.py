@@ -15,8 +15,8 @@ import subprocess
 import sys
 
 from benchmarks.realpostfix import StartError, wait_for_socket
-from benchmarks.servers import ServerInstance, kill_leftovers, pid_alive
-from master.pidfile import pid_path, read_pid
+from benchmarks.servers import ServerInstance, kill_leftovers
+from master.pidfile import pid_alive, pid_path, read_pid
 
 BIN = os.path.dirname(sys.executable)
 MASTER = os.path.join(BIN, "proxymap-master")
@@ -50,7 +50,7 @@ class OurService(ServerInstance):
                 raise StartError("proxymap-master start: no pid file")
             self.pids = [pid]
         else:
-            os.makedirs(os.path.join(self.queue_dir, "private"), exist_ok=True)
+            os.makedirs(os.path.dirname(self.socket_path()), exist_ok=True)
             log = open(self.log_path, "ab")
             try:
                 for service in ("proxymap", "proxywrite"):

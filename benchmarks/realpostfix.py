@@ -14,8 +14,9 @@ import os
 import subprocess
 import time
 
-from benchmarks.servers import ServerInstance, kill_leftovers, pid_alive
-from master.pidfile import read_pid
+from benchmarks.servers import ServerInstance, kill_leftovers
+from master.pidfile import pid_alive, read_pid
+from proxymap.client import check_greeting
 
 POSTFIX = "/usr/sbin/postfix"
 
@@ -26,17 +27,10 @@ class StartError(Exception):
 
 def wait_for_socket(path: str, timeout: float) -> bool:
     """Wait until a UNIX socket accepts a connection and greets."""
-    import socket
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(2)
-                s.connect(path)
-                if s.recv(64).startswith(b"protocol"):
-                    return True
-        except OSError:
-            pass
+        if check_greeting(path, 2) is None:
+            return True
         time.sleep(0.05)
     return False
 

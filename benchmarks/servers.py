@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import psutil
 
 from benchmarks.tables import chown_tree
-from master.pidfile import pid_alive  # noqa: F401  (re-exported for ours/realpostfix)
+from master.pidfile import pid_alive
+from proxymap.conventions.service_sockets import service_socket_path
 
 MASTER_CF = """\
 # service   type  private unpriv  chroot  wakeup  maxproc command
@@ -74,7 +75,7 @@ class ServerInstance:
             f.write(MASTER_CF)
 
     def socket_path(self, service: str = "proxymap") -> str:
-        return os.path.join(self.queue_dir, "private", service)
+        return service_socket_path(self.queue_dir, service)
 
     # -- to be provided by subclasses --------------------------------------------
 

@@ -1,6 +1,6 @@
 """The benchmark's lookup tables, identical for both servers.
 
-Builds, with the real /usr/sbin/postmap, a large `hash:` and `btree:` table
+Builds, with the real postmap, a large `hash:` and `btree:` table
 (Postfix's indexed Berkeley DB maps), plus a `cidr:` and a `regexp:` table
 of realistic size, and the key streams the clients send: mostly hits with
 some misses, drawn from a seeded generator so every run and both servers
@@ -16,7 +16,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-POSTMAP = "/usr/sbin/postmap"
+from proxymap.conventions.installed_postfix import postfix_program
+
+POSTMAP = postfix_program("postmap")
 
 
 def address(i: int) -> str:

@@ -36,7 +36,7 @@ from proxymap.allowlist import proxy_allow_set
 from proxymap.conventions.expansion import referenced_names
 from proxymap.conventions.mainconfig import MainConfig
 from proxymap.conventions.parameters import OWN_PARAMETERS
-from proxymap.conventions.postfix_version import postconf_program_in
+from proxymap.conventions.installed_postfix import postfix_program
 from proxymap.tables import TABLE_TYPES, plugin_types, table_class
 from proxymap.tables.base import TableOpenError
 
@@ -57,7 +57,7 @@ _UNUSED = re.compile(r"^\S*postconf: warning: (.*): unused parameter: ([^=\s]+)=
 
 def postconf_program(main: MainConfig) -> str | None:
     """Real postconf(1): $command_directory/postconf, else on PATH."""
-    return postconf_program_in(main.get("command_directory"))
+    return postfix_program("postconf", main.get("command_directory"))
 
 
 def run_postconf(main: MainConfig, option: str) -> tuple[str, str] | None:

@@ -16,19 +16,18 @@ import json
 import os
 import select
 import signal
-import socket
 import sys
 import time
 
 from master import pidfile
-from master.supervisor import (PROGRAM, Master, load_configuration, socket_state,
+from master.supervisor import (PROGRAM, Master, load_configuration, not_served, socket_state,
                                status_path)
 from proxymap import version_line
 from proxymap.conventions import maillog
 from proxymap.conventions.config_error import ConfigError
 from proxymap.conventions.main_cf import load_main_cf
 from proxymap.conventions.parameters import PROXY_READ_MAPS_DEFAULT, PROXY_READ_MAPS_DEFAULT_311
-from proxymap.protocol import GREETING
+from proxymap.client import check_greeting
 from proxymap.util.output import emit
 
 #: seconds `start` waits for the daemon to report its workers ready
@@ -81,32 +80,12 @@ def wait_until(condition, timeout: float, step: float = 0.05) -> bool:
         time.sleep(step)
 
 
-def check_greeting(path: str, timeout: float) -> str | None:
-    """None when `path` accepts a connection and sends the proxymap greeting,
-    else the reason."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            data = b""
-            while len(data) < len(GREETING):
-                chunk = sock.recv(len(GREETING) - len(data))
-                if not chunk:
-                    return f"{path}: connection closed before the greeting"
-                data += chunk
-    except OSError as exc:
-        return f"connect {path}: {exc.strerror or exc}"
-    return None if data == GREETING else f"{path}: unexpected greeting {data!r}"
-
-
 # -- commands -----------------------------------------------------------------------
 
 def cmd_check(args) -> int:
     config = load(args, workers=True)
     for service in config.skipped:
-        maillog.warning(f"{service.filename}: line {service.line}: service "
-                        f"{service.name}/{service.type}: command {service.command} is not "
-                        f"served by {PROGRAM} -- it will be skipped")
+        maillog.warning(f"{not_served(service)} -- it will be skipped")
     if not config.services:
         raise Failure(f"{config.service_file}: no proxymap service")
     taken = taken_over_sockets(collect_status(args.config_dir))
@@ -161,8 +140,7 @@ def cmd_start(args) -> int:
         raise Failure(reason or message or "the master exited during start-up -- see logs")
     deadline = time.monotonic() + START_TIMEOUT
     for service in config.services:
-        area = "private" if service.private else "public"
-        path = os.path.join(config.main.get("queue_directory"), area, service.name)
+        path = service.socket_path(config.main)
         problem = check_greeting(path, max(0.5, deadline - time.monotonic()))
         if problem:
             _abandon(daemon_pid)

@@ -19,6 +19,7 @@ from proxymap.conventions import maillog
 from proxymap.conventions.config_error import ConfigError
 from proxymap.conventions.main_cf import read_settled
 from proxymap.conventions.mainconfig import MainConfig
+from proxymap.conventions.service_sockets import service_socket_path, socket_class
 from proxymap.conventions.values import find_close
 from proxymap.util.logical_lines import BLANKS, read_logical_lines
 
@@ -53,13 +54,12 @@ class Service:
         service name itself (an address)."""
         if self.type == "inet":
             return self.name
-        area = "private" if self.private else "public"
-        return os.path.join(main.get("queue_directory"), area, self.name)
+        return service_socket_path(main.get("queue_directory"), self.name, self.private)
 
     def identity(self) -> tuple[str, str]:
         """The master's notion of 'same service': canonical name and type."""
         if self.type in LOCAL_TYPES:
-            return (("private/" if self.private else "public/") + self.name, self.type)
+            return (f"{socket_class(self.private)}/{self.name}", self.type)
         return (self.name, self.type)
 
 

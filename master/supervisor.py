@@ -24,7 +24,6 @@ one keeps running (Postfix's master would die); workers are pre-forked
 
 from __future__ import annotations
 
-import errno
 import grp
 import json
 import os
@@ -34,34 +33,29 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import setproctitle
 
 from master import pidfile, sdnotify
 from master.master_cf import Service, load_master_cf
-from master.workerslot import READY, RETIRING, STARTING, WorkerSlot, pick_worker
+from master.policy import (STOP_GRACE, ServiceState, Settings, manage_workers,
+                           needs_another_worker, no_room_for_new_generation, used_up)
+from master.workerslot import READY, WorkerSlot, pick_worker
 from proxymap import handoff
 from proxymap.allowlist import proxy_allow_set
 from proxymap.conventions import maillog
 from proxymap.conventions.config_error import ConfigError
 from proxymap.conventions.main_cf import load_main_cf
 from proxymap.conventions.mainconfig import MainConfig
+from proxymap.conventions.service_sockets import PRIVATE, PUBLIC, service_socket_path
 from proxymap.util import fdlimit
+from proxymap.util.unix_listener import BACKLOG, bind_unix_listener
 
 PROGRAM = "proxymap-master"
 WORKER_COMMAND = "proxymap"
 STATUS_NAME = "proxymap-master.status"
 
-#: workers kept per service even when idle
-MIN_WORKERS = 1
-#: seconds a retiring worker may wait for its clients to leave on their own
-RETIRE_GRACE = 5.0
-#: seconds a stopping master waits for workers before SIGKILL
-STOP_GRACE = 5.0
-#: seconds a new worker may take to send its first report
-STARTUP_TIMEOUT = 60.0
 #: seconds between checks that our socket files are still ours
 SOCKET_CHECK_INTERVAL = 1.0
 #: fd number of the control channel in the worker
@@ -191,39 +185,24 @@ def load_configuration(config_dir: str, warn=None, workers: bool = False,
     return Configuration(main, used, owner, skipped, service_file(main, services_from))
 
 
+def not_served(service: Service) -> str:
+    """What is said of a master.cf entry whose command we do not run."""
+    return (f"{service.filename}: line {service.line}: service {service.name}/{service.type}:"
+            f" command {service.command} is not served by {PROGRAM}")
+
+
 def check_worker_settings(main: MainConfig, service: Service) -> None:
     """Build (and discard) what a worker of `service` builds at startup, so a
     value only workers read (ipc_timeout, proxymap_max_*, smtputf8_enable,
     the allow-lists, the service name) raises ConfigError here."""
-    from proxymap.server import make_worker, role_of
+    from proxymap.server import make_worker
     cfg = main.with_overrides(service.overrides)
     for name in ("proxy_read_maps", "proxy_write_maps"):
         try:
             proxy_allow_set(cfg.get(name))
         except ConfigError as exc:
             raise cfg.locate(name, f"parameter {name}: {exc.reason}") from None
-    if role_of(service.name, cfg) is None:
-        raise ConfigError(f"service name must be one of proxymap or proxywrite "
-                          f"(or $proxymap_service_name, $proxywrite_service_name), "
-                          f"not {service.name!r}")
-    make_worker(cfg, service.name).close()
-
-
-@dataclass
-class Settings:
-    """The per-service limits, after the service's -o overrides."""
-    max_use: int
-    max_idle: int
-    daemon_timeout: int
-    throttle_time: int
-    maxproc: int
-    #: a worker with this many active connections (a request in the last
-    #: second; idle ones cost little and are not counted) counts as busy:
-    #: when every worker of a service is busy the master starts another (up
-    #: to maxproc).
-    #: One event loop serves many clients; a worker per core or so is what
-    #: helps throughput, a worker per handful of clients only costs memory.
-    busy_clients: int
+    make_worker(cfg, service.name).close()    # ConfigError for a name that is no role
 
 
 def service_settings(main: MainConfig, service: Service) -> Settings:
@@ -241,44 +220,6 @@ def same_definition(a: Service, b: Service) -> bool:
     number may differ)."""
     return all(getattr(a, name) == getattr(b, name)
                for name in ("type", "private", "unpriv", "chroot", "maxproc", "command", "args"))
-
-
-class ServiceState:
-    """One listening socket and its workers."""
-
-    def __init__(self, service: Service, settings: Settings, path: str, generation: int):
-        self.service = service
-        self.settings = settings
-        self.path = path
-        self.generation = generation
-        self.listener: socket.socket | None = None
-        self.listening = False
-        self.slots: list[WorkerSlot] = []
-        self.pending: deque[socket.socket] = deque()
-        self.throttled_until = 0.0
-        self.removed = False
-        #: (st_dev, st_ino) of the socket file we bound
-        self.inode: tuple[int, int] | None = None
-        self.taken_over = False
-
-    @property
-    def name(self) -> str:
-        return self.service.name
-
-    def alive(self) -> list[WorkerSlot]:
-        return [s for s in self.slots if s.alive]
-
-    def current(self) -> list[WorkerSlot]:
-        """Workers of the current generation that are not on their way out."""
-        return [s for s in self.slots
-                if s.generation == self.generation and s.state in (STARTING, READY)]
-
-    def under_limit(self) -> bool:
-        limit = self.settings.maxproc
-        return limit == 0 or len(self.alive()) < limit
-
-    def throttled(self, now: float) -> bool:
-        return now < self.throttled_until
 
 
 class Master:
@@ -330,9 +271,7 @@ class Master:
 
     def log_skipped(self, config: Configuration) -> None:
         for service in config.skipped:
-            maillog.warning(f"{service.filename}: line {service.line}: service "
-                            f"{service.name}/{service.type}: command {service.command} is not "
-                            f"served by {PROGRAM} -- skipped")
+            maillog.warning(f"{not_served(service)} -- skipped")
 
     # -- start-up -------------------------------------------------------------------
 
@@ -372,8 +311,7 @@ class Master:
         self.selector.register(self.wake_r, selectors.EVENT_READ, ("signal", None))
 
     def socket_path(self, service: Service) -> str:
-        area = "private" if service.private else "public"
-        return os.path.join(self.queue_directory, area, service.name)
+        return service_socket_path(self.queue_directory, service.name, service.private)
 
     def add_service(self, service: Service, main: MainConfig) -> ServiceState:
         state = ServiceState(service, service_settings(main, service),
@@ -471,9 +409,9 @@ class Master:
                 return
             if client is None:
                 return
-            self.dispatch(state, client)
+            self.hand_over(state, client)
 
-    def dispatch(self, state: ServiceState, client: socket.socket) -> bool:
+    def hand_over(self, state: ServiceState, client: socket.socket) -> bool:
         """Hand `client` to the least-loaded ready worker, or queue it."""
         now = time.monotonic()
         tried: set[int] = set()
@@ -495,20 +433,11 @@ class Master:
             client.close()
             slot.on_handed(now)
             self.status_dirty = True
-            if slot.handed >= state.settings.max_use:
+            if used_up(slot, state.settings):
                 self.retire(slot, now, "max_use reached")
-            self.maybe_grow(state, now)
+            if needs_another_worker(state, now):
+                self.spawn(state)
             return True
-
-    def maybe_grow(self, state: ServiceState, now: float) -> None:
-        """Start one more worker when every current one is busy."""
-        current = state.current()
-        if any(s.state == STARTING for s in current):
-            return
-        if current and min(s.active_load for s in current) < state.settings.busy_clients:
-            return
-        if state.under_limit() and not state.throttled(now) and not state.removed:
-            self.spawn(state)
 
     def set_listening(self, state: ServiceState, on: bool) -> None:
         if state.listener is None or on == state.listening:
@@ -539,7 +468,7 @@ class Master:
             pid = os.fork()
         except OSError as exc:
             maillog.warning(f"master_spawn: fork: {exc.strerror} -- throttling")
-            state.throttled_until = time.monotonic() + state.settings.throttle_time
+            state.throttle(time.monotonic())
             master_end.close()
             worker_end.close()
             return None
@@ -578,8 +507,7 @@ class Master:
                 pass
             slot.chan.close()
             slot.chan = None
-        slot.retire(time.monotonic())
-        slot.stop_sent = True
+        slot.on_channel_lost(time.monotonic())
 
     def send(self, slot: WorkerSlot, command: bytes) -> None:
         if slot.chan is None:
@@ -632,7 +560,7 @@ class Master:
         maillog.warning(f"process {command} pid {slot.pid} {how}")
         if not slot.reported and state is not None:
             maillog.warning(f"{command}: bad command startup -- throttling")
-            state.throttled_until = time.monotonic() + state.settings.throttle_time
+            state.throttle(time.monotonic())
             if not self.ready_sent and self.on_ready is not None:
                 self.on_ready(f"service {state.name}: worker pid {slot.pid} {how} at startup")
                 self.on_ready = None
@@ -660,54 +588,15 @@ class Master:
                 self.on_ready = None
 
     def manage_service(self, state: ServiceState, now: float) -> None:
-        settings = state.settings
-        ping_every = max(0.2, min(settings.daemon_timeout / 3, 60.0))
-        current_ready = [s for s in state.current() if s.state == READY]
-        for slot in list(state.slots):
-            if not slot.alive:
-                continue
-            if slot.state == STARTING and now - slot.started > STARTUP_TIMEOUT:
-                maillog.warning(f"worker pid {slot.pid}: no report {STARTUP_TIMEOUT:g}s "
-                                f"after start -- killing it")
-                self.kill(slot)
-                continue
-            if slot.state in (READY, RETIRING) and slot.has_work:
-                silent = slot.silent_for(now)
-                if silent > settings.daemon_timeout:
-                    maillog.warning(f"service {state.name}: worker pid {slot.pid} made no "
-                                    f"progress for {silent:.0f}s (daemon_timeout "
-                                    f"{settings.daemon_timeout}s) -- killing it")
-                    self.kill(slot)
-                    continue
-                if silent >= ping_every and slot.ping_sent is None:
-                    slot.ping_sent = now
-                    slot.pings += 1
-                    self.send(slot, handoff.PING)
-            if slot.state == RETIRING:
-                since = now - (slot.retired_at or now)
-                if since > RETIRE_GRACE and not slot.stop_sent:
-                    slot.stop_sent = True
-                    self.send(slot, handoff.STOP)
-                elif since > RETIRE_GRACE + settings.daemon_timeout + STOP_GRACE:
-                    self.kill(slot)
-                continue
-            if slot.generation != state.generation and current_ready:
-                self.retire(slot, now, "configuration reloaded")
-            elif (slot.state == READY and slot.generation == state.generation
-                  and len(current_ready) > MIN_WORKERS
-                  and slot.idle_for(now) > settings.max_idle):
-                self.retire(slot, now, "max_idle reached")
-                current_ready.remove(slot)
+        """The policy's pass over the workers (master/policy.py), then the
+        connections that waited for a ready worker."""
+        manage_workers(state, now, self)
         if state.removed:
             return
-        if not state.throttled(now):
-            while len(state.current()) < MIN_WORKERS and state.under_limit():
-                if self.spawn(state) is None:
-                    break
         while state.pending:
             if pick_worker(state.slots, state.generation) is None:
                 break
-            if not self.dispatch(state, state.pending.popleft()):
+            if not self.hand_over(state, state.pending.popleft()):
                 break
         ready = pick_worker(state.slots, state.generation) is not None
         self.set_listening(state, ready and not state.pending)
@@ -792,8 +681,7 @@ class Master:
             if unchanged:
                 continue            # nothing a worker reads has changed: keep them
             state.generation = self.generation
-            if state.settings.maxproc and len(state.alive()) >= state.settings.maxproc:
-                # no room for the new generation next to the old one (proxywrite):
+            if no_room_for_new_generation(state):
                 # the old worker goes first, connections wait in the backlog
                 for slot in state.alive():
                     self.retire(slot, now, "configuration reloaded")
@@ -951,8 +839,8 @@ def prepare_directories(main: MainConfig, owner: Credentials | None) -> None:
             group = grp.getgrnam(main.get("setgid_group")).gr_gid
         except KeyError:
             pass
-    for sub, mode, gid in (("private", 0o700, owner.gid if owner else -1),
-                           ("public", 0o710, group)):
+    for sub, mode, gid in ((PRIVATE, 0o700, owner.gid if owner else -1),
+                           (PUBLIC, 0o710, group)):
         path = os.path.join(queue, sub)
         os.makedirs(path, mode=mode, exist_ok=True)
         if owner is not None:
@@ -966,24 +854,7 @@ def prepare_directories(main: MainConfig, owner: Credentials | None) -> None:
 
 
 def bind_socket(path: str, main: MainConfig, owner: Credentials | None) -> socket.socket:
-    """A non-blocking listening UNIX socket at path (0666, owned by
-    mail_owner), replacing whatever file was there."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except IsADirectoryError:
-        raise OSError(errno.EISDIR, f"bind {path}: Is a directory") from None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, 0o666)
-        if owner is not None:
-            os.chown(path, owner.uid, owner.gid)
-        backlog = max(main.get_int("default_process_limit"), 128)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"bind {path}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
+    """A service's listening socket at path, owned by mail_owner, with a
+    backlog of at least default_process_limit."""
+    backlog = max(main.get_int("default_process_limit"), BACKLOG)
+    return bind_unix_listener(path, backlog, (owner.uid, owner.gid) if owner else None)

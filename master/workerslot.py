@@ -9,7 +9,8 @@ moves only forward:
         \\______________________ kill() ___________> KILLED ---exit--> EXITED
 
 Only READY workers receive connections. The pure bookkeeping lives here;
-forking, signalling and I/O are done by master/supervisor.py.
+the decisions are master/policy.py's; forking, signalling and I/O are
+done by master/supervisor.py.
 """
 
 from __future__ import annotations
@@ -100,6 +101,20 @@ class WorkerSlot:
             self.retired_at = now
             return True
         return False
+
+    def on_ping(self, now: float) -> None:
+        """A ping went out: no other until the worker reports."""
+        self.ping_sent = now
+        self.pings += 1
+
+    def on_stop(self) -> None:
+        """STOP went out (or need not: the channel is gone)."""
+        self.stop_sent = True
+
+    def on_channel_lost(self, now: float) -> None:
+        """The control channel closed: the worker is on its way out."""
+        self.retire(now)
+        self.stop_sent = True
 
     def kill(self) -> None:
         if self.alive:

@@ -11,7 +11,7 @@ Like Postfix's client stream, it notices a connection the server has closed
 reconnects and resends the same request -- but only a bounded number of
 times, then raises ProxyError (Postfix retries forever).
 
-`ProxyTable` adds what dict_proxy does on top of the wire (spec section 5.1):
+`ProxyTable` adds what Postfix's dict_proxy client does on top of the wire:
 `open` with only the instance bits, keeping the server's FIXED / PATTERN /
 MULTI_WRITER bits, sending instance bits plus request bits afterwards, and
 the client-side UTF-8 layer (`utf8_key`): with smtputf8_enable=yes and a
@@ -22,7 +22,6 @@ every Postfix client treats them as fatal.
 
 from __future__ import annotations
 
-import os
 import select
 import socket
 import time
@@ -34,8 +33,8 @@ from proxymap.protocol import (BAD, CONFIG, DENY, GREETING, NOKEY, OK, REPLY_37,
                                SEQ_FIRST, SEQ_NEXT, STATUS_NAMES, Decoder, ProtocolError,
                                encode, parse_uint)
 
-__all__ = ["ProxyClient", "ProxyError", "ProxyRefused", "ProxyTable",
-           "service_path", "OK", "NOKEY", "RETRY", "BAD", "DENY", "CONFIG"]
+__all__ = ["ProxyClient", "ProxyError", "ProxyRefused", "ProxyTable", "check_greeting", "read_greeting",
+           "OK", "NOKEY", "RETRY", "BAD", "DENY", "CONFIG"]
 
 READ_CHUNK = 65536
 
@@ -52,9 +51,31 @@ class ProxyRefused(Exception):
         self.status = status
 
 
-def service_path(queue_directory: str, service: str) -> str:
-    """The socket of `service` (e.g. proxymap, proxywrite)."""
-    return os.path.join(queue_directory, "private", service)
+def read_greeting(sock: socket.socket) -> bytes:
+    """The first len(GREETING) bytes a server sends on a connected socket,
+    fewer when it closes first. Timeouts and errors raise OSError."""
+    data = b""
+    while len(data) < len(GREETING):
+        chunk = sock.recv(len(GREETING) - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def check_greeting(path: str, timeout: float) -> str | None:
+    """None when `path` accepts a connection and sends the proxymap greeting,
+    else the reason."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            data = read_greeting(sock)
+    except OSError as exc:
+        return f"connect {path}: {exc.strerror or exc}"
+    if len(data) < len(GREETING):
+        return f"{path}: connection closed before the greeting"
+    return None if data == GREETING else f"{path}: unexpected greeting {data!r}"
 
 
 def _expected_greeting() -> list[tuple[bytes, bytes]]:

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from proxymap import dictflags as F
-from proxymap.client import ProxyClient, ProxyError, ProxyRefused, ProxyTable, service_path
+from proxymap.client import ProxyClient, ProxyError, ProxyRefused, ProxyTable
+from proxymap.conventions.service_sockets import service_socket_path
 from proxymap.utf8 import is_utf8, utf8_key
 from proxymap.protocol import CONFIG, NOKEY, OK
 from proxymap.tables import (TableError, TableOpenError, Unsupported, open_table, split_spec,
@@ -294,7 +295,7 @@ class Postmap:
     def service_client(self, service: str) -> ProxyClient:
         client = self.clients.get(service)
         if client is None:
-            path = service_path(self.config.get("queue_directory"), service)
+            path = service_socket_path(self.config.get("queue_directory"), service)
             client = self.clients[service] = ProxyClient(
                 path, timeout=self.config.get_time("ipc_timeout"), retries=2,
                 retry_delay=0.5)

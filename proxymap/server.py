@@ -28,13 +28,16 @@ from collections import deque
 
 from proxymap import version_line
 from proxymap.conventions import maillog
+from proxymap.conventions.config_error import ConfigError
 from proxymap.conventions.mainconfig import ParamView
+from proxymap.conventions.service_sockets import service_socket_path
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
 from proxymap.offload import Offloader
 from proxymap.protocol import GREETING, Decoder, ProtocolError, is_bad_reply
 from proxymap.tables import filelock
 from proxymap.util import fdlimit
 from proxymap.util.logical_lines import logical_lines
+from proxymap.util.unix_listener import bind_unix_listener
 
 READ_CHUNK = 65536
 #: seconds between checks for expired connections (and on_tick calls)
@@ -482,8 +485,11 @@ def peer_name(sock: socket.socket) -> str:
 def make_dispatcher(config, service: str) -> Dispatcher:
     """The dispatcher for `service` with its allow-list from main.cf."""
     from proxymap.allowlist import proxy_allow_set
-    role = WRITE_SERVICE if service == config.get("proxywrite_service_name") or \
-        service == WRITE_SERVICE else READ_SERVICE
+    role = role_of(service, config)
+    if role is None:
+        raise ConfigError(f"service name must be one of {READ_SERVICE} or {WRITE_SERVICE} "
+                          f"(or $proxymap_service_name, $proxywrite_service_name), "
+                          f"not {service!r}")
     param = "proxy_write_maps" if role == WRITE_SERVICE else "proxy_read_maps"
     if config.postfix_release() < (3, 11):
         allowed = proxy_allow_set(config.get(param))
@@ -523,28 +529,13 @@ def make_worker(config, service: str) -> Worker:
 
 
 def role_of(service: str, config) -> str | None:
+    """proxywrite or proxymap: what a service of that name serves (its own
+    name or the one main.cf gives it); None for any other name."""
     if service in (WRITE_SERVICE, config.get("proxywrite_service_name")):
         return WRITE_SERVICE
     if service in (READ_SERVICE, config.get("proxymap_service_name")):
         return READ_SERVICE
     return None
-
-
-def bind_listener(path: str) -> socket.socket:
-    """A listening UNIX socket at path, replacing a stale one (mode 0666,
-    as Postfix's private sockets are: the directory guards access)."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o111)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    sock.listen(128)
-    return sock
 
 
 def parse_args(argv):
@@ -569,7 +560,6 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from proxymap.conventions.config_error import ConfigError
     from proxymap.conventions.main_cf import load_main_cf
     args = parse_args(sys.argv[1:] if argv is None else argv)
     service = args.service or "proxymap"
@@ -639,11 +629,11 @@ def main(argv=None) -> int:
     elif args.listen is None and multiserver.started_by_postfix(args.transport):
         multiserver.attach(worker, config, unprivileged=args.ignored_u)
     else:
-        path = args.listen or os.path.join(config.get("queue_directory"), "private", service)
+        path = args.listen or service_socket_path(config.get("queue_directory"), service)
         try:
-            listener = bind_listener(path)
+            listener = bind_unix_listener(path)
         except OSError as exc:
-            maillog.fatal(f"bind {path}: {exc.strerror}")
+            maillog.fatal(exc.strerror)
         worker.listen_on(listener)
         maillog.info(f"listening on {path}")
     worker.run()

@@ -1,4 +1,7 @@
-"""Test-suite wide hooks.
+"""Test-suite wide hooks and fixtures.
+
+`instance`: a throw-away instance of our master (tests/instance.py),
+stopped and removed after the test.
 
 Long runs (fuzzing, durability under kill -9, load with reloads) print their
 figures on lines starting with `FIGURES `; pytest keeps a passing test's
@@ -6,7 +9,17 @@ output to itself, so the terminal summary repeats those lines at the end of
 every run, where the README's test command shows them.
 """
 
+import pytest
+
+from tests.instance import temporary_instance
+
 MARK = "FIGURES "
+
+
+@pytest.fixture
+def instance(tmp_path):
+    with temporary_instance(tmp_path) as inst:
+        yield inst
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -24,8 +24,8 @@ import time
 
 from proxymap import dictflags as F
 from proxymap.client import NOKEY, OK, RETRY, ProxyClient, ProxyError
+from tests.instance import POSTMAP
 
-POSTMAP = "/usr/sbin/postmap"
 DB_VERIFY = "/usr/bin/db5.3_verify"
 
 ABSENT = None  # the state of a deleted / never written key

@@ -17,6 +17,7 @@ from collections import Counter
 
 from hypothesis import strategies as st
 
+from proxymap.client import read_greeting
 from proxymap.protocol import (INTEGER_ATTRS, LAYOUT_37, LAYOUT_311, REPLY_37, Decoder,
                                encode)
 
@@ -322,12 +323,9 @@ def fuzz_connection(path: str, rng: random.Random, count: int, tables, keys,
     decoder = Decoder(max_attrs=64, max_message=1 << 24)
     try:
         sock.connect(path)
-        greeting = b""
-        while len(greeting) < len(GREETING):
-            chunk = sock.recv(len(GREETING) - len(greeting))
-            if not chunk:
-                raise AssertionError("server closed before its greeting")
-            greeting += chunk
+        greeting = read_greeting(sock)
+        if len(greeting) < len(GREETING):
+            raise AssertionError("server closed before its greeting")
         assert greeting == GREETING, greeting
         try:
             sock.sendall(payload + sentinel)

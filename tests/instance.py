@@ -3,7 +3,7 @@
 `make_instance(base)` writes a main.cf (queue_directory, data_directory,
 mail_owner, proxy_read_maps/proxy_write_maps) and a master.cf with the
 `proxymap` and `proxywrite` services, and builds a `hash:` table (read
-side) and a `btree:` table (write side) with the real /usr/sbin/postmap.
+side) and a `btree:` table (write side) with the real postmap (POSTMAP).
 Helpers run real postmap against it and start/stop our master by pid.
 
 When the tests run as root, workers drop privileges to `postfix`, which
@@ -11,9 +11,7 @@ cannot enter pytest's 0700 temporary directories; the `instance_base`
 helper then makes a world-traversable directory under /tmp instead, which
 the fixture removes afterwards.
 
-Usage in a test module:
-
-    from tests.instance import instance   # noqa: F401  (the fixture)
+The `instance` fixture (tests/conftest.py) gives a test one:
 
     def test_x(instance):
         instance.start()
@@ -37,9 +35,13 @@ import time
 import pytest
 
 from master.pidfile import pid_alive, pid_path, read_pid
+from proxymap.client import read_greeting
+from proxymap.conventions.installed_postfix import postfix_program
+from proxymap.conventions.service_sockets import service_socket_path
 
-POSTMAP = "/usr/sbin/postmap"
-GREETING_LEN = len(b"protocol\0proxymap_protocol\0\0")
+#: the real postmap(1) that builds tables and answers as Postfix does
+POSTMAP = postfix_program("postmap")
+needs_postmap = pytest.mark.skipif(POSTMAP is None, reason="needs Postfix's postmap")
 BIN = os.path.dirname(sys.executable)
 MASTER = os.path.join(BIN, "proxymap-master")
 
@@ -74,16 +76,10 @@ def greeting_of(path: str, timeout: float = 5.0) -> bytes:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        data = b""
-        while len(data) < GREETING_LEN:
-            chunk = sock.recv(64)
-            if not chunk:
-                break
-            data += chunk
-        return data
+        return read_greeting(sock)
 
 
-class Instance:
+class MasterInstance:
     def __init__(self, root: str, main_extra: dict | None = None, master_cf: str = MASTER_CF):
         self.root = root
         self.config_dir = os.path.join(root, "etc")
@@ -155,7 +151,7 @@ class Instance:
             os.chown(self.table_dir, owner.pw_uid, owner.pw_gid)
 
     def socket_path(self, service: str = "proxymap") -> str:
-        return os.path.join(self.queue_dir, "private", service)
+        return service_socket_path(self.queue_dir, service)
 
     # -- real Postfix client -------------------------------------------------------
 
@@ -292,10 +288,10 @@ def kill_leftover_workers(root: str) -> None:
 
 @contextlib.contextmanager
 def temporary_instance(tmp_path, **kwargs):
-    """An Instance (kwargs as for Instance) that is stopped, cleared of any
+    """A MasterInstance (kwargs as for MasterInstance) that is stopped, cleared of any
     leftover worker and removed when the block ends."""
     root, remove = instance_base(tmp_path)
-    inst = Instance(root, **kwargs)
+    inst = MasterInstance(root, **kwargs)
     try:
         yield inst
     finally:
@@ -306,8 +302,3 @@ def temporary_instance(tmp_path, **kwargs):
             if remove:
                 shutil.rmtree(root, ignore_errors=True)
 
-
-@pytest.fixture
-def instance(tmp_path):
-    with temporary_instance(tmp_path) as inst:
-        yield inst

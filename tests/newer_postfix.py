@@ -29,7 +29,8 @@ import time
 import pytest
 
 from master.pidfile import pid_alive, read_pid
-from tests.instance import mail_owner, wait_for, greeting_of
+from proxymap.conventions.service_sockets import service_socket_path
+from tests.instance import greeting_of, mail_owner, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD = os.path.join(HERE, "chroots", "build.sh")
@@ -132,7 +133,7 @@ class CPostfix:
         return self.chroot.run("/usr/sbin/postfix", "-c", self.config_dir, *args)
 
     def socket_path(self, service: str = "proxymap") -> str:
-        return os.path.join(self.queue_dir, "private", service)
+        return service_socket_path(self.queue_dir, service)
 
     def start(self, services=("proxymap", "proxywrite")) -> None:
         done = self.postfix("start")

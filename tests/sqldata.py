@@ -56,7 +56,7 @@ def assert_same_answers(inst, spec, keys, expect_found=True):
     for key in keys:
         direct, proxied = both(inst, key, spec)
         assert (proxied.returncode, proxied.stdout) == (direct.returncode, direct.stdout), \
-            (spec, key, direct, proxied, inst.read_log()[-2000:])
+            (spec, key, direct, proxied, inst.log()[-2000:])
         found += direct.returncode == 0
     assert found > 0 or not expect_found, \
         f"{spec}: no key found at all, the comparison proves nothing"
@@ -113,7 +113,7 @@ def check_pool_bound(inst, spec, count_connections, threads=3) -> int:
 def check_outage_and_recovery(inst, spec, server, message):
     """The server stopped under load: every lookup answered RETRY, a file
     table served all along, recovery once it is back, same worker."""
-    src = os.path.join(inst.etc, "files")
+    src = os.path.join(inst.config_dir, "files")
     with open(src, "w") as f:
         f.write("file-key file value\n")
     assert inst.postmap(f"hash:{src}").returncode == 0
@@ -169,7 +169,7 @@ def check_outage_and_recovery(inst, spec, server, message):
         inst.stop()
     assert not errors
     assert during > 0 and set(file_answers) == {b"0"}
-    log = inst.read_log()
+    log = inst.log()
     assert message in log and "Traceback" not in log
     print(f"FIGURES {spec.partition(':')[0]} outage: 20 lookups answered RETRY while the"
           f" server was down; {len(file_answers)} file-table lookups, all OK")

@@ -16,7 +16,7 @@ import os
 import pytest
 
 from proxymap import dictflags as F
-from worker_fixture import Instance, RawClient
+from worker_fixture import WorkerInstance, RawClient
 
 REQUESTS = {
     "open": {},
@@ -44,7 +44,7 @@ def site(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("access")
     tables = tmp_path / "tables"
     tables.mkdir()
-    inst = Instance(tmp_path)
+    inst = WorkerInstance(tmp_path)
     for name in ("rw", "ro", "secret", "swap"):
         (tables / name).write_text(f"alice {name}-alice\nbob {name}-bob\n")
         assert inst.postmap(f"hash:{tables}/{name}").returncode == 0
@@ -117,7 +117,7 @@ def test_dollar_names_are_expanded_in_main_cf_only(site):
     """`proxy:hash:${config_directory}/aliases` in main.cf authorises the
     expanded path (the file is missing: RETRY, not DENY)."""
     c = client(site)
-    assert ask(c, "lookup", f"hash:{site.etc}/aliases")[b"status"] == b"2"
+    assert ask(c, "lookup", f"hash:{site.config_dir}/aliases")[b"status"] == b"2"
 
 
 def test_proxy_prefixes_are_dropped_before_matching(site):

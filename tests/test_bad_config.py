@@ -22,10 +22,9 @@ import subprocess
 import pytest
 
 from proxymap.client import OK, RETRY, ProxyClient
-from tests.instance import MASTER, MASTER_CF, instance, mail_owner, wait_for  # noqa: F401
+from tests.instance import MASTER, MASTER_CF, mail_owner, needs_postmap, wait_for
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/usr/sbin/postmap"),
-                                reason="needs Postfix's postmap")
+pytestmark = needs_postmap
 
 GOOD_MAIN = ["compatibility_level = 3.6", "queue_directory = {root}/queue",
              "data_directory = {root}/data", f"mail_owner = {mail_owner()}"]

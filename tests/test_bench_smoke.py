@@ -16,12 +16,11 @@ import tempfile
 import psutil
 import pytest
 
+from benchmarks import report, scenarios, tables
+from benchmarks.profile import collapse, parse_strace_summary
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "benchmarks", "run.py")
-
-sys.path.insert(0, ROOT)
-from benchmarks import report, scenarios, tables  # noqa: E402
-from benchmarks.profile import collapse, parse_strace_summary  # noqa: E402
 
 needs_postfix = [
     pytest.mark.interop,

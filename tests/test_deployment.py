@@ -15,13 +15,12 @@ import subprocess
 
 import pytest
 
-from tests.instance import MASTER, MASTER_CF, instance, wait_for  # noqa: F401
+from tests.instance import MASTER, MASTER_CF, needs_postmap, wait_for
 
 POSTFIX_MASTER_CF = "/usr/share/postfix/master.cf.dist"
 BIN = os.path.dirname(MASTER)
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/usr/sbin/postmap"),
-                                reason="needs Postfix's postmap")
+pytestmark = needs_postmap
 
 
 def postfix_master_cf_without_proxymap() -> str:

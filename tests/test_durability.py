@@ -23,7 +23,7 @@ import pytest
 
 from proxymap import dictflags as F
 from tests import durability_tools as D
-from tests.worker_fixture import Instance
+from tests.worker_fixture import WorkerInstance
 
 SEED = int(os.environ.get("DURABILITY_SEED", "20240611"))
 
@@ -77,7 +77,7 @@ def worker_setup(tmp_path):
     tables = tmp_path / "tables"
     tables.mkdir()
     specs = {t: f"{t}:{tables}/data-{t}" for t in ("hash", "btree", "lmdb")}
-    inst = Instance(tmp_path, write_maps=" ".join(f"proxy:{s}" for s in specs.values()))
+    inst = WorkerInstance(tmp_path, write_maps=" ".join(f"proxy:{s}" for s in specs.values()))
     try:
         yield inst, specs
     finally:
@@ -122,7 +122,7 @@ def test_worker_sigkill_loses_no_acknowledged_update(worker_setup, case):
     ledger, kills = run_with_worker_kills(inst, specs[type_name], open_flags, flags,
                                           clients=4, per_client=per_client, kills=20,
                                           seed=SEED + len(case))
-    figures = D.check_table(inst.etc, specs[type_name], D.expected_states(ledger))
+    figures = D.check_table(inst.config_dir, specs[type_name], D.expected_states(ledger))
     report(f"worker SIGKILL {case}", ledger, figures, kills)
     assert kills >= 1, "the worker was never killed: the run proves nothing"
     assert ledger.acked >= 4 * per_client
@@ -147,7 +147,7 @@ class PostmapWriter(threading.Thread):
     def __init__(self, etc: str, spec: str, ledger: D.Ledger, rounds: int, batch: int,
                  seed: int):
         super().__init__(daemon=True)
-        self.etc, self.spec, self.ledger = etc, spec, ledger
+        self.config_dir, self.spec, self.ledger = etc, spec, ledger
         self.rounds, self.batch = rounds, batch
         self.rng = random.Random(seed)
         self.error: str | None = None
@@ -159,7 +159,7 @@ class PostmapWriter(threading.Thread):
             for r in range(self.rounds):
                 keys = [f"p{r}-{i}" for i in range(self.batch)]
                 text = "".join(f"{k} {k}-postmap{r}\n" for k in keys)
-                result = D.postmap(self.etc, "-i", self.spec, input=text)
+                result = D.postmap(self.config_dir, "-i", self.spec, input=text)
                 self.runs += 1
                 if result.returncode != 0 or result.stderr:
                     raise AssertionError(f"postmap -i: {result.returncode} {result.stderr}")
@@ -168,7 +168,7 @@ class PostmapWriter(threading.Thread):
                 live += keys
                 if r % 2:
                     key = live.pop(self.rng.randrange(len(live)))
-                    result = D.postmap(self.etc, "-d", key, f"proxy:{self.spec}")
+                    result = D.postmap(self.config_dir, "-d", key, f"proxy:{self.spec}")
                     self.runs += 1
                     if result.returncode != 0 or result.stderr:
                         raise AssertionError(f"postmap -d {key}: lost, or failed:"
@@ -186,14 +186,14 @@ def test_real_postmap_and_proxywrite_share_the_file(worker_setup, type_name):
     source = spec.split(":", 1)[1]
     with open(source, "w") as f:
         f.write("seed seed-value\n")
-    built = D.postmap(inst.etc, spec)
+    built = D.postmap(inst.config_dir, spec)
     assert built.returncode == 0, built.stderr
     inst.start("proxywrite")
     ledger = D.Ledger()
     ledger.record("seed", "seed-value", True)
     writers = D.run_writers(inst.socket_path("proxywrite"), spec, ledger, 3, 1500,
                             SEED, flags=D.LOCKED_WRITE)
-    admin = PostmapWriter(inst.etc, spec, ledger, rounds=60, batch=25, seed=SEED)
+    admin = PostmapWriter(inst.config_dir, spec, ledger, rounds=60, batch=25, seed=SEED)
     admin.start()
     D.join_all(writers + [admin], 240)
     errors = [w.error for w in writers + [admin] if w.error]
@@ -201,7 +201,7 @@ def test_real_postmap_and_proxywrite_share_the_file(worker_setup, type_name):
     # proxywrite's own view, through the running worker, must agree too
     states = D.expected_states(ledger)
     inst.stop()
-    figures = D.check_table(inst.etc, spec, states)
+    figures = D.check_table(inst.config_dir, spec, states)
     report(f"proxywrite + real postmap -i/-d ({type_name}, {admin.runs} postmap runs)",
            ledger, figures)
 
@@ -210,8 +210,8 @@ def test_real_postmap_and_proxywrite_share_the_file(worker_setup, type_name):
 
 @pytest.fixture
 def postfix_etc(tmp_path):
-    inst = Instance(tmp_path)
-    return inst.etc
+    inst = WorkerInstance(tmp_path)
+    return inst.config_dir
 
 
 def _foreign_add(etc: str, spec: str, key: str, value: str) -> None:

@@ -34,7 +34,7 @@ from fuzzing import (attr_lists, fuzz_connection, hostile_lists, numbers, ReplyT
 from proxymap.dispatch import Dispatcher
 from proxymap.protocol import (BAD, BadRequest, Decoder, ProtocolError, Request, encode,
                                encode_reply, parse_request, parse_uint)
-from worker_fixture import Instance as WorkerInstance
+from worker_fixture import WorkerInstance
 
 # -- the decoder ---------------------------------------------------------------------
 
@@ -237,7 +237,7 @@ def test_fuzz_standalone_worker(tmp_path):
         assert proc.poll() is None
         assert tally.by_status["BAD"] > 1000 and tally.by_status["OK"] > 100
         assert 0 < closed < 100
-        assert "Traceback" not in inst.read_log()
+        assert "Traceback" not in inst.log()
     finally:
         inst.stop()
 

@@ -22,8 +22,9 @@ import time
 
 import pytest
 
-from proxymap.protocol import Decoder, encode
-from worker_fixture import Instance, RawClient
+from proxymap.client import read_greeting
+from proxymap.protocol import GREETING, Decoder, encode
+from worker_fixture import WorkerInstance, RawClient
 
 BIG = 1_000_000     # bytes in the huge value
 PIPELINED = 400     # lookups of it sent at once, never read meanwhile
@@ -54,7 +55,7 @@ def lookup_bytes(table: str, key: str) -> bytes:
 
 @pytest.fixture
 def big(tmp_path):
-    inst = Instance(tmp_path, read_maps=f"proxy:hash:{tmp_path}/big proxy:inline:{{a=b}}",
+    inst = WorkerInstance(tmp_path, read_maps=f"proxy:hash:{tmp_path}/big proxy:inline:{{a=b}}",
                     extra="ipc_timeout = 60s")
     with open(f"{tmp_path}/big", "w") as f:
         f.write("k " + "v" * BIG + "\nsmall s\n")
@@ -112,7 +113,7 @@ def test_pipelining_beyond_the_bound_is_answered_in_order(tmp_path):
     """A client pipelining far beyond proxymap_max_pipelined_requests gets
     every answer, in order, with no reply made before the previous ones
     were drained beyond the bound."""
-    inst = Instance(tmp_path, read_maps="proxy:inline:{a=1,b=2}",
+    inst = WorkerInstance(tmp_path, read_maps="proxy:inline:{a=1,b=2}",
                     extra="proxymap_max_pipelined_requests = 2\n"
                           "proxymap_max_unsent_reply_bytes = 16")
     inst.start()
@@ -130,7 +131,7 @@ def test_nul_flood_gets_bounded_replies_and_log_lines(tmp_path):
     """Issue 9 attack 4: 1,000,000 NUL bytes. Before: one BAD reply and one
     warning per NUL (~400,000 log lines). Now: proxymap_max_bad_requests
     BAD replies, three warnings and one summary, then the connection closes."""
-    inst = Instance(tmp_path, read_maps="proxy:inline:{a=b}")
+    inst = WorkerInstance(tmp_path, read_maps="proxy:inline:{a=b}")
     inst.start()
     try:
         c = RawClient(inst.socket_path())
@@ -149,7 +150,7 @@ def test_nul_flood_gets_bounded_replies_and_log_lines(tmp_path):
         except ConnectionResetError:
             pass
         assert served(inst)
-        log = inst.read_log().splitlines()
+        log = inst.log().splitlines()
         bad_lines = [line for line in log if "bad request" in line]
         print(f"\nFIGURES NUL flood: {replies} BAD replies, {len(log)} log lines "
               f"({sum(len(x) + 1 for x in log)} bytes) for 1,000,000 bytes sent")
@@ -162,7 +163,7 @@ def test_nul_flood_gets_bounded_replies_and_log_lines(tmp_path):
 
 
 def test_bad_request_limit_zero_never_closes(tmp_path):
-    inst = Instance(tmp_path, read_maps="proxy:inline:{a=b}",
+    inst = WorkerInstance(tmp_path, read_maps="proxy:inline:{a=b}",
                     extra="proxymap_max_bad_requests = 0")
     inst.start()
     try:
@@ -177,11 +178,11 @@ def test_bad_request_limit_zero_never_closes(tmp_path):
 
 def start_logging_worker(inst, maillog_file, prefixes):
     """A worker that logs to maillog_file (no --stderr); its stderr goes to
-    inst.log. Returns the Popen once it answers or has exited."""
+    inst.log_path. Returns the Popen once it answers or has exited."""
     inst.write_main_cf(read_maps="proxy:inline:{a=b}",
                        extra=f"maillog_file = {maillog_file}\nmaillog_file_prefixes = {prefixes}")
-    with open(inst.log, "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "proxymap.server", "-c", inst.etc,
+    with open(inst.log_path, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "proxymap.server", "-c", inst.config_dir,
                                  "-n", "proxymap", "--listen", inst.socket_path()],
                                 stdout=logf, stderr=logf)
     inst.procs.append(proc)
@@ -202,7 +203,7 @@ def start_logging_worker(inst, maillog_file, prefixes):
 def test_invalid_utf8_table_name_is_refused_and_logged(tmp_path):
     """Issue 9 attack 5: before, the refusal of `hash:/etc/secret\\xff` was
     lost to the log file's encoding error."""
-    inst = Instance(tmp_path)
+    inst = WorkerInstance(tmp_path)
     logfile = f"{tmp_path}/maillog"
     start_logging_worker(inst, logfile, str(tmp_path))
     try:
@@ -228,33 +229,33 @@ def test_symlinked_maillog_file_is_refused(tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     os.symlink(victim, logdir / "maillog")
-    inst = Instance(tmp_path)
+    inst = WorkerInstance(tmp_path)
     try:
         proc = start_logging_worker(inst, logdir / "maillog", str(tmp_path))
         assert proc.wait(10) == 1
     finally:
         inst.stop()
     assert victim.read_text() == "precious\n"
-    assert f"fatal: open logfile '{logdir}/maillog': file is a symbolic link" in inst.read_log()
-    assert "Traceback" not in inst.read_log()
+    assert f"fatal: open logfile '{logdir}/maillog': file is a symbolic link" in inst.log()
+    assert "Traceback" not in inst.log()
 
 
 def test_hard_linked_maillog_file_is_refused(tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     os.link(victim, tmp_path / "maillog")
-    inst = Instance(tmp_path)
+    inst = WorkerInstance(tmp_path)
     try:
         proc = start_logging_worker(inst, tmp_path / "maillog", str(tmp_path))
         assert proc.wait(10) == 1
     finally:
         inst.stop()
     assert victim.read_text() == "precious\n"
-    assert "file has 2 hard links" in inst.read_log()
+    assert "file has 2 hard links" in inst.log()
 
 
 def test_maillog_file_outside_the_prefixes_is_refused(tmp_path):
-    inst = Instance(tmp_path)
+    inst = WorkerInstance(tmp_path)
     try:
         proc = start_logging_worker(inst, tmp_path / "maillog", "/var, /dev/stdout")
         assert proc.wait(10) == 1
@@ -262,11 +263,11 @@ def test_maillog_file_outside_the_prefixes_is_refused(tmp_path):
         inst.stop()
     assert not (tmp_path / "maillog").exists()
     assert (f"fatal: maillog_file value '{tmp_path}/maillog' does not match any prefix "
-            f"in maillog_file_prefixes") in inst.read_log()
+            f"in maillog_file_prefixes") in inst.log()
 
 
 def test_maillog_file_is_created_private_and_used(tmp_path):
-    inst = Instance(tmp_path)
+    inst = WorkerInstance(tmp_path)
     start_logging_worker(inst, tmp_path / "maillog", f"/nowhere, {tmp_path}")
     try:
         assert served(inst)
@@ -346,7 +347,7 @@ def test_lock_holder_does_not_stall_other_clients(tmp_path, holder):
     table = f"hash:{tmp_path}/shared"
     with open(f"{tmp_path}/shared", "w") as f:
         f.write("k v\n")
-    inst = Instance(tmp_path, read_maps=f"proxy:{table} proxy:inline:{{a=b}}",
+    inst = WorkerInstance(tmp_path, read_maps=f"proxy:{table} proxy:inline:{{a=b}}",
                     write_maps=f"proxy:{table}")
     assert inst.postmap(table).returncode == 0
     inst.start("proxymap")
@@ -369,7 +370,7 @@ def test_lock_holder_does_not_stall_other_clients(tmp_path, holder):
         print(f"\nFIGURES lock held ({holder}): {count} lookups of another table answered "
               f"while one LOCK lookup waited")
         assert count >= 20
-        assert "table is locked by another process (waited 1s)" in inst.read_log()
+        assert "table is locked by another process (waited 1s)" in inst.log()
         release()
 
         def answered_ok():
@@ -385,18 +386,13 @@ def test_lock_holder_does_not_stall_other_clients(tmp_path, holder):
 def greeted_or_closed(path: str, timeout: float = 10.0):
     """Connect; 'greeted' (the socket, kept open), 'closed', or 'waiting'
     when neither happened within `timeout` (the failure this guards)."""
-    from tests.instance import GREETING_LEN
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(path)
-        data = b""
-        while len(data) < GREETING_LEN:
-            chunk = sock.recv(64)
-            if not chunk:
-                sock.close()
-                return "closed", None
-            data += chunk
+        if len(read_greeting(sock)) < len(GREETING):
+            sock.close()
+            return "closed", None
         return "greeted", sock
     except (ConnectionResetError, BrokenPipeError, ConnectionRefusedError):
         sock.close()
@@ -569,7 +565,7 @@ def test_disk_full_leaves_a_sound_file_and_no_retry_answered_update(tmp_path, sm
     table = f"{kind}:{small_fs}/t"
     with open(f"{small_fs}/t", "w") as f:
         f.write("seed s\n")
-    inst = Instance(tmp_path, read_maps=f"proxy:{table}", write_maps=f"proxy:{table}")
+    inst = WorkerInstance(tmp_path, read_maps=f"proxy:{table}", write_maps=f"proxy:{table}")
     assert inst.postmap(table).returncode == 0
     inst.start("proxywrite")
     try:
@@ -589,7 +585,7 @@ def test_disk_full_leaves_a_sound_file_and_no_retry_answered_update(tmp_path, sm
         print(f"\nFIGURES disk full ({kind}, 2 MB): {len(acked)} updates OK, then "
               f"{len(refused)} answered RETRY")
         assert refused and acked
-        assert f"{small_fs}/t" in inst.read_log()        # each refusal says why
+        assert f"{small_fs}/t" in inst.log()        # each refusal says why
         # space comes back: the same worker takes updates again
         subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
         assert c.request(request="update", table=table, flags=0, key="after",

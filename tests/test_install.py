@@ -12,14 +12,13 @@ import subprocess
 
 import pytest
 
-from tests.instance import instance_base, Instance, kill_leftover_workers
+from tests.instance import MasterInstance, instance_base, kill_leftover_workers, needs_postmap
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = ("proxymap-master", "proxymap", "proxymap-postmap")
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not os.path.exists("/usr/sbin/postmap"),
-                                 reason="needs Postfix's postmap")]
+              needs_postmap]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +62,7 @@ def test_installed_master_serves_real_postmap(installed):
     root = os.path.join(installed["root"], "site")
     os.makedirs(root)
     os.chmod(root, 0o755)
-    site = Instance(root)
+    site = MasterInstance(root)
     master = os.path.join(installed["BINDIR"], "proxymap-master")
     try:
         result = subprocess.run([master, "-c", site.config_dir, "start"], capture_output=True,

@@ -11,7 +11,7 @@ import string
 
 import pytest
 
-from worker_fixture import Instance, RawClient
+from worker_fixture import WorkerInstance, RawClient
 
 N_KEYS = 3000
 
@@ -32,7 +32,7 @@ def make_source(path, n):
 @pytest.fixture(scope="module")
 def inst(tmp_path_factory):
     root = tmp_path_factory.mktemp("interop")
-    i = Instance(root)
+    i = WorkerInstance(root)
     src = root / "etc" / "virtual"
     keys = make_source(src, N_KEYS)
     btree_src = root / "etc" / "cache"
@@ -73,10 +73,10 @@ def test_single_queries_and_exit_codes(inst):
 
 
 def test_unlisted_table_is_refused(inst):
-    r = inst.postmap("-q", "x", f"proxy:hash:{inst.etc}/other")
+    r = inst.postmap("-q", "x", f"proxy:hash:{inst.config_dir}/other")
     assert r.returncode == 1
     assert b'proxymap service is not configured for table "hash:' in r.stderr
-    assert "request for unapproved table" in inst.read_log()
+    assert "request for unapproved table" in inst.log()
 
 
 def test_delete_through_proxywrite_is_visible_to_a_direct_read_at_once(inst):
@@ -120,7 +120,7 @@ def verify_exchange(table):
 
 
 def test_verify_cache_cleanup_exchange_byte_for_byte(tmp_path):
-    i = Instance(tmp_path)
+    i = WorkerInstance(tmp_path)
     src = tmp_path / "etc" / "verify_cache"
     src.write_text("keep@example.com 0:0:1795597808:ok\nold1@example.com 0:0:1:ok\n"
                    "old2@example.com 0:0:1:ok\n")
@@ -146,7 +146,7 @@ def test_postmap_delete_beside_a_verify_style_lifetime_lock(tmp_path):
     """verify(8) holds its cache under OPEN_LOCK in our proxywrite worker;
     a `postmap -d` through the same worker (a second instance, LOCK per
     request) must neither wait on the worker's own lock nor be refused."""
-    i = Instance(tmp_path)
+    i = WorkerInstance(tmp_path)
     src = tmp_path / "etc" / "cache"
     src.write_text("a@example.com 1\nb@example.com 2\n")
     assert i.postmap(f"btree:{src}").returncode == 0
@@ -164,14 +164,14 @@ def test_postmap_delete_beside_a_verify_style_lifetime_lock(tmp_path):
         assert got == {b"status": b"0", b"value": b"2"}
     finally:
         i.stop()
-    assert "locked by another process" not in i.read_log()
+    assert "locked by another process" not in i.log()
 
 
 def test_table_rebuilt_by_real_postmap_is_served_fresh_without_a_restart(tmp_path):
     """Postfix's proxymap exits when a table file changes and its clients
     reconnect; ours reopens the table before the next request: the same
     connection, the same worker process, the new content."""
-    i = Instance(tmp_path)
+    i = WorkerInstance(tmp_path)
     src = tmp_path / "etc" / "map"
     src.write_text("key old-value\n")
     assert i.postmap(f"hash:{src}").returncode == 0
@@ -190,4 +190,4 @@ def test_table_rebuilt_by_real_postmap_is_served_fresh_without_a_restart(tmp_pat
         assert proc.poll() is None
     finally:
         i.stop()
-    assert "has changed -- reopening" in i.read_log()
+    assert "has changed -- reopening" in i.log()

@@ -24,6 +24,7 @@ LINT = os.path.join(os.path.dirname(sys.executable), "lint-imports")
 def lint(directory: str) -> subprocess.CompletedProcess:
     """lint-imports on the setup.cfg in `directory`, importing the packages
     found there (PYTHONPATH first, ahead of the editable install)."""
+    assert os.path.exists(LINT), f"{LINT} missing: `make deps` installs import-linter (test extra)"
     env = dict(os.environ, PYTHONPATH=directory)
     return subprocess.run([LINT, "--no-cache", os.path.join(directory, "setup.cfg")],
                           cwd=directory, env=env, capture_output=True, text=True, timeout=120)

@@ -30,12 +30,11 @@ import time
 import psutil
 import pytest
 
-from proxymap.client import NOKEY, OK, ProxyClient, ProxyError
-from proxymap.protocol import encode
-from tests.instance import (GREETING_LEN, POSTMAP, READ_ENTRIES, gone,  # noqa: F401
-                            instance, wait_for)
+from proxymap.client import NOKEY, OK, ProxyClient, ProxyError, read_greeting
+from proxymap.protocol import GREETING, encode
+from tests.instance import POSTMAP, READ_ENTRIES, gone, needs_postmap, wait_for
 
-pytestmark = pytest.mark.skipif(not os.path.exists(POSTMAP), reason="needs Postfix's postmap")
+pytestmark = needs_postmap
 
 LOAD_SECONDS = 55
 RELOADS = 10
@@ -217,11 +216,7 @@ def connect(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10)
     sock.connect(path)
-    data = b""
-    while len(data) < GREETING_LEN:
-        chunk = sock.recv(64)
-        assert chunk, "no greeting"
-        data += chunk
+    assert len(read_greeting(sock)) == len(GREETING), "no greeting"
     return sock
 
 

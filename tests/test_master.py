@@ -23,10 +23,10 @@ from proxymap import handoff
 from master.control import config_lines, format_uptime, parse_args
 from master.supervisor import describe_exit
 from master.workerslot import READY, RETIRING, STARTING, WorkerSlot, pick_worker
-from tests.instance import GREETING_LEN, gone, greeting_of, instance, wait_for  # noqa: F401
+from proxymap.client import read_greeting
+from tests.instance import gone, greeting_of, needs_postmap, wait_for
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/usr/sbin/postmap"),
-                                reason="needs Postfix's postmap")
+pytestmark = needs_postmap
 
 
 # -- pure helpers ---------------------------------------------------------------------
@@ -181,9 +181,7 @@ def hold_connections(path: str, count: int, busy: bool = False) -> list[socket.s
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(10)
         sock.connect(path)
-        data = b""
-        while len(data) < GREETING_LEN:
-            data += sock.recv(64)
+        read_greeting(sock)
         if busy:
             sock.sendall(b"request\0lookup\0table\0")
         socks.append(sock)

@@ -14,7 +14,7 @@ import socket
 
 import pytest
 
-from worker_fixture import Instance, RawClient
+from worker_fixture import WorkerInstance, RawClient
 from proxymap import dictflags as F
 from proxymap.protocol import encode
 
@@ -67,7 +67,7 @@ def setup(tmp_path, monkeypatch):
     install_plugin(tmp_path / "site")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [PLUGINS, str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
-    inst = Instance(tmp_path / "inst")
+    inst = WorkerInstance(tmp_path / "inst")
     src = tmp_path / "inst" / "etc" / "files"
     src.write_text("file-key file value\n")
     assert inst.postmap(f"hash:{src}").returncode == 0
@@ -83,7 +83,7 @@ def setup(tmp_path, monkeypatch):
     yield start, gate
     gate.close()
     inst.stop()
-    assert "Traceback" not in inst.read_log()
+    assert "Traceback" not in inst.log()
 
 
 def lookup(table: str, key: bytes, flags: int = F.FOLD_FIX) -> bytes:
@@ -127,7 +127,7 @@ def test_timeout_answers_retry_and_the_late_answer_is_dropped(setup):
     c.send(lookup(inst.gate_spec, b"slow-late"))
     assert gate.wait_held() == b"slow-late"
     assert dict(c.read())[b"status"] == RETRY    # while the backend still holds it
-    assert "no answer from the backend after 1s -- answering RETRY" in inst.read_log()
+    assert "no answer from the backend after 1s -- answering RETRY" in inst.log()
     gate.release()
     reply = c.request(request=b"lookup", table=inst.gate_spec.encode(),
                       flags=str(F.FOLD_FIX).encode(), key=b"next")
@@ -151,7 +151,7 @@ def test_a_full_lane_answers_retry_at_once(setup):
     rb, rc = dict(b.read()), dict(b.read())
     assert (rb[b"status"], rb[b"value"]) == (OK, b"released slow-b")
     assert rc[b"status"] == RETRY
-    assert "requests already waiting for the backend -- answering RETRY" in inst.read_log()
+    assert "requests already waiting for the backend -- answering RETRY" in inst.log()
     a.close()
     b.close()
 
@@ -161,7 +161,7 @@ def test_a_plugin_exception_is_a_retry_and_a_log_line(setup):
     inst = start()
     r = inst.postmap("-q", "boom", f"proxy:{inst.gate_spec}")
     assert r.returncode == 1 and b"query error" in r.stderr
-    assert f"table {inst.gate_spec}: ValueError: the plugin failed" in inst.read_log()
+    assert f"table {inst.gate_spec}: ValueError: the plugin failed" in inst.log()
     r = inst.postmap("-q", "after", f"proxy:{inst.gate_spec}")
     assert (r.returncode, r.stdout) == (0, b"fast after\n")
 

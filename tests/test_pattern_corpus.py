@@ -18,12 +18,11 @@ import pytest
 
 from proxymap.tables.pcre import compile_pcre
 from proxymap.tables.regexp import compile_regexp
-from worker_fixture import Instance
-from tests.instance import instance  # noqa: F401 - the fixture
+from tests.instance import POSTMAP, needs_postmap
+from worker_fixture import WorkerInstance
 
-POSTMAP = "/usr/sbin/postmap"
 pytestmark = [pytest.mark.interop,
-              pytest.mark.skipif(not os.path.exists(POSTMAP), reason="postmap not installed")]
+              needs_postmap]
 
 # (kind, theme, rule file, keys)
 CORPUS = [
@@ -321,7 +320,7 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     files = [(kind, theme, _write(root, i, kind, rules), rules, keys)
              for i, (kind, theme, rules, keys) in enumerate(CORPUS)]
-    inst = Instance(root / "inst", read_maps=" ".join(f"proxy:{kind}:{path}"
+    inst = WorkerInstance(root / "inst", read_maps=" ".join(f"proxy:{kind}:{path}"
                                                         for kind, _, path, _, _ in files))
     yield inst, files
     inst.stop()
@@ -338,7 +337,7 @@ def test_corpus_is_large_enough():
 def test_answers_and_warnings_equal_real_postmap(corpus, index):
     inst, files = corpus
     kind, _theme, path, rules, keys = files[index]
-    real = _postmap(inst.etc, f"{kind}:{path}", keys)
+    real = _postmap(inst.config_dir, f"{kind}:{path}", keys)
     compile_fn = compile_regexp if kind == "regexp" else compile_pcre
     logged: list[str] = []
     program = compile_fn(rules.lstrip(b"\n"), path, 0, logged.append)
@@ -358,12 +357,12 @@ def test_the_same_answers_through_proxy(corpus):
     inst, files = corpus
     inst.start("proxymap")
     for kind, theme, path, _rules, keys in files:
-        direct = _postmap(inst.etc, f"{kind}:{path}", keys)
-        proxied = _postmap(inst.etc, f"proxy:{kind}:{path}", keys)
+        direct = _postmap(inst.config_dir, f"{kind}:{path}", keys)
+        proxied = _postmap(inst.config_dir, f"proxy:{kind}:{path}", keys)
         assert proxied.stdout == direct.stdout, (kind, theme, proxied.stderr)
 
 
-def test_check_lists_every_rule_a_reload_would_skip(instance):  # noqa: F811
+def test_check_lists_every_rule_a_reload_would_skip(instance):
     """`proxymap-master check` reports, before a reload makes them live,
     the very warnings a worker (and real postmap) gives for each pattern
     table in proxy_read_maps."""

@@ -27,10 +27,10 @@ from proxymap.client import (ProxyClient, ProxyError, ProxyRefused, ProxyTable, 
 from proxymap.postmap import (Fatal, Options, dict_flags, for_stdin, parse_args, table_spec,
                               utf8_entries)
 from proxymap.protocol import CONFIG, DENY, GREETING, NOKEY, OK, RETRY, Decoder, encode
+from tests.instance import POSTMAP as REAL_POSTMAP
 
 REPO = Path(__file__).resolve().parent.parent
-REAL_POSTMAP = shutil.which("postmap") or "/usr/sbin/postmap"
-needs_postfix = pytest.mark.skipif(not os.path.exists(REAL_POSTMAP),
+needs_postfix = pytest.mark.skipif(REAL_POSTMAP is None,
                                    reason="real Postfix postmap not installed")
 
 SOURCE = (b"# a comment\n"

@@ -13,7 +13,8 @@ by accident. Checked with psutil and /proc:
   worker holds the lock file or a listening socket, the master holds no
   client connection and no table;
 * the queue directories, sockets, pid/lock and status files have Postfix's
-  owners and modes (spec section 2.3) for that account.
+  owners and modes (docs/security.md; Postfix's master: private/ 0700,
+  public/ 0710, sockets 0666, all owned by mail_owner) for that account.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ import time
 import psutil
 import pytest
 
-from tests.instance import instance, wait_for  # noqa: F401
+from tests.instance import needs_postmap, wait_for
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="privilege tests need root"),
-    pytest.mark.skipif(not os.path.exists("/usr/sbin/postmap"), reason="needs postmap"),
+    needs_postmap,
 ]
 
 

@@ -24,7 +24,8 @@ from master.pidfile import pid_alive, read_pid
 from proxymap import dictflags as F
 from proxymap.client import ProxyClient
 from proxymap.protocol import OK
-from tests.instance import Instance, temporary_instance, wait_for
+from proxymap.conventions.service_sockets import service_socket_path
+from tests.instance import MasterInstance, temporary_instance, wait_for
 
 POSTFIX = "/usr/sbin/postfix"
 
@@ -42,7 +43,7 @@ class RealPostfix:
     """A private real Postfix instance (config dir of its own) on a queue
     directory shared with our master."""
 
-    def __init__(self, root: str, ours: Instance, port: int, main_extra: str):
+    def __init__(self, root: str, ours: MasterInstance, port: int, main_extra: str):
         self.etc = os.path.join(root, "etc-real")
         self.data = os.path.join(root, "data-real")
         self.queue = ours.queue_dir
@@ -158,7 +159,7 @@ def test_verify_cache_cleanup_runs_through_our_proxywrite(site):
     # verify(8) opens its cache with OPEN_LOCK, so our proxywrite worker
     # holds the file's exclusive lock: we read through the same shared
     # instance (same instance flags) on proxywrite, as verify itself does.
-    path = os.path.join(real.queue, "private", "proxywrite")
+    path = service_socket_path(real.queue, "proxywrite")
 
     def cache(key):
         with ProxyClient(path, timeout=30) as client:
@@ -168,7 +169,7 @@ def test_verify_cache_cleanup_runs_through_our_proxywrite(site):
 
     # Waking verify(8) starts its cache cleanup at once (no stamp record yet).
     with socket.socket(socket.AF_UNIX) as s:
-        s.connect(os.path.join(real.queue, "private", "verify"))
+        s.connect(service_socket_path(real.queue, "verify"))
         wait_for(lambda: cache(b"_LAST_CACHE_CLEANUP_COMPLETED_"), 30,
                  what="verify's cache cleanup")
     assert cache(b"keep@example.com") == b"0:0:4102444800:ok"

@@ -22,11 +22,11 @@ from proxymap.tables.base import TableError, TableOpenError, Unsupported
 from proxymap.tables.berkeleydb import BtreeTable, HashTable
 from proxymap.tables.cdb import CdbTable
 from proxymap.tables.lmdb import LmdbTable
+from tests.instance import POSTMAP
 
-POSTMAP = shutil.which("postmap") or "/usr/sbin/postmap"
 DB_VERIFY = shutil.which("db5.3_verify")
 DB_STAT = shutil.which("db5.3_stat")
-HAVE_POSTMAP = os.path.exists(POSTMAP)
+HAVE_POSTMAP = POSTMAP is not None
 needs_postmap = pytest.mark.skipif(not HAVE_POSTMAP, reason="real Postfix postmap not installed")
 
 CLASSES = {"hash": HashTable, "btree": BtreeTable, "lmdb": LmdbTable, "cdb": CdbTable}

@@ -15,7 +15,7 @@ import pytest
 from servers import MariadbServer, find_mariadb
 from sqldata import (KEYS, NUMBERS, ROWS, SQL_CONFIGS, assert_same_answers, both,
                      check_outage_and_recovery, check_pool_bound, sql_literal)
-from worker_fixture import Instance
+from worker_fixture import WorkerInstance
 
 pytestmark = pytest.mark.skipif(find_mariadb() is None,
                                 reason="MariaDB is not installed (apt-get install mariadb-server)")
@@ -48,7 +48,7 @@ def my():
 def write_cfs(inst, my, configs, extra="", user="postfix"):
     specs = {}
     for name, body in configs.items():
-        cf = f"{inst.etc}/my-{name}.cf"
+        cf = f"{inst.config_dir}/my-{name}.cf"
         with open(cf, "w", encoding="utf-8") as f:
             f.write(f"hosts = unix:{my.socket}\nuser = {user}\npassword = secret\n"
                     f"dbname = mail\n{extra}{body}")
@@ -58,7 +58,7 @@ def write_cfs(inst, my, configs, extra="", user="postfix"):
 
 @pytest.fixture(scope="module")
 def inst(my, tmp_path_factory):
-    i = Instance(tmp_path_factory.mktemp("mysql"))
+    i = WorkerInstance(tmp_path_factory.mktemp("mysql"))
     i.cfs = write_cfs(i, my, CONFIGS)
     i.write_main_cf(read_maps=" ".join(f"proxy:{s}" for s in i.cfs.values()))
     i.start("proxymap")
@@ -84,7 +84,7 @@ def test_known_answers(inst):
 
 
 def test_64_clients_share_a_few_connections(my, tmp_path):
-    i = Instance(tmp_path)
+    i = WorkerInstance(tmp_path)
     specs = write_cfs(i, my, {"pool": CONFIGS["whole"]}, user="pool")
     held = check_pool_bound(i, specs["pool"], lambda: my.connections("pool"))
     print(f"FIGURES mysql: 64 clients x 3 lookups through one worker held {held}"
@@ -92,6 +92,6 @@ def test_64_clients_share_a_few_connections(my, tmp_path):
 
 
 def test_database_down_under_load_answers_retry_and_recovers(my, tmp_path):
-    i = Instance(tmp_path)
+    i = WorkerInstance(tmp_path)
     specs = write_cfs(i, my, {"fault": CONFIGS["whole"]}, extra="retry_interval = 1\n")
     check_outage_and_recovery(i, specs["fault"], my, "no MySQL server answered")

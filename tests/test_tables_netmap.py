@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from sqldata import assert_same_answers, both
-from worker_fixture import Instance
+from worker_fixture import WorkerInstance
 from proxymap.tables.socketmap import netstring
 from proxymap.tables.tcp import hex_quote, hex_unquote
 
@@ -86,7 +86,7 @@ def inst(tmp_path_factory):
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
     for t in threads:
         t.start()
-    i = Instance(root / "inst")
+    i = WorkerInstance(root / "inst")
     i.specs = {"socketmap": f"socketmap:unix:{root}/sockmap:mymap",
                "othermap": f"socketmap:unix:{root}/sockmap:othermap",
                "tcp": f"tcp:127.0.0.1:{servers[1].server_address[1]}"}
@@ -113,7 +113,7 @@ def test_known_answers_and_log_lines(inst):
     assert p.returncode == 1    # postmap folds with FOLD_FIX, a pattern table with FOLD_MUL
     d, p = both(inst, "temp", inst.specs["socketmap"])
     assert p.returncode == d.returncode == 1 and b"query error" in p.stderr
-    log = inst.read_log()
+    log = inst.log()
     assert "socketmap server temporary error: database busy" in log
     assert "socketmap server permanent error: no such map" in log
     assert "Traceback" not in log

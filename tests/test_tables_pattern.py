@@ -4,7 +4,6 @@ postmap(1) for the same rule files, plus direct tests of the translators."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import time
@@ -16,9 +15,9 @@ from proxymap.tables.cidr import compile_cidr
 from proxymap.tables.patterns import (RuleError, parse_template)
 from proxymap.tables.pcre import compile_pcre
 from proxymap.tables.regexp import compile_regexp
+from tests.instance import POSTMAP
 
-POSTMAP = shutil.which("postmap") or "/usr/sbin/postmap"
-HAVE_POSTMAP = os.path.exists(POSTMAP)
+HAVE_POSTMAP = POSTMAP is not None
 
 
 @pytest.fixture(scope="module")

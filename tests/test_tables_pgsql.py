@@ -15,7 +15,7 @@ import pytest
 from servers import PostgresServer, find_postgres
 from sqldata import (KEYS, NUMBERS, ROWS, SQL_CONFIGS, assert_same_answers, both,
                      check_outage_and_recovery, check_pool_bound, sql_literal)
-from worker_fixture import Instance
+from worker_fixture import WorkerInstance
 
 pytestmark = pytest.mark.skipif(find_postgres() is None,
                                 reason="PostgreSQL is not installed (apt-get install postgresql)")
@@ -44,7 +44,7 @@ def pg():
 def write_cfs(inst, pg, configs, extra="", dbname="mail"):
     specs = {}
     for name, body in configs.items():
-        cf = f"{inst.etc}/pg-{name}.cf"
+        cf = f"{inst.config_dir}/pg-{name}.cf"
         with open(cf, "w", encoding="utf-8") as f:
             f.write(f"hosts = unix:{pg.socket_dir}\nuser = postgres\ndbname = {dbname}\n"
                     f"{extra}{body}")
@@ -54,7 +54,7 @@ def write_cfs(inst, pg, configs, extra="", dbname="mail"):
 
 @pytest.fixture(scope="module")
 def inst(pg, tmp_path_factory):
-    i = Instance(tmp_path_factory.mktemp("pgsql"))
+    i = WorkerInstance(tmp_path_factory.mktemp("pgsql"))
     i.cfs = write_cfs(i, pg, CONFIGS)
     i.write_main_cf(read_maps=" ".join(f"proxy:{s}" for s in i.cfs.values()))
     i.start("proxymap")
@@ -96,7 +96,7 @@ def test_64_clients_share_a_few_connections(pg, tmp_path):
     pg.psql("CREATE DATABASE pooltest")   # its own: other workers hold connections to mail
     pg.psql("CREATE TABLE t (k text, v text); INSERT INTO t VALUES"
             " ('alice@example.com', 'alice.local@mail.example.com')", db="pooltest")
-    i = Instance(tmp_path)
+    i = WorkerInstance(tmp_path)
     specs = write_cfs(i, pg, {"pool": CONFIGS["whole"]}, dbname="pooltest")
     held = check_pool_bound(i, specs["pool"], lambda: pg.connections("pooltest"))
     print(f"FIGURES pgsql: 64 clients x 3 lookups through one worker held {held}"
@@ -104,6 +104,6 @@ def test_64_clients_share_a_few_connections(pg, tmp_path):
 
 
 def test_database_down_under_load_answers_retry_and_recovers(pg, tmp_path):
-    i = Instance(tmp_path)
+    i = WorkerInstance(tmp_path)
     specs = write_cfs(i, pg, {"fault": CONFIGS["whole"]}, extra="retry_interval = 1\n")
     check_outage_and_recovery(i, specs["fault"], pg, "no PostgreSQL server answered")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import shutil
 import subprocess
 
 import pytest
@@ -26,9 +25,9 @@ from proxymap.tables.composite import member_specs
 from proxymap.tables.inline import (BraceError, parse_inline, split_braced, split_name_value,
                                     strip_braces)
 from proxymap.tables.texthash import fold_source_key, load_source, printable, utf8_enabled
+from tests.instance import POSTMAP
 
-POSTMAP = shutil.which("postmap") or "/usr/sbin/postmap"
-HAVE_POSTMAP = os.access(POSTMAP, os.X_OK)
+HAVE_POSTMAP = POSTMAP is not None
 needs_postmap = pytest.mark.skipif(not HAVE_POSTMAP, reason="real Postfix postmap not installed")
 
 POSTMAP_FLAGS = F.DUP_WARN | F.FOLD_FIX | F.UTF8_REQUEST | F.LOCK

@@ -12,7 +12,7 @@ import sqlite3
 import pytest
 
 from sqldata import KEYS, NUMBERS, ROWS, SQL_CONFIGS, assert_same_answers, both
-from worker_fixture import Instance, RawClient
+from worker_fixture import WorkerInstance, RawClient
 from proxymap.tables.dbcommon import Templates, expand, unquoted_expansions
 
 CONFIGS = dict(SQL_CONFIGS,
@@ -23,7 +23,7 @@ CONFIGS = dict(SQL_CONFIGS,
 @pytest.fixture(scope="module")
 def inst(tmp_path_factory):
     root = tmp_path_factory.mktemp("sqlite")
-    i = Instance(root)
+    i = WorkerInstance(root)
     db = root / "data" / "maps.sqlite"
     with sqlite3.connect(db) as conn:
         conn.execute("CREATE TABLE t (k TEXT, u TEXT, d TEXT, v TEXT)")
@@ -73,11 +73,11 @@ def test_expansion_limit_is_a_temporary_error(inst):
     direct, proxied = both(inst, "bob@example.com", inst.cfs["labels"])
     assert direct.returncode != 0 and proxied.returncode != 0
     assert b"bob1" not in proxied.stdout
-    assert "Expansion limit exceeded for key 'bob@example.com'" in inst.read_log()
+    assert "Expansion limit exceeded for key 'bob@example.com'" in inst.log()
 
 
 def test_bad_files_answer_retry_with_file_and_line_then_recover(tmp_path):
-    i = Instance(tmp_path)
+    i = WorkerInstance(tmp_path)
     broken = tmp_path / "etc" / "broken.cf"
     broken.write_text("dbpath = /nonexistent\nquery SELECT 1\n")
     late = tmp_path / "etc" / "late.cf"
@@ -88,10 +88,10 @@ def test_bad_files_answer_retry_with_file_and_line_then_recover(tmp_path):
     try:
         r = i.postmap("-q", "k", f"proxy:sqlite:{broken}")
         assert b"query error" in r.stderr, r   # a temporary error, not "not found"
-        assert f"{broken}, line 2: missing '=' after attribute name" in i.read_log()
+        assert f"{broken}, line 2: missing '=' after attribute name" in i.log()
         r = i.postmap("-q", "k", f"proxy:sqlite:{late}")
         assert b"query error" in r.stderr, r
-        assert f"open database {db}" in i.read_log()
+        assert f"open database {db}" in i.log()
         sqlite3.connect(db).close()   # the database appears: served without a restart
         for _ in range(100):          # bounded: the surrogate is retried after 1 s
             r = i.postmap("-q", "k", f"proxy:sqlite:{late}")
@@ -104,7 +104,7 @@ def test_bad_files_answer_retry_with_file_and_line_then_recover(tmp_path):
         c.close()
     finally:
         i.stop()
-    assert "Traceback" not in i.read_log()
+    assert "Traceback" not in i.log()
 
 
 def test_templates_unit():

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from master.pidfile import pid_alive
-from tests.instance import MASTER, temporary_instance, wait_for
+from tests.instance import MASTER, POSTMAP, temporary_instance, wait_for
 from tests.test_real_daemons import POSTFIX, RealPostfix, free_port, smtp_rcpt
 
 OUR_PROXYMAP = os.path.join(os.path.dirname(MASTER), "proxymap")
@@ -58,7 +58,7 @@ class Site:
         self.ours, self.real = ours, real
 
     def postmap(self, *args):
-        return subprocess.run(["/usr/sbin/postmap", "-c", self.real.etc, *args],
+        return subprocess.run([POSTMAP, "-c", self.real.etc, *args],
                               capture_output=True, text=True, timeout=60)
 
     def lookup(self, key, table=None):

@@ -6,14 +6,14 @@ worker is answered while the bad one is being dealt with.
 
 import pytest
 
-from worker_fixture import Instance, RawClient
+from worker_fixture import WorkerInstance, RawClient
 
 TABLE = "inline:{alpha=one, beta=two}"
 
 
 @pytest.fixture
 def inst(tmp_path):
-    i = Instance(tmp_path, read_maps=f"proxy:{TABLE} proxy:static:{{hello world}}",
+    i = WorkerInstance(tmp_path, read_maps=f"proxy:{TABLE} proxy:static:{{hello world}}",
                  extra="ipc_timeout = 2s\nproxymap_max_request_size = 4096\n"
                        "proxymap_max_attributes = 16")
     i.start()
@@ -79,9 +79,9 @@ def test_huge_value_closes_the_connection_with_a_log_line(inst):
     except BrokenPipeError:
         pass
     assert c.closed_by_server()
-    assert "request larger than 4096 bytes" in inst.read_log()
+    assert "request larger than 4096 bytes" in inst.log()
     import os
-    assert f"from client pid {os.getpid()} uid {os.getuid()}" in inst.read_log()
+    assert f"from client pid {os.getpid()} uid {os.getuid()}" in inst.log()
     assert_served(inst)
 
 
@@ -89,7 +89,7 @@ def test_too_many_attributes_closes_the_connection(inst):
     c = RawClient(inst.socket_path())
     c.send(b"request\0lookup\0" + b"a\0b\0" * 40)
     assert c.closed_by_server()
-    assert "more than 16 attributes" in inst.read_log()
+    assert "more than 16 attributes" in inst.log()
     assert_served(inst)
 
 
@@ -100,9 +100,9 @@ def test_eof_mid_request_is_logged(inst):
     assert_served(inst)
     import time
     deadline = time.monotonic() + 10
-    while "premature end-of-input" not in inst.read_log() and time.monotonic() < deadline:
+    while "premature end-of-input" not in inst.log() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert "premature end-of-input" in inst.read_log()
+    assert "premature end-of-input" in inst.log()
 
 
 def test_client_that_never_finishes_is_dropped_after_ipc_timeout(inst):
@@ -110,7 +110,7 @@ def test_client_that_never_finishes_is_dropped_after_ipc_timeout(inst):
     c.send(b"request\0lookup\0table\0inl")
     assert_served(inst)                      # the worker is not stuck meanwhile
     assert c.closed_by_server()              # within the 10 s socket timeout
-    assert "request unfinished" in inst.read_log()
+    assert "request unfinished" in inst.log()
 
 
 def test_client_that_never_reads_does_not_stall_others(inst):
@@ -135,9 +135,9 @@ def test_client_that_never_reads_does_not_stall_others(inst):
     assert sent > 0
     assert_served(inst)
     deadline = time.monotonic() + 15
-    while "reply unread" not in inst.read_log() and time.monotonic() < deadline:
+    while "reply unread" not in inst.log() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert "reply unread" in inst.read_log()
+    assert "reply unread" in inst.log()
     # The server has closed the connection: the client sees EOF (or a reset,
     # since its unread requests were discarded).
     c.sock.settimeout(10)
@@ -153,7 +153,7 @@ def test_control_characters_cannot_forge_log_lines(inst):
     forged = "hash:/x\npostfix/proxymap[1]: fatal: forged"
     assert lookup(c, "k", forged)[b"status"] == b"4"
     assert_served(inst)
-    log = inst.read_log()
+    log = inst.log()
     assert "fatal: forged" in log                     # the text is there...
     assert not any(line.startswith("postfix/proxymap[1]:") for line in log.splitlines())
     assert "hash:/x\\x0apostfix/proxymap[1]" in log   # ...on the line it belongs to

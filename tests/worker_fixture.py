@@ -1,6 +1,6 @@
 """Starting a standalone proxymap worker on a temporary instance, for tests.
 
-`Instance` writes main.cf into a temp directory, starts `proxymap -n SERVICE
+`WorkerInstance` writes main.cf into a temp directory, starts `proxymap -n SERVICE
 --listen` as a subprocess, waits (bounded) for its socket and stops it by pid.
 `RawClient` speaks the protocol byte by byte so tests can send anything.
 """
@@ -14,56 +14,57 @@ import subprocess
 import sys
 import time
 
+from proxymap.client import read_greeting
+from proxymap.conventions.service_sockets import PRIVATE, service_socket_path
 from proxymap.protocol import GREETING, Decoder, encode
+from tests.instance import POSTMAP
 
-POSTMAP = "/usr/sbin/postmap"
 
-
-class Instance:
+class WorkerInstance:
     def __init__(self, root, read_maps="", write_maps="", extra=""):
         self.root = str(root)
-        self.etc = os.path.join(self.root, "etc")
-        self.queue = os.path.join(self.root, "queue")
-        self.data = os.path.join(self.root, "data")
-        for d in (self.etc, os.path.join(self.queue, "private"), self.data):
+        self.config_dir = os.path.join(self.root, "etc")
+        self.queue_dir = os.path.join(self.root, "queue")
+        self.data_dir = os.path.join(self.root, "data")
+        for d in (self.config_dir, os.path.join(self.queue_dir, PRIVATE), self.data_dir):
             os.makedirs(d, exist_ok=True)
-        self.log = os.path.join(self.root, "worker.log")
+        self.log_path = os.path.join(self.root, "worker.log")
         self.procs: list[subprocess.Popen] = []
         self.write_main_cf(read_maps, write_maps, extra)
 
     def write_main_cf(self, read_maps="", write_maps="", extra=""):
         owner = "postfix" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
-        with open(os.path.join(self.etc, "main.cf"), "w") as f:
-            f.write(f"compatibility_level = 3.6\nqueue_directory = {self.queue}\n"
-                    f"data_directory = {self.data}\nmail_owner = {owner}\n"
+        with open(os.path.join(self.config_dir, "main.cf"), "w") as f:
+            f.write(f"compatibility_level = 3.6\nqueue_directory = {self.queue_dir}\n"
+                    f"data_directory = {self.data_dir}\nmail_owner = {owner}\n"
                     f"maillog_file = \nproxy_read_maps = {read_maps}\n"
                     f"proxy_write_maps = {write_maps}\n{extra}\n")
 
     def socket_path(self, service="proxymap"):
-        return os.path.join(self.queue, "private", service)
+        return service_socket_path(self.queue_dir, service)
 
     def start(self, service="proxymap"):
         path = self.socket_path(service)
-        logf = open(self.log, "ab")
+        logf = open(self.log_path, "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxymap.server", "-c", self.etc, "-n", service,
+            [sys.executable, "-m", "proxymap.server", "-c", self.config_dir, "-n", service,
              "--listen", path, "--stderr"], stdout=logf, stderr=logf)
         logf.close()
         self.procs.append(proc)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"worker exited {proc.returncode}: {self.read_log()}")
+                raise RuntimeError(f"worker exited {proc.returncode}: {self.log()}")
             try:
                 with socket.socket(socket.AF_UNIX) as s:
                     s.settimeout(2)
                     s.connect(path)
-                    if s.recv(64) == GREETING:
+                    if read_greeting(s) == GREETING:
                         return proc
             except OSError:
                 pass
             time.sleep(0.05)
-        raise RuntimeError(f"worker did not answer on {path}: {self.read_log()}")
+        raise RuntimeError(f"worker did not answer on {path}: {self.log()}")
 
     def stop(self):
         for proc in self.procs:
@@ -76,16 +77,16 @@ class Instance:
                     proc.wait(5)
         self.procs.clear()
 
-    def read_log(self):
+    def log(self) -> str:
         try:
-            with open(self.log, errors="replace") as f:
+            with open(self.log_path, errors="replace") as f:
                 return f.read()
         except FileNotFoundError:
             return ""
 
     def postmap(self, *args, input=None):
         """Run real Postfix postmap with this instance's main.cf."""
-        return subprocess.run([POSTMAP, "-c", self.etc, *args], input=input,
+        return subprocess.run([POSTMAP, "-c", self.config_dir, *args], input=input,
                               capture_output=True, timeout=120)
 
 

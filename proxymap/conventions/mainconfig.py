@@ -19,10 +19,10 @@ from proxymap.conventions.config_error import ConfigError
 from proxymap.conventions.expansion import (MacroError, expand, parse_compat_level,
                                             referenced_names)
 from proxymap.conventions.host_defaults import default_myhostname, domain_of, interface_networks
-from proxymap.conventions.parameters import (DEFAULTS, DEFAULTS_311, DYNAMIC_DEFAULTS, LIMITS,
-                                             LONG_PARAMETERS, READ_ONLY)
-from proxymap.conventions.values import (INT_MAX, LONG_MAX, default_time_unit, parse_bool,
-                                         parse_int, parse_release, parse_time, split_list)
+from proxymap.conventions.parameters import (BOOL, DEFAULTS, DEFAULTS_311, INT, LIST, LONG,
+                                             PARAMETERS, TIME, Parameter)
+from proxymap.conventions.values import (INT_MAX, LONG_MAX, parse_bool, parse_int, parse_release,
+                                         parse_time, split_list)
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class MainConfig:
         self._settings: dict[str, _Setting] = {
             "config_directory": _Setting(config_directory, path, None)}
         for name, (value, line) in entries.items():
-            if name not in READ_ONLY and name != "config_directory":
+            if not _read_only(name) and name != "config_directory":
                 self._settings[name] = _Setting(value, path, line)
         self._explicit = dict((name, value) for name, (value, _) in entries.items())
         self._explicit.setdefault("config_directory", config_directory)
@@ -57,7 +57,7 @@ class MainConfig:
             self._set_override(name, value)
 
     def _set_override(self, name: str, value: str) -> None:
-        if name in READ_ONLY:
+        if _read_only(name):
             return
         self._settings[name] = _Setting(value, None, None)
         self._explicit[name] = value
@@ -70,7 +70,7 @@ class MainConfig:
 
     def raw(self, name: str) -> str | None:
         """The value as written in main.cf (or an override), None if unset."""
-        if name in READ_ONLY:
+        if _read_only(name):
             return None
         setting = self._settings.get(name)
         return setting.value if setting else None
@@ -81,7 +81,8 @@ class MainConfig:
             return DEFAULTS_311[name]
         if name in DEFAULTS:
             return DEFAULTS[name]
-        if name in DYNAMIC_DEFAULTS:
+        parameter = PARAMETERS.get(name)
+        if parameter is not None and parameter.dynamic:
             return self._dynamic_default(name)
         return None
 
@@ -94,7 +95,7 @@ class MainConfig:
             self._release = (3, 7)   # while finding out: the reference release
             value = self.get("proxymap_postfix_version").strip()
             if value.lower() == "auto":
-                from proxymap.conventions.postfix_version import installed_mail_version
+                from proxymap.conventions.installed_postfix import installed_mail_version
                 value = installed_mail_version(self.get("command_directory")) or "3.7"
             release = parse_release(value)
             if release is None:
@@ -161,18 +162,21 @@ class MainConfig:
             value = expand(raw, self._lookup)
         except MacroError as exc:
             raise self._where(name, f"parameter {name}: {exc.reason}") from None
-        if name not in READ_ONLY:
+        if not _read_only(name):
             self._cache[name] = value
         return value
 
     def get_int(self, name: str) -> int:
+        """An integer within the declared bounds; `long` parameters may go
+        beyond an int, as in Postfix."""
+        parameter = _declared_as(name, INT, LONG)
         value = self.get(name)
-        maximum = LONG_MAX if name in LONG_PARAMETERS else INT_MAX
+        maximum = LONG_MAX if parameter is not None and parameter.kind == LONG else INT_MAX
         try:
             number = parse_int(value, maximum)
         except ValueError:
             raise self._where(name, f"bad numerical configuration: {name} = {value}") from None
-        low, high = LIMITS.get(name, (None, None))
+        low, high = _bounds(parameter)
         if low is not None and number < low:
             raise self._where(name, f"invalid {name} parameter value {number} < {low}")
         if high is not None and number > high:
@@ -180,14 +184,15 @@ class MainConfig:
         return number
 
     def get_time(self, name: str, unit: str = "s") -> int:
-        """Seconds. A bare number takes the parameter's own default unit (the
-        letter its default ends with), or `unit` for parameters without one."""
+        """Seconds within the declared bounds. A bare number takes the unit
+        the parameter is declared with, or `unit` for an undeclared name."""
+        parameter = _declared_as(name, TIME)
         value = self.get(name)
         try:
-            seconds = parse_time(value, default_time_unit(self.default(name), unit))
+            seconds = parse_time(value, parameter.unit if parameter is not None else unit)
         except ValueError:
             raise self._where(name, f"parameter {name}: bad time value or unit: {value}") from None
-        low, high = LIMITS.get(name, (None, None))
+        low, high = _bounds(parameter)
         if low is not None and seconds < low:
             raise self._where(name, f"invalid {name}: {seconds} (min {low})")
         if high is not None and seconds > high:
@@ -195,6 +200,7 @@ class MainConfig:
         return seconds
 
     def get_bool(self, name: str) -> bool:
+        _declared_as(name, BOOL)
         value = self.get(name)
         try:
             return parse_bool(value)
@@ -202,6 +208,7 @@ class MainConfig:
             raise self._where(name, f"bad boolean configuration: {name} = {value}") from None
 
     def get_list(self, name: str) -> list[str]:
+        _declared_as(name, LIST)
         value = self.get(name)
         try:
             return split_list(value)
@@ -255,9 +262,26 @@ class MainConfig:
         for setting in self._settings.values():
             referenced.update(referenced_names(setting.value))
         return [name for name in self._explicit
-                if name not in DEFAULTS and name not in DYNAMIC_DEFAULTS
-                and name not in DEFAULTS_311 and name not in referenced]
+                if name not in PARAMETERS and name not in referenced]
 
+
+
+def _read_only(name: str) -> bool:
+    parameter = PARAMETERS.get(name)
+    return parameter is not None and parameter.read_only
+
+
+def _declared_as(name: str, *kinds: str) -> Parameter | None:
+    """The declaration of `name` (None for a name we do not declare). A
+    getter of another type than the declared one is a programming error."""
+    parameter = PARAMETERS.get(name)
+    if parameter is not None and parameter.kind not in kinds:
+        raise TypeError(f"parameter {name} is declared {parameter.kind}, not {'/'.join(kinds)}")
+    return parameter
+
+
+def _bounds(parameter: Parameter | None) -> tuple[int | None, int | None]:
+    return (parameter.low, parameter.high) if parameter is not None else (None, None)
 
 
 class ParamView:

@@ -109,13 +109,6 @@ def parse_time(value: str, default_unit: str = "s") -> int:
     return seconds
 
 
-def default_time_unit(default: str | None, fallback: str = "s") -> str:
-    """The unit of a time parameter: the letter its default ends with."""
-    if default and default[-1] in TIME_UNITS:
-        return default[-1]
-    return fallback
-
-
 def parse_release(text: str) -> tuple[int, int] | None:
     """(major, minor) of a Postfix version such as 3.11.7 or 3.11; None if
     it is not one."""

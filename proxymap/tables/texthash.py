@@ -5,7 +5,8 @@ common line reader (comments, continuation lines, quoted keys kept as
 written) and never written to. Keys are folded at load time only when the
 open flags carry FOLD_FIX, so an instance created by a proxymap `open`
 (flags 0) keeps upper-case keys that a folding client can never reach
-(spec section 7.4); with UTF8_REQUEST and smtputf8_enable=yes, lines that
+(Postfix 3.7 shares one instance per table and instance bits, created
+with the flags of the first request: docs/protocol.md, "Flags"); with UTF8_REQUEST and smtputf8_enable=yes, lines that
 are not UTF-8 are skipped and folding is Unicode case folding, as in
 Postfix. Duplicates: DUP_IGNORE keeps the first silently, DUP_REPLACE keeps
 the last, otherwise the first wins with a warning (Postfix would abort

@@ -1,0 +1,185 @@
+"""What the master decides about its workers, kept apart from doing it.
+
+Postfix's master decides in master_spawn.c and master_avail.c when a
+service gets another process and when one is thrown away; ours decides
+the same things for its pre-forked workers: which worker gets a
+connection (workerslot.pick_worker), when another worker is started
+(all current ones busy, fewer than the minimum, not throttled, under
+maxproc), when one is pinged (busy and silent), stopped (retiring for
+longer than the grace), killed (no first report, no progress for
+daemon_timeout) or retired (max_use, max_idle, an older configuration).
+
+The decisions are plain functions of a `ServiceState` and its
+`WorkerSlot`s and the time. They act only through `WorkerControl`, the
+small interface the real master (master/supervisor.py) implements with
+fork, kill and the control channel, and tests/test_policy.py fakes: the
+policy is tested without processes.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from master.master_cf import Service
+from master.workerslot import READY, RETIRING, STARTING, WorkerSlot
+from proxymap import handoff
+from proxymap.conventions import maillog
+
+#: workers kept per service even when idle
+MIN_WORKERS = 1
+#: seconds a retiring worker may wait for its clients to leave on their own
+RETIRE_GRACE = 5.0
+#: seconds a stopping master waits for workers before SIGKILL
+STOP_GRACE = 5.0
+#: seconds a new worker may take to send its first report
+STARTUP_TIMEOUT = 60.0
+
+
+@dataclass
+class Settings:
+    """The per-service limits, after the service's -o overrides."""
+    max_use: int
+    max_idle: int
+    daemon_timeout: int
+    throttle_time: int
+    maxproc: int
+    #: a worker with this many active connections (a request in the last
+    #: second; idle ones cost little and are not counted) counts as busy:
+    #: when every worker of a service is busy the master starts another (up
+    #: to maxproc).
+    #: One event loop serves many clients; a worker per core or so is what
+    #: helps throughput, a worker per handful of clients only costs memory.
+    busy_clients: int
+
+
+class ServiceState:
+    """One listening socket and its workers."""
+
+    def __init__(self, service: Service, settings: Settings, path: str, generation: int):
+        self.service = service
+        self.settings = settings
+        self.path = path
+        self.generation = generation
+        self.listener: socket.socket | None = None
+        self.listening = False
+        self.slots: list[WorkerSlot] = []
+        self.pending: deque[socket.socket] = deque()
+        self.throttled_until = 0.0
+        self.removed = False
+        #: (st_dev, st_ino) of the socket file we bound
+        self.inode: tuple[int, int] | None = None
+        self.taken_over = False
+
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    def alive(self) -> list[WorkerSlot]:
+        return [s for s in self.slots if s.alive]
+
+    def current(self) -> list[WorkerSlot]:
+        """Workers of the current generation that are not on their way out."""
+        return [s for s in self.slots
+                if s.generation == self.generation and s.state in (STARTING, READY)]
+
+    def under_limit(self) -> bool:
+        limit = self.settings.maxproc
+        return limit == 0 or len(self.alive()) < limit
+
+    def throttled(self, now: float) -> bool:
+        return now < self.throttled_until
+
+    def throttle(self, now: float) -> None:
+        """No new worker for service_throttle_time (a fork failed, a worker
+        died before its first report)."""
+        self.throttled_until = now + self.settings.throttle_time
+
+
+class WorkerControl(Protocol):
+    """The effects the policy asks for."""
+
+    def spawn(self, state: ServiceState) -> WorkerSlot | None:
+        """Start a worker of the service (None: it could not be started)."""
+
+    def kill(self, slot: WorkerSlot, signum: int = ...) -> None:
+        """Signal the worker (SIGKILL unless told otherwise)."""
+
+    def send(self, slot: WorkerSlot, command: bytes) -> None:
+        """Send a control-channel command (handoff.PING, STOP, ...)."""
+
+    def retire(self, slot: WorkerSlot, now: float, why: str) -> None:
+        """Let the worker finish its clients and exit."""
+
+
+def used_up(slot: WorkerSlot, settings: Settings) -> bool:
+    """max_use: the worker was handed as many connections as it may serve."""
+    return slot.handed >= settings.max_use
+
+
+def needs_another_worker(state: ServiceState, now: float) -> bool:
+    """Every current worker is busy (none is still starting), and the
+    service may have one more."""
+    current = state.current()
+    if any(s.state == STARTING for s in current):
+        return False
+    if current and min(s.active_load for s in current) < state.settings.busy_clients:
+        return False
+    return state.under_limit() and not state.throttled(now) and not state.removed
+
+
+def no_room_for_new_generation(state: ServiceState) -> bool:
+    """After a reload: the service is at maxproc (proxywrite), so its old
+    workers must go before a worker of the new configuration can start."""
+    maxproc = state.settings.maxproc
+    return bool(maxproc) and len(state.alive()) >= maxproc
+
+
+def manage_workers(state: ServiceState, now: float, control: WorkerControl) -> None:
+    """One pass over a service's workers: kill the hung, ping the silent,
+    stop and kill the retiring that outstay, retire the superseded and the
+    idle extras, then start workers up to the minimum."""
+    settings = state.settings
+    ping_every = max(0.2, min(settings.daemon_timeout / 3, 60.0))
+    current_ready = [s for s in state.current() if s.state == READY]
+    for slot in list(state.slots):
+        if not slot.alive:
+            continue
+        if slot.state == STARTING and now - slot.started > STARTUP_TIMEOUT:
+            maillog.warning(f"worker pid {slot.pid}: no report {STARTUP_TIMEOUT:g}s "
+                            f"after start -- killing it")
+            control.kill(slot)
+            continue
+        if slot.state in (READY, RETIRING) and slot.has_work:
+            silent = slot.silent_for(now)
+            if silent > settings.daemon_timeout:
+                maillog.warning(f"service {state.name}: worker pid {slot.pid} made no "
+                                f"progress for {silent:.0f}s (daemon_timeout "
+                                f"{settings.daemon_timeout}s) -- killing it")
+                control.kill(slot)
+                continue
+            if silent >= ping_every and slot.ping_sent is None:
+                slot.on_ping(now)
+                control.send(slot, handoff.PING)
+        if slot.state == RETIRING:
+            since = now - (slot.retired_at or now)
+            if since > RETIRE_GRACE and not slot.stop_sent:
+                slot.on_stop()
+                control.send(slot, handoff.STOP)
+            elif since > RETIRE_GRACE + settings.daemon_timeout + STOP_GRACE:
+                control.kill(slot)
+            continue
+        if slot.generation != state.generation and current_ready:
+            control.retire(slot, now, "configuration reloaded")
+        elif (slot.state == READY and slot.generation == state.generation
+              and len(current_ready) > MIN_WORKERS
+              and slot.idle_for(now) > settings.max_idle):
+            control.retire(slot, now, "max_idle reached")
+            current_ready.remove(slot)
+    if state.removed or state.throttled(now):
+        return
+    while len(state.current()) < MIN_WORKERS and state.under_limit():
+        if control.spawn(state) is None:
+            break

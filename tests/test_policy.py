@@ -1,0 +1,213 @@
+"""The master's decisions (master/policy.py) without processes: a fake
+WorkerControl records what the policy asks for, WorkerSlots are set up in
+the state each rule is about, and the time is passed in."""
+
+from __future__ import annotations
+
+import pytest
+
+from master import policy
+from master.master_cf import Service
+from master.policy import (MIN_WORKERS, RETIRE_GRACE, STARTUP_TIMEOUT, STOP_GRACE, ServiceState,
+                           Settings, manage_workers, needs_another_worker,
+                           no_room_for_new_generation, used_up)
+from master.workerslot import READY, RETIRING, STARTING, WorkerSlot
+from proxymap import handoff
+from proxymap.handoff import Status
+
+NOW = 1000.0
+
+
+class FakeControl:
+    """WorkerControl that only records; spawn() adds a STARTING slot."""
+
+    def __init__(self, state: ServiceState | None = None, can_fork: bool = True):
+        self.calls: list[tuple] = []
+        self.state = state
+        self.can_fork = can_fork
+        self.next_pid = 900
+
+    def spawn(self, state):
+        self.calls.append(("spawn", state.name))
+        if not self.can_fork:
+            return None
+        self.next_pid += 1
+        slot = WorkerSlot(self.next_pid, state.name, state.generation, started=NOW,
+                          last_heard=NOW, idle_since=NOW)
+        state.slots.append(slot)
+        return slot
+
+    def kill(self, slot, signum=9):
+        slot.kill()
+        self.calls.append(("kill", slot.pid))
+
+    def send(self, slot, command):
+        self.calls.append(("send", slot.pid, command))
+
+    def retire(self, slot, now, why):
+        slot.retire(now)
+        self.calls.append(("retire", slot.pid, why))
+
+
+def settings(**changes) -> Settings:
+    values = dict(max_use=100, max_idle=100, daemon_timeout=30, throttle_time=60, maxproc=4,
+                  busy_clients=2)
+    values.update(changes)
+    return Settings(**values)
+
+
+def service_state(generation: int = 1, **changes) -> ServiceState:
+    service = Service(name="proxymap", type="unix", private=True, unpriv=True, chroot=False,
+                      wakeup=0, maxproc=4, command="proxymap", args=[], overrides={},
+                      filename="master.cf", line=1)
+    return ServiceState(service, settings(**changes), "/q/private/proxymap", generation)
+
+
+def slot(state: ServiceState, pid: int, status: str = READY, generation: int | None = None,
+         clients: int = 0, busy: int = 0, heard: float = NOW, idle_since: float | None = NOW,
+         started: float = NOW - 1, retired_at: float | None = None) -> WorkerSlot:
+    s = WorkerSlot(pid, state.name, state.generation if generation is None else generation,
+                   state=status, status=Status(busy=busy, clients=clients, accepted=clients),
+                   handed=clients, started=started, last_heard=heard,
+                   idle_since=idle_since if not clients else None, retired_at=retired_at)
+    s.reported = status != STARTING
+    state.slots.append(s)
+    return s
+
+
+def test_a_worker_silent_since_start_is_killed():
+    state = service_state()
+    slot(state, 1, STARTING, started=NOW - STARTUP_TIMEOUT - 1)
+    slot(state, 2, READY)
+    control = FakeControl()
+    manage_workers(state, NOW, control)
+    assert control.calls == [("kill", 1)]
+
+
+def test_a_busy_silent_worker_is_pinged_once_then_killed_after_daemon_timeout():
+    state = service_state(daemon_timeout=30)
+    busy = slot(state, 1, clients=3, heard=NOW - 10)        # ping every 10 s
+    control = FakeControl()
+    manage_workers(state, NOW, control)
+    assert control.calls == [("send", 1, handoff.PING)]
+    assert busy.pings == 1 and busy.ping_sent == NOW
+    manage_workers(state, NOW + 5, control)                 # no second ping
+    assert control.calls == [("send", 1, handoff.PING)]
+    manage_workers(state, NOW + 21, control)               # 31 s without a report
+    assert control.calls[1:] == [("kill", 1), ("spawn", "proxymap")]   # and a replacement
+
+
+def test_an_idle_worker_is_never_pinged():
+    state = service_state()
+    slot(state, 1, heard=NOW - 1000)
+    control = FakeControl()
+    manage_workers(state, NOW, control)
+    assert control.calls == []
+
+
+def test_a_retiring_worker_gets_stop_after_the_grace_and_sigkill_much_later():
+    state = service_state(daemon_timeout=30)
+    slot(state, 1, READY)
+    old = slot(state, 2, RETIRING, clients=1, retired_at=NOW)
+    control = FakeControl()
+    manage_workers(state, NOW + RETIRE_GRACE - 0.5, control)
+    assert ("send", 2, handoff.STOP) not in control.calls
+    old.on_status(Status(clients=1, accepted=1), NOW + RETIRE_GRACE)   # still reporting
+    manage_workers(state, NOW + RETIRE_GRACE + 0.5, control)
+    assert control.calls.count(("send", 2, handoff.STOP)) == 1 and old.stop_sent
+    old.on_status(Status(clients=1, accepted=1), NOW + RETIRE_GRACE + 30)
+    manage_workers(state, NOW + RETIRE_GRACE + 30 + STOP_GRACE + 1, control)
+    assert control.calls[-1] == ("kill", 2)
+
+
+def test_old_generation_is_retired_only_once_a_current_worker_is_ready():
+    state = service_state(generation=2)
+    slot(state, 1, READY, generation=1)
+    new = slot(state, 2, STARTING, generation=2)
+    control = FakeControl()
+    manage_workers(state, NOW, control)
+    assert control.calls == []
+    new.on_status(Status(), NOW)
+    manage_workers(state, NOW, control)
+    assert control.calls == [("retire", 1, "configuration reloaded")]
+
+
+def test_idle_extras_retire_after_max_idle_but_the_minimum_stays():
+    state = service_state(max_idle=100)
+    for pid in (1, 2, 3):
+        slot(state, pid, READY, idle_since=NOW - 101)
+    control = FakeControl()
+    manage_workers(state, NOW, control)
+    retired = [c for c in control.calls if c[0] == "retire"]
+    assert retired == [("retire", 1, "max_idle reached"), ("retire", 2, "max_idle reached")]
+    assert len([s for s in state.slots if s.state == READY]) == MIN_WORKERS
+
+
+def test_minimum_workers_started_unless_throttled_removed_or_at_maxproc():
+    state = service_state()
+    control = FakeControl()
+    manage_workers(state, NOW, control)
+    assert control.calls == [("spawn", "proxymap")] * MIN_WORKERS
+
+    for blocked in ("throttled", "removed", "maxproc"):
+        state = service_state(maxproc=1)
+        if blocked == "throttled":
+            state.throttle(NOW - 1)
+        elif blocked == "removed":
+            state.removed = True
+        else:
+            slot(state, 5, RETIRING, retired_at=NOW)   # the one allowed process is leaving
+        control = FakeControl()
+        manage_workers(state, NOW, control)
+        assert ("spawn", "proxymap") not in control.calls, blocked
+
+
+def test_a_failed_start_is_not_retried_in_the_same_pass():
+    state = service_state()
+    control = FakeControl(can_fork=False)
+    manage_workers(state, NOW, control)
+    assert control.calls == [("spawn", "proxymap")]
+
+
+@pytest.mark.parametrize("busy, starting, maxproc, wanted", [
+    ((2, 2), False, 4, True),      # every worker busy: one more
+    ((2, 1), False, 4, False),     # one below busy_clients can take it
+    ((2, 2), True, 4, False),      # one is still starting
+    ((2, 2), False, 2, False),     # at maxproc
+    ((2, 2), False, 0, True),      # maxproc 0: unlimited
+])
+def test_needs_another_worker(busy, starting, maxproc, wanted):
+    state = service_state(maxproc=maxproc, busy_clients=2)
+    for pid, active in enumerate(busy, 1):
+        slot(state, pid, READY, clients=active, busy=active)
+    if starting:
+        slot(state, 9, STARTING)
+        state.settings.maxproc = maxproc and maxproc + 1
+    assert needs_another_worker(state, NOW) is wanted
+
+
+def test_needs_another_worker_waits_out_a_throttle():
+    state = service_state()
+    slot(state, 1, READY, clients=2, busy=2)
+    state.throttle(NOW)
+    assert not needs_another_worker(state, NOW + 59)
+    assert needs_another_worker(state, NOW + 61)
+
+
+def test_max_use_and_the_single_writer_at_reload():
+    state = service_state(max_use=3, maxproc=1)
+    s = slot(state, 1, READY)
+    s.handed = 2
+    assert not used_up(s, state.settings)
+    s.handed = 3
+    assert used_up(s, state.settings)
+    assert no_room_for_new_generation(state)
+    state.settings.maxproc = 2
+    assert not no_room_for_new_generation(state)
+
+
+def test_the_real_master_is_a_worker_control():
+    from master.supervisor import Master
+    for name in ("spawn", "kill", "send", "retire"):
+        assert callable(getattr(Master, name)), name
+    assert policy.WorkerControl.__doc__
