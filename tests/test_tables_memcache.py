@@ -15,7 +15,7 @@ import pytest
 
 from servers import MemcachedServer
 from sqldata import assert_same_answers, both
-from worker_fixture import Instance, RawClient
+from worker_fixture import RawClient, WorkerInstance
 from proxymap import dictflags as F
 from proxymap.tables.memcache import has_space, read_line, value_size, ReplyError
 
@@ -73,12 +73,12 @@ def mc():
 
 def write_cfs(inst, mc, configs):
     specs = {}
-    backup = f"{inst.etc}/backup"
+    backup = f"{inst.config_dir}/backup"
     with open(backup, "w") as f:
         f.write("backup-only from the backup\nalice@example.com from the backup too\n")
     assert inst.postmap(f"lmdb:{backup}").returncode == 0
     for name, body in configs.items():
-        cf = f"{inst.etc}/mc-{name}.cf"
+        cf = f"{inst.config_dir}/mc-{name}.cf"
         with open(cf, "w", encoding="utf-8") as f:
             f.write(f"memcache = unix:{mc.socket}\n"
                     + body.format(backup=backup, root=inst.root))
@@ -88,7 +88,7 @@ def write_cfs(inst, mc, configs):
 
 @pytest.fixture(scope="module")
 def inst(mc, tmp_path_factory):
-    i = Instance(tmp_path_factory.mktemp("memcache"))
+    i = WorkerInstance(tmp_path_factory.mktemp("memcache"))
     i.cfs = write_cfs(i, mc, CONFIGS)
     i.cfs["rw"] = write_cfs(i, mc, {"rw": "ttl = 600\nflags = 7\nkey_format = rw:%s\n"})["rw"]
     listed = " ".join(f"proxy:{s}" for s in i.cfs.values())
@@ -117,7 +117,7 @@ def test_known_answers(inst):
     assert p.returncode == d.returncode == 1 and b"query error" in p.stderr
     d, p = both(inst, "x", inst.cfs["down"])
     assert p.returncode == d.returncode == 1 and b"query error" in p.stderr
-    log = inst.read_log()
+    log = inst.log()
     assert "connect to " in log and "no-such-socket" in log and "Traceback" not in log
 
 
@@ -140,7 +140,7 @@ def test_update_and_delete_through_proxywrite(inst, mc):
     _, p = both(inst, "new@example.com", spec)
     assert p.stdout == b"fresh\n"
     assert write(inst, b"update", spec, key=b"with space", value=b"x")[b"status"] == b"1"
-    assert 'skipping update for name "with space": name contains space' in inst.read_log()
+    assert 'skipping update for name "with space": name contains space' in inst.log()
     assert write(inst, b"delete", spec, key=b"new@example.com")[b"status"] == b"0"
     assert raw_get(mc, b"rw:new@example.com") is None
     assert write(inst, b"delete", spec, key=b"new@example.com")[b"status"] == b"1"

@@ -23,9 +23,11 @@ import pytest
 
 from servers import RedisServer
 from sqldata import check_outage_and_recovery, check_pool_bound
-from worker_fixture import Instance, RawClient
+from worker_fixture import RawClient, WorkerInstance
+from tests.test_real_daemons import free_port   # loopback ports for sentinel and TLS
 from proxymap import dictflags as F
 from proxymap.client import ProxyClient
+from proxymap.conventions.service_sockets import service_socket_path
 from proxymap.protocol import NOKEY, OK, SEQ_FIRST, SEQ_NEXT
 from proxymap.tables.redis import glob_escape, parse_host, scan_pattern
 
@@ -67,7 +69,7 @@ def rd():
 def write_cfs(inst, rd, configs, extra=""):
     specs = {}
     for name, body in configs.items():
-        cf = f"{inst.etc}/redis-{name}.cf"
+        cf = f"{inst.config_dir}/redis-{name}.cf"
         with open(cf, "w", encoding="utf-8") as f:
             f.write(f"hosts = unix:{rd.socket}\n{extra}{body}")
         specs[name] = f"redis:{cf}"
@@ -76,10 +78,10 @@ def write_cfs(inst, rd, configs, extra=""):
 
 @pytest.fixture(scope="module")
 def inst(rd, tmp_path_factory):
-    i = Instance(tmp_path_factory.mktemp("redis"))
+    i = WorkerInstance(tmp_path_factory.mktemp("redis"))
     i.cfs = write_cfs(i, rd, CONFIGS)
-    i.lmdb = f"lmdb:{i.etc}/pairs"
-    with open(f"{i.etc}/pairs", "w", encoding="utf-8") as f:
+    i.lmdb = f"lmdb:{i.config_dir}/pairs"
+    with open(f"{i.config_dir}/pairs", "w", encoding="utf-8") as f:
         # a Postfix source file cannot hold a key with a space: redis can
         f.writelines(f"{k} {v}\n" for k, v in PAIRS.items() if " " not in k)
     assert i.postmap(i.lmdb).returncode == 0
@@ -136,7 +138,7 @@ def test_key_format_domain_and_acl(inst):
     assert q("with space", "acl") == (0, b"psc spaced value\n")
     r = inst.postmap("-q", "plain", f"proxy:{inst.cfs['badpass']}")
     assert r.returncode == 1 and b"query error" in r.stderr
-    log = inst.read_log()
+    log = inst.log()
     assert "connect to redis server" in log and "Traceback" not in log
 
 
@@ -166,7 +168,7 @@ def test_update_delete_and_ttl_through_proxywrite(inst, rd):
     reply = proxywrite(inst, request=b"update", table=inst.cfs["parts"].encode(), key=b"plain",
                        value=b"x")
     assert reply[b"status"] == b"1"
-    assert 'skipping update for name "plain": empty lookup key expansion' in inst.read_log()
+    assert 'skipping update for name "plain": empty lookup key expansion' in inst.log()
 
 
 def test_walk_with_deletes_sees_every_key_once(inst, rd):
@@ -192,7 +194,7 @@ def test_walk_with_deletes_sees_every_key_once(inst, rd):
 
 
 def test_64_clients_share_a_few_connections(rd, tmp_path):
-    i = Instance(tmp_path)
+    i = WorkerInstance(tmp_path)
     specs = write_cfs(i, rd, {"pool": ""})
 
     def connections():
@@ -209,7 +211,7 @@ def test_redis_down_under_load_answers_retry_and_recovers(tmp_path):
         client = redis.Redis(unix_socket_path=server.socket)
         client.set("alice@example.com", "alice.local@mail.example.com")
         client.close()
-        i = Instance(tmp_path)
+        i = WorkerInstance(tmp_path)
         specs = write_cfs(i, server, {"fault": "retry_interval = 1\n"})
         check_outage_and_recovery(i, specs["fault"], server, "no Redis server answered")
     finally:
@@ -236,7 +238,7 @@ def test_real_verify_keeps_its_cache_in_redis(tmp_path):
     proxy:redis:FILE runs its cache cleanup through our proxywrite: a
     sequence over redis, the expired records deleted, the stamp updated."""
     from tests.instance import temporary_instance, wait_for
-    from tests.test_real_daemons import RealPostfix, free_port
+    from tests.test_real_daemons import RealPostfix
     server = RedisServer()
     try:
         client = redis.Redis(unix_socket_path=server.socket)
@@ -259,7 +261,7 @@ address_verify_cache_cleanup_interval = 1s
             try:
                 real.start()
                 with socket.socket(socket.AF_UNIX) as s:   # waking verify starts its cleanup
-                    s.connect(os.path.join(real.queue, "private", "verify"))
+                    s.connect(service_socket_path(real.queue, "verify"))
                     try:
                         wait_for(lambda: client.get("_LAST_CACHE_CLEANUP_COMPLETED_"), 60,
                                  what="verify's cache cleanup in redis")
@@ -278,13 +280,6 @@ address_verify_cache_cleanup_interval = 1s
         server.cleanup()
 
 
-def free_port() -> int:
-    """A loopback port the kernel picked (a sentinel only speaks TCP)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sentinels_name_the_master(tmp_path):
     """With `sentinels`, redis-py asks a real Redis Sentinel for the master."""
     from servers import RedisSentinel
@@ -294,8 +289,8 @@ def test_sentinels_name_the_master(tmp_path):
         try:
             client = redis.Redis(unix_socket_path=master.socket)
             client.set("alice@example.com", "from the master")
-            i = Instance(tmp_path)
-            cf = f"{i.etc}/sentinel.cf"
+            i = WorkerInstance(tmp_path)
+            cf = f"{i.config_dir}/sentinel.cf"
             with open(cf, "w") as f:
                 f.write(f"sentinels = inet:127.0.0.1:{sentinel.port}\n"
                         "sentinel_master = mymaster\n")
@@ -305,7 +300,7 @@ def test_sentinels_name_the_master(tmp_path):
             i.start("proxywrite")
             try:
                 r = i.postmap("-q", "Alice@Example.com", f"proxy:{spec}")
-                assert (r.returncode, r.stdout) == (0, b"from the master\n"), (r, i.read_log())
+                assert (r.returncode, r.stdout) == (0, b"from the master\n"), (r, i.log())
                 assert proxywrite(i, b"update", spec.encode(), key=b"new",
                                   value=b"v")[b"status"] == b"0"
                 assert client.get("new") == b"v"
@@ -356,10 +351,10 @@ def test_tls_to_a_server_with_a_certificate_of_our_ca(tmp_path):
     try:
         client = redis.Redis(unix_socket_path=server.socket)
         client.set("secret@example.com", "over tls")
-        i = Instance(tmp_path / "inst")
+        i = WorkerInstance(tmp_path / "inst")
         specs = {}
         for name, ca in (("good", certs["ca"]), ("wrong_ca", certs["cert"])):
-            cf = f"{i.etc}/tls-{name}.cf"
+            cf = f"{i.config_dir}/tls-{name}.cf"
             with open(cf, "w") as f:
                 f.write(f"hosts = inet:127.0.0.1:{tls_port}\ntls = yes\ntls_CAfile = {ca}\n")
             specs[name] = f"redis:{cf}"
@@ -367,10 +362,10 @@ def test_tls_to_a_server_with_a_certificate_of_our_ca(tmp_path):
         i.start("proxymap")
         try:
             r = i.postmap("-q", "secret@example.com", f"proxy:{specs['good']}")
-            assert (r.returncode, r.stdout) == (0, b"over tls\n"), (r, i.read_log())
+            assert (r.returncode, r.stdout) == (0, b"over tls\n"), (r, i.log())
             r = i.postmap("-q", "secret@example.com", f"proxy:{specs['wrong_ca']}")
             assert r.returncode == 1 and b"query error" in r.stderr   # not verified: RETRY
-            assert "certificate verify failed" in i.read_log()
+            assert "certificate verify failed" in i.log()
         finally:
             i.stop()
         client.close()
