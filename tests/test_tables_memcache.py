@@ -14,7 +14,7 @@ the server; deletes are compared with real `postmap -d`.
 import pytest
 
 from servers import MemcachedServer
-from sqldata import assert_same_answers, both
+from sqldata import assert_same_answers, both, check_pool_bound
 from worker_fixture import RawClient, WorkerInstance
 from proxymap import dictflags as F
 from proxymap.tables.memcache import has_space, read_line, value_size, ReplyError
@@ -189,3 +189,18 @@ def test_reply_parsing():
     assert value_size(b"VALUE k 0 12") == 12
     assert value_size(b"SERVER_ERROR x") is None
     assert has_space(b"a\tb") and has_space(b"a b") and not has_space("é".encode())
+
+
+def test_64_clients_share_a_few_connections(mc, tmp_path):
+    seed(mc, {b"pool:alice@example.com": b"alice.local@mail.example.com"})
+    i = WorkerInstance(tmp_path)
+    spec = write_cfs(i, mc, {"pool": "key_format = pool:%s\n"})["pool"]
+
+    def connections():
+        stats = mc.text(b"stats\r\n", until=b"END\r\n").decode()
+        return int(next(line.split()[2] for line in stats.splitlines()
+                        if line.startswith("STAT curr_connections ")))
+    before = connections()
+    held = check_pool_bound(i, spec, lambda: connections() - before)
+    print(f"FIGURES memcache: 64 clients x 3 lookups through one worker held {held}"
+          f" connections (proxymap_backend_threads = 3)")
