@@ -7,7 +7,8 @@ connection (workerslot.pick_worker), when another worker is started
 (all current ones busy, fewer than the minimum, not throttled, under
 maxproc), when one is pinged (busy and silent), stopped (retiring for
 longer than the grace), killed (no first report, no progress for
-daemon_timeout) or retired (max_use, max_idle, an older configuration).
+daemon_timeout) or retired (max_use, max_idle, an older configuration),
+and which changed parameters a reload ignores.
 
 The decisions are plain functions of a `ServiceState` and its
 `WorkerSlot`s and the time. They act only through `WorkerControl`, the
@@ -21,12 +22,14 @@ from __future__ import annotations
 import socket
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Mapping, Protocol
 
 from master.master_cf import Service
 from master.workerslot import READY, RETIRING, STARTING, WorkerSlot
 from proxymap import handoff
 from proxymap.conventions import maillog
+from proxymap.conventions.mainconfig import MainConfig
+from proxymap.conventions.parameters import PARAMETERS
 
 #: workers kept per service even when idle
 MIN_WORKERS = 1
@@ -135,6 +138,25 @@ def no_room_for_new_generation(state: ServiceState) -> bool:
     workers must go before a worker of the new configuration can start."""
     maxproc = state.settings.maxproc
     return bool(maxproc) and len(state.alive()) >= maxproc
+
+
+def fixed_values(main: MainConfig) -> dict[str, str]:
+    """The values, at start, of the parameters declared not to change on
+    reload (proxymap/conventions/parameters.py: reload=False)."""
+    return {p.name: main.get(p.name) for p in PARAMETERS.values() if not p.reload}
+
+
+def ignored_changes(fixed: Mapping[str, str], main: MainConfig) -> list[str]:
+    """Postfix's warning lines for each such parameter whose value a reload
+    would change: the running master keeps the value it started with."""
+    lines = []
+    for name, old in fixed.items():
+        new = main.get(name)
+        if new != old:
+            lines += [f"ignoring {name} parameter value change",
+                      f"old value: \"{old}\", new value: \"{new}\"",
+                      f"to change {name}, stop and start the proxymap master"]
+    return lines
 
 
 def manage_workers(state: ServiceState, now: float, control: WorkerControl) -> None:

@@ -39,8 +39,9 @@ import setproctitle
 
 from master import pidfile, sdnotify
 from master.master_cf import Service, load_master_cf
-from master.policy import (STOP_GRACE, ServiceState, Settings, manage_workers,
-                           needs_another_worker, no_room_for_new_generation, used_up)
+from master.policy import (STOP_GRACE, ServiceState, Settings, fixed_values, ignored_changes,
+                           manage_workers, needs_another_worker, no_room_for_new_generation,
+                           used_up)
 from master.workerslot import READY, WorkerSlot, pick_worker
 from proxymap import handoff
 from proxymap.allowlist import proxy_allow_set
@@ -246,6 +247,8 @@ class Master:
         self.status_written = 0.0
         self.config: Configuration | None = None
         self.queue_directory = ""
+        #: values of the parameters a reload does not change, as at start
+        self.fixed: dict[str, str] = {}
         self.sockets_checked = 0.0
 
     # -- configuration ----------------------------------------------------------
@@ -282,7 +285,8 @@ class Master:
         self.config = config
         main = config.main
         self.setup_logging(main)
-        self.queue_directory = main.get("queue_directory")
+        self.fixed = fixed_values(main)
+        self.queue_directory = self.fixed["queue_directory"]
         prepare_directories(main, config.owner)
         try:
             self.lock_fd = pidfile.acquire(pidfile.pid_path(self.queue_directory))
@@ -643,11 +647,8 @@ class Master:
         self.reopen_logging(main)           # reopens maillog_file (log rotation)
         maillog.info(f"reload -- configuration {self.config_dir}")
         main_changed = old is None or old.main.explicit() != main.explicit()
-        if main.get("queue_directory") != self.queue_directory:
-            maillog.warning("ignoring queue_directory parameter value change")
-            maillog.warning(f"old value: \"{self.queue_directory}\", "
-                            f"new value: \"{main.get('queue_directory')}\"")
-            maillog.warning("to change queue_directory, stop and start the proxymap master")
+        for line in ignored_changes(self.fixed, main):
+            maillog.warning(line)
         if old is not None and (config.owner != old.owner):
             maillog.warning("mail_owner changed: sockets keep their old owner until restart")
         self.config = config

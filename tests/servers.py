@@ -3,9 +3,12 @@
 Each server runs in a fresh temporary directory, listens only on a UNIX
 socket there (no TCP port to collide with other engineers or CI), runs as
 the package's own system user (PostgreSQL refuses root), is waited for
-with a bounded loop and stopped by its pid; so are memcached and
-redis-server. `find_postgres()` and `find_mariadb()` return None when the binaries are missing, so a test can
-skip with the reason.
+with a bounded loop and stopped by its pid. `find_postgres()` and
+`find_mariadb()` return None when the binaries are missing, so a test can
+skip with the reason. slapd (`SlapdServer`) also listens on a loopback
+port the kernel picked, for the host:port forms of server_host; so do
+redis-server and Redis Sentinel where a test asks for one (memcached and
+redis-server otherwise listen on a UNIX socket only).
 """
 
 from __future__ import annotations
@@ -15,9 +18,13 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
+
+import psutil
 
 
 def find_postgres() -> str | None:
@@ -43,15 +50,17 @@ def _as_user(user: str):
 
 
 class ServerProcess:
-    """What the servers below share (PostgreSQL stops its own way): `proc`, `log` and `root` set by the
-    subclass; stopped with SIGTERM by pid (a clean shutdown), bounded."""
+    """What every test server shares: stopped by its pid with stop_signal
+    (bounded, then SIGKILL), its log file, its temporary directory."""
 
+    stop_signal = signal.SIGTERM
     proc: subprocess.Popen | None = None
-    log = root = ""
+    log = ""
+    root = ""
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(self.stop_signal)
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
@@ -73,6 +82,8 @@ class ServerProcess:
 
 class PostgresServer(ServerProcess):
     """initdb + postgres on a UNIX socket in a temporary directory."""
+
+    stop_signal = signal.SIGINT    # fast shutdown
 
     def __init__(self, user: str = "postgres"):
         self.bin = find_postgres()
@@ -112,17 +123,6 @@ class PostgresServer(ServerProcess):
             time.sleep(0.1)
         raise RuntimeError(f"postgres did not start: {self.read_log()[-2000:]}")
 
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT) of the postmaster by its pid, bounded."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
     def psql(self, sql: str, db: str = "postgres") -> str:
         r = subprocess.run([os.path.join(self.bin, "psql"), "-h", self.socket_dir, "-U",
                             "postgres", "-d", db, "-v", "ON_ERROR_STOP=1", "-q", "-A", "-t",
@@ -135,6 +135,8 @@ class PostgresServer(ServerProcess):
         """Client backends connected to db now (ours excluded)."""
         return int(self.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = "
                              f"'{db}' AND pid <> pg_backend_pid()").strip())
+
+
 
 class MariadbServer(ServerProcess):
     """mariadb-install-db + mariadbd on a UNIX socket in a temporary directory."""
@@ -188,6 +190,127 @@ class MariadbServer(ServerProcess):
                             f" WHERE user = '{user}'").strip())
 
 
+
+def find_slapd() -> str | None:
+    """OpenLDAP's server binary, if installed (Debian's slapd)."""
+    return shutil.which("slapd", path="/usr/sbin:/usr/bin")
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """Distinct ports the kernel just handed out on 127.0.0.1 (closed again)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_loopback_port() -> int:
+    return free_loopback_ports(1)[0]
+
+
+class SlapdServer(ServerProcess):
+    """slapd with an mdb database in a temporary directory (slapd.conf made
+    there, `schema` lines added to the standard ones), listening on an
+    ldapi:// socket there and on a loopback port; entries loaded with
+    ldapadd as the rootdn. With tls=True: a self-signed certificate for
+    127.0.0.1 (`cert`, its own CA) made with openssl, STARTTLS on the
+    loopback port and ldaps:// on a second one."""
+
+    SUFFIX = "dc=example,dc=com"
+    ROOT_DN = "cn=admin,dc=example,dc=com"
+    ROOT_PW = "secret"
+
+    def __init__(self, schema: str = "", tls: bool = False):
+        self.slapd = find_slapd()
+        if self.slapd is None:
+            raise RuntimeError("slapd is not installed (apt-get install slapd ldap-utils)")
+        self.root = tempfile.mkdtemp(prefix="pmtest-ldap-")
+        os.chmod(self.root, 0o755)
+        self.db = os.path.join(self.root, "db")
+        os.mkdir(self.db)
+        self.socket = os.path.join(self.root, "ldapi")
+        self.ldapi_url = "ldapi://" + urllib.parse.quote(self.socket, safe="")
+        self.conf = os.path.join(self.root, "slapd.conf")
+        self.log = os.path.join(self.root, "slapd.log")
+        self.port = self.ldaps_port = 0    # ldaps_port: listened on with tls only
+        self.proc: subprocess.Popen | None = None
+        self.tls = tls
+        self.cert = os.path.join(self.root, "cert.pem")
+        tls_conf = ""
+        if tls:
+            key = os.path.join(self.root, "key.pem")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                            "-keyout", key, "-out", self.cert, "-days", "30",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                           check=True, capture_output=True, timeout=120)
+            tls_conf = f"TLSCertificateFile {self.cert}\nTLSCertificateKeyFile {key}\n"
+        includes = "".join(f"include /etc/ldap/schema/{name}.schema\n"
+                           for name in ("core", "cosine", "inetorgperson"))
+        with open(self.conf, "w") as f:
+            f.write(f"{includes}{schema}\n{tls_conf}"
+                    f"pidfile {self.root}/slapd.pid\n"
+                    "modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
+                    f"database mdb\nsuffix \"{self.SUFFIX}\"\n"
+                    f"rootdn \"{self.ROOT_DN}\"\nrootpw {self.ROOT_PW}\n"
+                    f"directory {self.db}\nmaxsize 10485760\n")
+        for _ in range(3):            # bounded: another process may take the port first
+            self.port, self.ldaps_port = free_loopback_ports(2)
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                if "Address already in use" not in self.read_log():
+                    raise
+        raise RuntimeError(f"slapd did not start: {self.read_log()[-2000:]}")
+
+    @property
+    def tcp_url(self) -> str:
+        return f"ldap://127.0.0.1:{self.port}"
+
+    @property
+    def urls(self) -> str:
+        """What slapd listens on (-h)."""
+        extra = f" ldaps://127.0.0.1:{self.ldaps_port}/" if self.tls else ""
+        return f"{self.ldapi_url} {self.tcp_url}/{extra}"
+
+    def start(self) -> None:
+        logf = open(self.log, "ab")
+        # -d 0: stay in the foreground (so the pid is slapd's), log nothing
+        self.proc = subprocess.Popen(
+            [self.slapd, "-f", self.conf, "-h", self.urls, "-d", "0"],
+            stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+        logf.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.proc = None
+                raise RuntimeError(f"slapd exited: {self.read_log()[-2000:]}")
+            r = subprocess.run(["ldapsearch", "-x", "-H", self.ldapi_url, "-s", "base", "-b", "",
+                                "-LLL", "1.1"], capture_output=True, timeout=30)
+            if r.returncode == 0:
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"slapd did not start: {self.read_log()[-2000:]}")
+
+    def add(self, ldif: str) -> None:
+        r = subprocess.run(["ldapadd", "-x", "-H", self.ldapi_url, "-D", self.ROOT_DN,
+                            "-w", self.ROOT_PW], input=ldif.encode(), capture_output=True,
+                           timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"ldapadd failed: {r.stderr.decode(errors='replace')}")
+
+    def connections_from(self, pid: int) -> int:
+        """Established TCP connections from process pid to slapd's port now."""
+        return sum(1 for c in psutil.Process(pid).net_connections("tcp")
+                   if c.status == psutil.CONN_ESTABLISHED and c.raddr
+                   and c.raddr.port == self.port)
+
+
 class _CacheServer(ServerProcess):
     """A cache server listening on a UNIX socket in a temporary directory
     (and on a loopback `port` when one is given), run as the package's user
@@ -230,7 +353,6 @@ class _CacheServer(ServerProcess):
         raise RuntimeError(f"{self.command()[0]} did not start: {self.read_log()[-2000:]}")
 
     def _ask(self, request: bytes, until: bytes) -> bytes:
-        import socket
         with socket.socket(socket.AF_INET if self.port else socket.AF_UNIX) as s:
             s.settimeout(10)
             s.connect(("127.0.0.1", self.port) if self.port else self.socket)

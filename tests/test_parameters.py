@@ -73,7 +73,7 @@ def test_views_follow_the_declarations():
     assert set(OWN_PARAMETERS) == {n for n, p in PARAMETERS.items() if p.own}
     assert all(n.startswith("proxymap_") for n in OWN_PARAMETERS)
     assert not any(PARAMETERS[n].dynamic for n in DEFAULTS)
-    assert {n for n, p in PARAMETERS.items() if not p.reload} == {"queue_directory", "mail_owner"}
+    assert {n for n, p in PARAMETERS.items() if not p.reload} == {"queue_directory"}
 
 
 @pytest.mark.parametrize("name", OWN_PARAMETERS)

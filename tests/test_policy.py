@@ -211,3 +211,18 @@ def test_the_real_master_is_a_worker_control():
     for name in ("spawn", "kill", "send", "retire"):
         assert callable(getattr(Master, name)), name
     assert policy.WorkerControl.__doc__
+
+
+def test_a_reload_ignores_a_new_queue_directory(tmp_path):
+    from proxymap.conventions.main_cf import load_main_cf
+    (tmp_path / "main.cf").write_text("queue_directory = /q/one\nmail_owner = a\n")
+    at_start = policy.fixed_values(load_main_cf(str(tmp_path), warn=lambda m: None))
+    assert at_start == {"queue_directory": "/q/one"}
+    (tmp_path / "main.cf").write_text("queue_directory = /q/two\nmail_owner = b\n")
+    reloaded = load_main_cf(str(tmp_path), warn=lambda m: None)
+    assert policy.ignored_changes(at_start, reloaded) == [
+        "ignoring queue_directory parameter value change",
+        'old value: "/q/one", new value: "/q/two"',
+        "to change queue_directory, stop and start the proxymap master"]
+    (tmp_path / "main.cf").write_text("queue_directory = /q/one\nmail_owner = b\n")
+    assert policy.ignored_changes(at_start, load_main_cf(str(tmp_path), warn=lambda m: None)) == []

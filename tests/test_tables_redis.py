@@ -21,10 +21,9 @@ import socket
 
 import pytest
 
-from servers import RedisServer
+from servers import RedisServer, free_loopback_port as free_port
 from sqldata import check_outage_and_recovery, check_pool_bound
 from worker_fixture import RawClient, WorkerInstance
-from tests.test_real_daemons import free_port   # loopback ports for sentinel and TLS
 from proxymap import dictflags as F
 from proxymap.client import ProxyClient
 from proxymap.conventions.service_sockets import service_socket_path

@@ -116,7 +116,7 @@ declare("command_directory", "/usr/sbin", readers=(MASTER, WORKER, POSTMAP))
 declare("meta_directory", "/etc/postfix")
 declare("shlib_directory", "/usr/lib/postfix")
 declare("process_id_directory", "pid")
-declare("mail_owner", "postfix", reload=False, readers=(MASTER, WORKER))
+declare("mail_owner", "postfix", readers=(MASTER, WORKER))    # reload: sockets keep their owner
 declare("setgid_group", "postdrop", readers=(MASTER,))
 declare("mail_version", "3.7.11")
 declare("mail_release_date", "20240304")

@@ -39,6 +39,7 @@ TABLE_TYPES = {
     "tcp": "proxymap.tables.tcp:TcpTable",
     "memcache": "proxymap.tables.memcache:MemcacheTable",
     "redis": "proxymap.tables.redis:RedisTable",
+    "ldap": "proxymap.tables.ldap:LdapTable",
 }
 
 #: entry-point group of plugin table types (base class: tables/backend.py)
