@@ -5,7 +5,8 @@ socket there (no TCP port to collide with other engineers or CI), runs as
 the package's own system user (PostgreSQL refuses root), is waited for
 with a bounded loop and stopped by its pid. `find_postgres()` and
 `find_mariadb()` return None when the binaries are missing, so a test can
-skip with the reason.
+skip with the reason. slapd (`SlapdServer`) also listens on a loopback
+port the kernel picked, for the host:port forms of server_host.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
+
+import psutil
 
 
 def find_postgres() -> str | None:
@@ -42,8 +47,41 @@ def _as_user(user: str):
     return demote if os.geteuid() == 0 else None
 
 
-class PostgresServer:
+class ServerProcess:
+    """What every test server shares: stopped by its pid with stop_signal
+    (bounded, then SIGKILL), its log file, its temporary directory."""
+
+    stop_signal = signal.SIGTERM
+    proc: subprocess.Popen | None = None
+    log = ""
+    root = ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(self.stop_signal)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def read_log(self) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PostgresServer(ServerProcess):
     """initdb + postgres on a UNIX socket in a temporary directory."""
+
+    stop_signal = signal.SIGINT    # fast shutdown
 
     def __init__(self, user: str = "postgres"):
         self.bin = find_postgres()
@@ -83,17 +121,6 @@ class PostgresServer:
             time.sleep(0.1)
         raise RuntimeError(f"postgres did not start: {self.read_log()[-2000:]}")
 
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT) of the postmaster by its pid, bounded."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
     def psql(self, sql: str, db: str = "postgres") -> str:
         r = subprocess.run([os.path.join(self.bin, "psql"), "-h", self.socket_dir, "-U",
                             "postgres", "-d", db, "-v", "ON_ERROR_STOP=1", "-q", "-A", "-t",
@@ -107,19 +134,9 @@ class PostgresServer:
         return int(self.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = "
                              f"'{db}' AND pid <> pg_backend_pid()").strip())
 
-    def read_log(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
-class MariadbServer:
+class MariadbServer(ServerProcess):
     """mariadb-install-db + mariadbd on a UNIX socket in a temporary directory."""
 
     def __init__(self, user: str = "mysql"):
@@ -158,17 +175,6 @@ class MariadbServer:
             time.sleep(0.1)
         raise RuntimeError(f"mariadbd did not start: {self.read_log()[-2000:]}")
 
-    def stop(self) -> None:
-        """SIGTERM to mariadbd by its pid (a clean shutdown), bounded."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
     def sql(self, sql: str, db: str = "") -> str:
         r = subprocess.run(["mariadb", "--no-defaults", "-S", self.socket, "-u", "root",
                             "-N", "-B", *([db] if db else []), "-e", sql],
@@ -181,13 +187,124 @@ class MariadbServer:
         return int(self.sql("SELECT count(*) FROM information_schema.processlist"
                             f" WHERE user = '{user}'").strip())
 
-    def read_log(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
 
-    def cleanup(self) -> None:
+
+def find_slapd() -> str | None:
+    """OpenLDAP's server binary, if installed (Debian's slapd)."""
+    return shutil.which("slapd", path="/usr/sbin:/usr/bin")
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """Distinct ports the kernel just handed out on 127.0.0.1 (closed again)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_loopback_port() -> int:
+    return free_loopback_ports(1)[0]
+
+
+class SlapdServer(ServerProcess):
+    """slapd with an mdb database in a temporary directory (slapd.conf made
+    there, `schema` lines added to the standard ones), listening on an
+    ldapi:// socket there and on a loopback port; entries loaded with
+    ldapadd as the rootdn. With tls=True: a self-signed certificate for
+    127.0.0.1 (`cert`, its own CA) made with openssl, STARTTLS on the
+    loopback port and ldaps:// on a second one."""
+
+    SUFFIX = "dc=example,dc=com"
+    ROOT_DN = "cn=admin,dc=example,dc=com"
+    ROOT_PW = "secret"
+
+    def __init__(self, schema: str = "", tls: bool = False):
+        self.slapd = find_slapd()
+        if self.slapd is None:
+            raise RuntimeError("slapd is not installed (apt-get install slapd ldap-utils)")
+        self.root = tempfile.mkdtemp(prefix="pmtest-ldap-")
+        os.chmod(self.root, 0o755)
+        self.db = os.path.join(self.root, "db")
+        os.mkdir(self.db)
+        self.socket = os.path.join(self.root, "ldapi")
+        self.ldapi_url = "ldapi://" + urllib.parse.quote(self.socket, safe="")
+        self.conf = os.path.join(self.root, "slapd.conf")
+        self.log = os.path.join(self.root, "slapd.log")
+        self.port = self.ldaps_port = 0    # ldaps_port: listened on with tls only
+        self.proc: subprocess.Popen | None = None
+        self.tls = tls
+        self.cert = os.path.join(self.root, "cert.pem")
+        tls_conf = ""
+        if tls:
+            key = os.path.join(self.root, "key.pem")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                            "-keyout", key, "-out", self.cert, "-days", "30",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                           check=True, capture_output=True, timeout=120)
+            tls_conf = f"TLSCertificateFile {self.cert}\nTLSCertificateKeyFile {key}\n"
+        includes = "".join(f"include /etc/ldap/schema/{name}.schema\n"
+                           for name in ("core", "cosine", "inetorgperson"))
+        with open(self.conf, "w") as f:
+            f.write(f"{includes}{schema}\n{tls_conf}"
+                    f"pidfile {self.root}/slapd.pid\n"
+                    "modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
+                    f"database mdb\nsuffix \"{self.SUFFIX}\"\n"
+                    f"rootdn \"{self.ROOT_DN}\"\nrootpw {self.ROOT_PW}\n"
+                    f"directory {self.db}\nmaxsize 10485760\n")
+        for _ in range(3):            # bounded: another process may take the port first
+            self.port, self.ldaps_port = free_loopback_ports(2)
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                if "Address already in use" not in self.read_log():
+                    raise
+        raise RuntimeError(f"slapd did not start: {self.read_log()[-2000:]}")
+
+    @property
+    def tcp_url(self) -> str:
+        return f"ldap://127.0.0.1:{self.port}"
+
+    @property
+    def urls(self) -> str:
+        """What slapd listens on (-h)."""
+        extra = f" ldaps://127.0.0.1:{self.ldaps_port}/" if self.tls else ""
+        return f"{self.ldapi_url} {self.tcp_url}/{extra}"
+
+    def start(self) -> None:
+        logf = open(self.log, "ab")
+        # -d 0: stay in the foreground (so the pid is slapd's), log nothing
+        self.proc = subprocess.Popen(
+            [self.slapd, "-f", self.conf, "-h", self.urls, "-d", "0"],
+            stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+        logf.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.proc = None
+                raise RuntimeError(f"slapd exited: {self.read_log()[-2000:]}")
+            r = subprocess.run(["ldapsearch", "-x", "-H", self.ldapi_url, "-s", "base", "-b", "",
+                                "-LLL", "1.1"], capture_output=True, timeout=30)
+            if r.returncode == 0:
+                return
+            time.sleep(0.1)
         self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        raise RuntimeError(f"slapd did not start: {self.read_log()[-2000:]}")
+
+    def add(self, ldif: str) -> None:
+        r = subprocess.run(["ldapadd", "-x", "-H", self.ldapi_url, "-D", self.ROOT_DN,
+                            "-w", self.ROOT_PW], input=ldif.encode(), capture_output=True,
+                           timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"ldapadd failed: {r.stderr.decode(errors='replace')}")
+
+    def connections_from(self, pid: int) -> int:
+        """Established TCP connections from process pid to slapd's port now."""
+        return sum(1 for c in psutil.Process(pid).net_connections("tcp")
+                   if c.status == psutil.CONN_ESTABLISHED and c.raddr
+                   and c.raddr.port == self.port)
+

@@ -37,6 +37,7 @@ TABLE_TYPES = {
     "mysql": "proxymap.tables.mysql:MysqlTable",
     "socketmap": "proxymap.tables.socketmap:SocketmapTable",
     "tcp": "proxymap.tables.tcp:TcpTable",
+    "ldap": "proxymap.tables.ldap:LdapTable",
 }
 
 #: entry-point group of plugin table types (base class: tables/backend.py)

@@ -98,9 +98,9 @@ def parse_parameters(data: bytes, path: str) -> dict[str, str]:
     return values
 
 
-def read_parameters(name: str, main_cf) -> Parameters:
+def read_parameters(name: str, main_cf, names: Iterable[str] | None = None) -> Parameters:
     """cfg_parser_alloc(): a file when name starts with / or ., else the
-    main.cf parameters `name_*`."""
+    main.cf parameters `name_*` (of `names`; default PARAMETER_NAMES)."""
     if name.startswith(("/", ".")):
         try:
             with open(name, "rb") as f:
@@ -110,7 +110,7 @@ def read_parameters(name: str, main_cf) -> Parameters:
         return Parameters(name, parse_parameters(data, name), name)
     prefix = name + "_"
     values = {}
-    for param in PARAMETER_NAMES:
+    for param in PARAMETER_NAMES if names is None else names:
         value = main_cf.get(prefix + param) if main_cf is not None else None
         if value is not None:
             values[param] = value
@@ -148,7 +148,13 @@ class Templates:
         t.domains = parse_domain_list(domain)
         return t
 
-    def _scan(self, name: str, template: str, is_query: bool) -> None:
+    def scan_query(self, name: str, template: str) -> bool:
+        """Add another key-side template (LDAP's search_base); True when it
+        has expansions (db_common_parse's "dynamic")."""
+        return self._scan(name, template, True)
+
+    def _scan(self, name: str, template: str, is_query: bool) -> bool:
+        dynamic = False
         i = 0
         while i < len(template):
             if template[i] != "%":
@@ -171,7 +177,9 @@ class Templates:
             else:
                 raise TableOpenError(f"db_common_parse: {name}: Invalid"
                                      f" {'query' if is_query else 'result'} template: {template}")
+            dynamic = dynamic or c != "%"
             i += 2
+        return dynamic
 
     def domain_allows(self, key: str) -> bool:
         """db_common_check_domain(): with a domain list, only keys whose
