@@ -260,7 +260,7 @@ address_verify_cache_cleanup_interval = 1s
             try:
                 real.start()
                 with socket.socket(socket.AF_UNIX) as s:   # waking verify starts its cleanup
-                    s.connect(service_socket_path(real.queue, "verify"))
+                    s.connect(service_socket_path(real.queue_dir, "verify"))
                     try:
                         wait_for(lambda: client.get("_LAST_CACHE_CLEANUP_COMPLETED_"), 60,
                                  what="verify's cache cleanup in redis")
