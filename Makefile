@@ -13,6 +13,8 @@ APT_PKGS += debootstrap
 APT_PKGS += postfix-sqlite postfix-pgsql postfix-mysql postgresql mariadb-server
 # make bench counts instructions per lookup (ours, the C proxymap) with callgrind
 APT_PKGS += valgrind
+# memcache: and redis: tables: the servers the tests start (tests/servers.py)
+APT_PKGS += memcached redis-server
 # ldap: Postfix's own client to compare with, the directory server the tests start
 APT_PKGS += postfix-ldap slapd ldap-utils
 
