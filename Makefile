@@ -80,8 +80,10 @@ install: .apt-done
 	$(PREFIX)/bin/python -m pip install -q .
 	mkdir -p $(BINDIR) $(DOCDIR)/examples $(UNITDIR) $(LOGROTATEDIR)
 	for p in $(PROGRAMS); do ln -sfn $(PREFIX)/bin/$$p $(BINDIR)/$$p; done
-	cp README.md docs/*.md $(DOCDIR)/
-	cp etc/postfix/main.cf etc/postfix/master.cf etc/postfix/virtual $(DOCDIR)/examples/
+	cp README.md docs/*.md docs/*.png $(DOCDIR)/
+	sed -e 's|@RUN@/queue|/var/spool/postfix|' -e 's|@RUN@/data|/var/lib/postfix|' \
+	  etc/postfix/main.cf > $(DOCDIR)/examples/main.cf
+	cp etc/postfix/master.cf etc/postfix/virtual $(DOCDIR)/examples/
 	$(SITE_PATHS) etc/systemd/proxymap.service > $(UNITDIR)/proxymap.service
 	$(SITE_PATHS) etc/logrotate.d/pyproxymap > $(LOGROTATEDIR)/pyproxymap
 	chmod 644 $(UNITDIR)/proxymap.service $(LOGROTATEDIR)/pyproxymap

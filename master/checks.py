@@ -157,9 +157,11 @@ def unused_parameters(main: MainConfig, services: list[Service],
     return messages
 
 
-def table_problem(spec: str, owner: str | None) -> str | None:
+def table_problem(spec: str, owner: str | None, created: bool = False) -> str | None:
     """Why `type:name` cannot be served (type unknown, file missing or not
-    readable by `owner`), or None."""
+    readable by `owner`), or None. With `created` (a proxy_write_maps
+    table: proxywrite creates a missing file, as verify's cache on a new
+    site), a missing file is fine while its directory exists."""
     type_name, _, name = spec.partition(":")
     if type_name not in TABLE_TYPES and type_name not in plugin_types():
         hint = (f". Is the postfix-{type_name} package installed?"
@@ -175,6 +177,10 @@ def table_problem(spec: str, owner: str | None) -> str | None:
     path = name + suffix
     try:
         st = os.stat(path)
+    except FileNotFoundError as exc:
+        if created and os.path.isdir(os.path.dirname(path)):
+            return None
+        return f"open {path}: {exc.strerror}"
     except OSError as exc:
         return f"open {path}: {exc.strerror}"
     if owner is not None and not readable_by(st, owner):
@@ -204,6 +210,10 @@ def table_problems(cfg: MainConfig, owner: str | None) -> list[str]:
     """One text per table of proxy_read_maps/proxy_write_maps that a worker
     could not serve."""
     messages = []
+    try:
+        written = proxy_allow_set(cfg.get("proxy_write_maps"))
+    except Exception:           # noqa: BLE001 - syntax errors are check's own job
+        written = set()
     for parameter in ("proxy_read_maps", "proxy_write_maps"):
         try:
             tables = sorted(proxy_allow_set(cfg.get(parameter)))
@@ -211,7 +221,7 @@ def table_problems(cfg: MainConfig, owner: str | None) -> list[str]:
             continue
         where = cfg.locate(parameter, "").filename or cfg.path
         for spec in tables:
-            problem = table_problem(spec, owner)
+            problem = table_problem(spec, owner, created=spec in written)
             if problem:
                 messages.append(f"{where}: {parameter}: table {spec}: {problem}")
             else:

@@ -301,6 +301,10 @@ def format_status(status: dict) -> str:
              f"generation {status.get('generation', 0)}"]
     if status.get("reload_error"):
         lines.append(f"  last reload rejected: {status['reload_error']}")
+    listener = status.get("metrics_listener")
+    if listener:
+        state = f"pid {listener['pid']}" if listener.get("pid") else "not running"
+        lines.append(f"metrics listener {listener.get('address')} ({state})")
     for name, service in sorted(status.get("services", {}).items()):
         workers = service.get("workers", [])
         extra = ", throttled" if service.get("throttled") else ""

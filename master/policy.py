@@ -26,7 +26,7 @@ from typing import Mapping, Protocol
 
 from master.master_cf import Service
 from master.workerslot import READY, RETIRING, STARTING, WorkerSlot
-from proxymap import handoff
+from proxymap import handoff, metrics
 from proxymap.conventions import maillog
 from proxymap.conventions.mainconfig import MainConfig
 from proxymap.conventions.parameters import PARAMETERS
@@ -75,6 +75,12 @@ class ServiceState:
         #: (st_dev, st_ino) of the socket file we bound
         self.inode: tuple[int, int] | None = None
         self.taken_over = False
+        #: request counters of the workers that have exited, by table
+        self.exited_tables: dict[str, metrics.TableCounters] = {}
+
+    def tables(self) -> dict[str, metrics.TableCounters]:
+        """Request counters by table: exited workers' and live ones' totals."""
+        return metrics.sum_tables(self.exited_tables, *(s.tables for s in self.slots))
 
     @property
     def name(self) -> str:

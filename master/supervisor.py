@@ -43,7 +43,7 @@ from master.policy import (STOP_GRACE, ServiceState, Settings, fixed_values, ign
                            manage_workers, needs_another_worker, no_room_for_new_generation,
                            used_up)
 from master.workerslot import READY, WorkerSlot, pick_worker
-from proxymap import handoff
+from proxymap import handoff, metrics
 from proxymap.allowlist import proxy_allow_set
 from proxymap.conventions import maillog
 from proxymap.conventions.config_error import ConfigError
@@ -163,6 +163,7 @@ def load_configuration(config_dir: str, warn=None, workers: bool = False,
                                     f"{main.get(name)}")
     main.get_int("default_process_limit")
     main.get_time("service_throttle_time")
+    metrics_listen(main)
     if workers:     # check, reload: the log file the master and workers will open
         try:
             maillog.check_log_file(main.get("maillog_file"), main.get("maillog_file_prefixes"))
@@ -184,6 +185,20 @@ def load_configuration(config_dir: str, warn=None, workers: bool = False,
         else:
             skipped.append(service)
     return Configuration(main, used, owner, skipped, service_file(main, services_from))
+
+
+def metrics_listen(main: MainConfig) -> tuple[str, object] | None:
+    """proxymap_metrics_listen parsed (master/exporter.py), None when
+    unset; ConfigError with file and line for a bad value."""
+    from master import exporter
+    value = main.get("proxymap_metrics_listen").strip()
+    if not value:
+        return None
+    try:
+        return exporter.parse_listen(value)
+    except ValueError as exc:
+        raise main.locate("proxymap_metrics_listen",
+                          f"parameter proxymap_metrics_listen: {exc}") from None
 
 
 def not_served(service: Service) -> str:
@@ -223,6 +238,17 @@ def same_definition(a: Service, b: Service) -> bool:
                for name in ("type", "private", "unpriv", "chroot", "maxproc", "command", "args"))
 
 
+@dataclass
+class ExporterProcess:
+    """The metrics listener: its main.cf value, socket and process."""
+    value: str
+    sock: socket.socket
+    address: str
+    throttle_time: int
+    pid: int | None = None
+    restart_at: float = 0.0
+
+
 class Master:
     def __init__(self, config_dir: str, stderr: bool = False, verbose: int = 0,
                  services_from: str | None = None):
@@ -250,6 +276,8 @@ class Master:
         #: values of the parameters a reload does not change, as at start
         self.fixed: dict[str, str] = {}
         self.sockets_checked = 0.0
+        #: the metrics listener (master/exporter.py), when configured
+        self.exporter: ExporterProcess | None = None
 
     # -- configuration ----------------------------------------------------------
 
@@ -302,6 +330,9 @@ class Master:
         self.log_skipped(config)
         for service in config.services:
             self.add_service(service, main)
+        listen = metrics_listen(main)
+        if listen is not None:
+            self.start_exporter(listen, main)
         maillog.info(f"daemon started -- configuration {self.config_dir}")
         self.manage(time.monotonic())
 
@@ -488,17 +519,22 @@ class Master:
         return slot
 
     def worker_readable(self, slot: WorkerSlot) -> None:
-        records, eof = handoff.read_messages(slot.chan)
+        if slot.chan is None:
+            return
+        records, eof = handoff.read_messages(slot.chan, handoff.MAX_REPORT_RECORD)
         now = time.monotonic()
         for data, fds in records:
             for fd in fds:
                 os.close(fd)
             try:
-                status = handoff.decode_status(data)
+                if data[:1] == handoff.METRICS:
+                    spec, counters = handoff.decode_metrics(data)
+                    slot.tables[spec] = counters     # that worker's totals so far
+                else:
+                    slot.on_status(handoff.decode_status(data), now)
             except ValueError as exc:
                 maillog.warning(f"worker pid {slot.pid}: {exc}")
                 continue
-            slot.on_status(status, now)
             self.status_dirty = True
         if eof:
             self.channel_lost(slot)
@@ -544,6 +580,9 @@ class Master:
                 return
             if pid == 0:
                 return
+            if self.exporter is not None and self.exporter.pid == pid:
+                self.exporter_exited(status)
+                continue
             slot = self.by_pid.pop(pid, None)
             if slot is None:
                 maillog.warning(f"reaped unknown process pid {pid}")
@@ -551,12 +590,14 @@ class Master:
             self.on_exit(slot, status)
 
     def on_exit(self, slot: WorkerSlot, status: int) -> None:
+        self.worker_readable(slot)      # its last reports, sent before it exited
         self.channel_lost(slot)
         slot.on_exit(status)
         self.status_dirty = True
         state = self.state_of(slot)
         if state is not None:
             state.slots.remove(slot)
+            state.exited_tables = metrics.sum_tables(state.exited_tables, slot.tables)
         how = describe_exit(status)
         if how is None or self.stopping:
             return
@@ -579,6 +620,10 @@ class Master:
 
     def manage(self, now: float) -> None:
         self.check_sockets(now)
+        exporter = self.exporter
+        if exporter is not None and exporter.pid is None and now >= exporter.restart_at \
+                and not self.stopping:
+            self.spawn_exporter()
         for key, state in list(self.services.items()):
             self.manage_service(state, now)
             if state.removed and not state.alive():
@@ -653,6 +698,7 @@ class Master:
             maillog.warning("mail_owner changed: sockets keep their old owner until restart")
         self.config = config
         self.log_skipped(config)
+        self.reload_exporter(main)
         self.generation += 1
         now = time.monotonic()
         wanted = {service.identity(): service for service in config.services}
@@ -688,6 +734,82 @@ class Master:
                     self.retire(slot, now, "configuration reloaded")
         self.manage(now)
 
+    # -- the metrics listener ------------------------------------------------------
+
+    def start_exporter(self, listen, main: MainConfig) -> None:
+        """Bind the listener (OSError: caller's fatal or error) and fork
+        the process that serves it."""
+        from master import exporter
+        owner = self.config.owner
+        sock = exporter.bind(listen, owner.uid if owner else -1, owner.gid if owner else -1)
+        self.exporter = ExporterProcess(main.get("proxymap_metrics_listen").strip(), sock,
+                                        exporter.address_of(sock),
+                                        main.get_time("service_throttle_time"))
+        maillog.info(f"metrics: listening on {self.exporter.address}")
+        self.spawn_exporter()
+
+    def spawn_exporter(self) -> None:
+        state = self.exporter
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            maillog.warning(f"metrics listener: fork: {exc.strerror} -- throttling")
+            state.restart_at = time.monotonic() + state.throttle_time
+            return
+        if pid == 0:
+            _run_exporter(state.sock, status_path(self.queue_directory), self.config.owner,
+                          self.queue_directory, self.config_dir)
+        state.pid = pid
+        self.status_dirty = True
+
+    def exporter_exited(self, status: int) -> None:
+        state = self.exporter
+        pid, state.pid = state.pid, None
+        self.status_dirty = True
+        if self.stopping:
+            return
+        maillog.warning(f"process {exporter_title()} pid {pid} "
+                        f"{describe_exit(status) or 'exit status 0'}"
+                        f" -- restarting it in {state.throttle_time}s")
+        state.restart_at = time.monotonic() + state.throttle_time
+
+    def stop_exporter(self) -> None:
+        """End the listener process (by its pid) and close its socket."""
+        state, self.exporter = self.exporter, None
+        if state is None:
+            return
+        if state.pid is not None:
+            try:
+                os.kill(state.pid, signal.SIGTERM)
+                deadline = time.monotonic() + STOP_GRACE
+                while time.monotonic() < deadline:
+                    done, _ = os.waitpid(state.pid, os.WNOHANG)
+                    if done:
+                        break
+                    time.sleep(0.02)
+                else:
+                    os.kill(state.pid, signal.SIGKILL)
+                    os.waitpid(state.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        state.sock.close()
+        self.status_dirty = True
+
+    def reload_exporter(self, main: MainConfig) -> None:
+        """A changed proxymap_metrics_listen: the old listener goes, the new
+        one is bound (a bind error is logged; the master goes on without)."""
+        value = main.get("proxymap_metrics_listen").strip()
+        if (self.exporter.value if self.exporter else "") == value:
+            return
+        self.stop_exporter()
+        listen = metrics_listen(main)
+        if listen is None:
+            return
+        try:
+            self.start_exporter(listen, main)
+        except OSError as exc:
+            maillog.error(f"metrics listener: {exc.strerror or exc}")
+
     # -- stop -------------------------------------------------------------------------
 
     def shutdown(self) -> int:
@@ -709,6 +831,7 @@ class Master:
                             f"-- killing it")
             self.kill(slot, signal.SIGKILL)
         self.wait_for_workers(STOP_GRACE)
+        self.stop_exporter()
         self.status_dirty = True
         self.write_status(time.monotonic(), force=True, running=False)
         return 0
@@ -736,12 +859,15 @@ class Master:
                 "maxproc": state.settings.maxproc, "generation": state.generation,
                 "throttled": state.throttled(now), "pending": len(state.pending),
                 "removed": state.removed, "socket_inode": state.inode,
-                "workers": [s.snapshot() for s in state.slots if s.alive]}
+                "workers": [s.snapshot() for s in state.slots if s.alive],
+                **metrics_snapshot(state.tables())}
         return {"pid": os.getpid(), "running": running, "started": self.started,
                 "config_directory": self.config_dir,
                 "queue_directory": self.queue_directory, "generation": self.generation,
                 "reloads": self.reloads, "reload_error": self.reload_error,
-                "ready": self.ready_sent, "services": services}
+                "ready": self.ready_sent, "services": services,
+                "metrics_listener": None if self.exporter is None else {
+                    "address": self.exporter.address, "pid": self.exporter.pid}}
 
     def write_status(self, now: float, force: bool = False, running: bool = True) -> None:
         if not self.status_dirty or (not force and now - self.status_written < STATUS_INTERVAL):
@@ -757,6 +883,18 @@ class Master:
             maillog.warning(f"write {path}: {exc.strerror}")
         self.status_dirty = False
         self.status_written = now
+
+
+def metrics_snapshot(tables: dict) -> dict:
+    """A service's part of the status file: counters by table, their sum
+    over the tables, and the connection errors (proxymap/metrics.py)."""
+    no_table = tables.get(metrics.NO_TABLE)
+    total = metrics.TableCounters()
+    for counters in tables.values():
+        total.add(counters)
+    return {"tables": {spec: c.as_json() for spec, c in sorted(tables.items())},
+            "totals": total.as_json(),
+            "connection_errors": no_table.errors if no_table is not None else 0}
 
 
 def _note_signal(signum, frame) -> None:
@@ -775,30 +913,64 @@ def _run_worker(argv, env, chan_fd, queue_directory) -> None:
     read its configuration (as Postfix daemons do), see
     handoff.drop_privileges(). `argv` is the command line an exec would
     have used, kept for `ps` and for the argument parser."""
+    def worker() -> int:
+        # the title first: setproctitle needs the environment it started with
+        setproctitle.setproctitle(" ".join([WORKER_COMMAND] + argv[argv.index("-c"):]))
+        os.environ.clear()
+        os.environ.update(env)
+        from proxymap import server
+        return server.main(argv[argv.index("-c"):])
+    _run_child(f"master_spawn: {argv[0]}", chan_fd, queue_directory, worker)
+
+
+def _run_exporter(sock: socket.socket, status_file: str, owner: Credentials | None,
+                  queue_directory: str, config_dir: str) -> None:
+    """In the forked child: serve the metrics listener (master/exporter.py)
+    with nothing else of the master's open, as mail_owner."""
+    def listener() -> int:
+        from master import exporter
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        listening = socket.socket(fileno=WORKER_FD)
+        setproctitle.setproctitle(f"{exporter.TITLE} -c {config_dir} "
+                                  f"{exporter.address_of(listening)}")
+        master_pid = os.getppid()
+        if owner is not None and os.geteuid() == 0:
+            exporter.preload()
+            handoff.drop_privileges(owner.user)
+        exporter.serve(listening, status_file, master_pid)
+        return 0
+    _run_child("metrics listener", sock.fileno(), queue_directory, listener)
+
+
+def exporter_title() -> str:
+    from master import exporter
+    return exporter.TITLE
+
+
+def _run_child(what: str, keep_fd: int, queue_directory: str, body) -> None:
+    """The frame of a forked child of the master: default signal handling,
+    `keep_fd` moved to WORKER_FD and every other descriptor above stderr
+    closed, the queue directory as working directory; then body(), whose
+    result is the exit status. Never returns."""
     status = 127
     try:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                        signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(signum, signal.SIG_DFL)
-        os.dup2(chan_fd, WORKER_FD, inheritable=False)
+        if keep_fd != WORKER_FD:
+            os.dup2(keep_fd, WORKER_FD, inheritable=False)
         os.closerange(WORKER_FD + 1, _max_fd())
         try:
             os.chdir(queue_directory)
         except OSError:
             pass
-        # the title first: setproctitle needs the environment it started with
-        setproctitle.setproctitle(" ".join([WORKER_COMMAND] + argv[argv.index("-c"):]))
-        os.environ.clear()
-        os.environ.update(env)
-        from proxymap import server
-        status = server.main(argv[argv.index("-c"):])
+        status = body()
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:    # noqa: BLE001 - the child must never return
         try:
-            os.write(2, f"{PROGRAM}[{os.getpid()}]: fatal: master_spawn: {argv[0]}: "
-                        f"{exc}\n".encode())
+            os.write(2, f"{PROGRAM}[{os.getpid()}]: fatal: {what}: {exc}\n".encode())
         except OSError:
             pass
         status = 1

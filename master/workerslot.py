@@ -42,6 +42,9 @@ class WorkerSlot:
     pings: int = 0           # pings sent (liveness checks while busy)
     exit_status: int | None = None
     reported: bool = False   # sent at least one status: start-up succeeded
+    #: the worker's request counters by table, as last reported
+    #: (proxymap.metrics.TableCounters)
+    tables: dict = field(default_factory=dict)
 
     # -- load ------------------------------------------------------------------
 

@@ -20,14 +20,24 @@ freshness or after a write, never restarts or disturbs a walk in progress.
 
 Operations of tables that may block (database clients, plugins) are handed
 to the worker's Offloader and answered later (see proxymap/offload.py).
+
+Every answered request is counted in `metrics` (proxymap/metrics.py) under
+its table, type and status, with its latency: from `woke_at`
+(time.monotonic_ns() when the worker woke up to read it, set by the
+worker's loop) to the reply; one clock read per request, plain integer
+increments. Offloaded requests are counted when their reply is delivered
+(`count_delivered`).
 """
 
 from __future__ import annotations
 
 import time
+from time import monotonic_ns
 
 from proxymap import dictflags as F
 from proxymap.conventions import maillog
+from proxymap.metrics import (LATENCY_BUCKET, NO_TABLE, REPLY_STATUS_OFFSET, REQUEST_BASE,
+                              WorkerMetrics)
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                BadRequest, Request, encode_reply, parse_request)
 from proxymap.tables import Table, TableError, TableOpenError, open_table, strip_proxy
@@ -110,6 +120,15 @@ class Dispatcher:
         # proxywrite instances opened with OPEN_LOCK -> the clients that used
         # them: the lock is given back when the last of them has gone
         self.lock_users: dict[tuple[str, int], set] = {}
+        #: request counters by table (see the module text)
+        self.metrics = WorkerMetrics()
+        #: time.monotonic_ns() when the worker woke up to read the requests
+        #: it answers
+        self.woke_at = monotonic_ns()
+        # the counters of the request in progress: its table's (each table
+        # instance has its `counters`), else those of NO_TABLE
+        self._no_table = self.metrics.table(NO_TABLE)
+        self._counters = self._no_table
 
     # -- the request entry point ------------------------------------------------
 
@@ -127,18 +146,57 @@ class Dispatcher:
         except BadRequest as exc:
             if self.log_bad:
                 maillog.warning(f"{self.service}: bad request: {exc.reason}")
-            return encode_reply(exc.name, BAD, exc.layout)
+            reply = encode_reply(exc.name, BAD, exc.layout)
+            self._count(self._no_table, REQUEST_BASE.get(exc.name, REQUEST_BASE["unknown"]),
+                        reply, self.woke_at)
+            return reply
         self._client = client
+        self._counters = self._no_table
         try:
-            return self._answer(req, self.walks if walks is None else walks)
+            reply = self._answer(req, self.walks if walks is None else walks)
         except LockBusy as exc:
             if may_wait:
-                return None
+                return None     # asked again later: counted then
             maillog.warning(exc.reason)
-            return encode_reply(req.name, RETRY, req.layout)
+            self._count_under_table(req)
+            reply = encode_reply(req.name, RETRY, req.layout)
         except Exception as exc:  # a bug must not cost the client its answer
             maillog.error(f"{req.name} {req.table}: unexpected {type(exc).__name__}: {exc}")
-            return encode_reply(req.name, RETRY, req.layout)
+            self._count_under_table(req).errors += 1
+            reply = encode_reply(req.name, RETRY, req.layout)
+        counters = self._counters
+        if counters is not None:     # None: offloaded, counted when the reply is there
+            # inline, in as few steps as can be: this runs for every request
+            # (reply[7] is the status digit: REPLY_STATUS_OFFSET)
+            elapsed = monotonic_ns() - self.woke_at
+            counters.requests[REQUEST_BASE[req.name] + reply[7]] += 1
+            counters.latency[LATENCY_BUCKET[elapsed.bit_length()]] += 1
+            counters.latency_ns += elapsed
+        return reply
+
+    def _count_under_table(self, req: Request):
+        """The counters of the request's table when it is on the
+        allow-list (for answers that did not get as far as the table)."""
+        spec = strip_proxy(req.table)
+        if spec in self.allowed:
+            self._counters = self.metrics.table(spec)
+        return self._counters
+
+    @staticmethod
+    def _count(counters, base: int, reply: bytes, since: int) -> None:
+        """One answered request (REQUEST_BASE `base`) and its latency since
+        `since` (monotonic_ns) -- the slow path; handle() does it inline."""
+        elapsed = monotonic_ns() - since
+        counters.requests[base + reply[REPLY_STATUS_OFFSET]] += 1
+        counters.latency[LATENCY_BUCKET[elapsed.bit_length()]] += 1
+        counters.latency_ns += elapsed
+
+    def count_delivered(self, pending) -> None:
+        """Count an offloaded request whose reply is now known."""
+        counted = pending.counted
+        if counted is not None:
+            pending.counted = None
+            self._count(counted[0], counted[1], pending.reply, counted[2])
 
     def _answer(self, req: Request, walks: dict) -> bytes:
         name = req.name
@@ -147,6 +205,7 @@ class Dispatcher:
             return encode_reply(name, BAD, req.layout)
         if name in ("update", "delete") and not self.writable:
             maillog.warning(f"refusing {req.table} {name} request on non-{WRITE_SERVICE} service")
+            self._count_under_table(req)
             return encode_reply(name, DENY, req.layout)
         spec = strip_proxy(req.table)
         if ":" not in spec or spec.startswith(":"):
@@ -158,6 +217,7 @@ class Dispatcher:
                             f" access, list proxy:{spec} in {self.param_name}")
             return encode_reply(name, DENY, req.layout)
         table = self.find_table(spec, req)
+        self._counters = table.counters
         if req.layout == 311:
             if name == "open":
                 return encode_reply(name, OK, 311, flags=fresh_flags(table, req.instance_flags))
@@ -170,8 +230,12 @@ class Dispatcher:
                      | WRITE_FLAGS.get(name, 0))
             table.flags = flags
         if table.blocking and self.offload is not None:
-            return self.offload.submit(table, flags, lambda: self._operate(table, req, walks),
-                                       encode_reply(name, RETRY, req.layout))
+            reply = self.offload.submit(table, flags, lambda: self._operate(table, req, walks),
+                                        encode_reply(name, RETRY, req.layout))
+            if type(reply) is not bytes:     # a Pending: counted on delivery
+                reply.counted = (self._counters, REQUEST_BASE[name], self.woke_at)
+                self._counters = None
+            return reply
         if req.layout == 37:
             return self._operate(table, req, walks)
         # a 3.11 request's word serves that request only: the instance's own
@@ -256,6 +320,7 @@ class Dispatcher:
                 return table
             elif table.modified():      # one line per change, not per unsettled reopen
                 maillog.info(f"table {spec}: has changed -- reopening")
+                self.metrics.table(spec).reopens += 1
             del self.tables[regkey]
             self._close(table)
         # 3.7 opens with the full flags of the first request, 3.11 with the
@@ -298,6 +363,7 @@ class Dispatcher:
         except Exception as exc:
             reason = str(exc) if isinstance(exc, TableOpenError) else f"{type(exc).__name__}: {exc}"
             maillog.error(f"open table {spec}: {reason}")
+            self.metrics.table(spec).errors += 1
             table = SurrogateTable(spec, flags, str(exc))
             if layout == 311:   # what 3.11's surrogate reports
                 table.flags |= F.SURROGATE_311
@@ -306,6 +372,7 @@ class Dispatcher:
         if table.utf8_layer and self.smtputf8:
             table.flags |= F.UTF8_ACTIVE
         table.open_flags, table.fresh_flags = flags, table.flags
+        table.counters = self.metrics.table(spec)
         return table
 
     def _close(self, table: Table) -> None:

@@ -14,6 +14,9 @@ record per message, never merged or split):
                        b"L" + one descriptor (SCM_RIGHTS)   log to this maillog_file
                                                               from now on (reload)
     worker -> master   b"S" + STATUS_FORMAT                   load report
+                       b"M" + one table's counters            request metrics (proxymap/metrics.py),
+                                                              after a report, for each table
+                                                              counted since the last one
 
 As with Postfix's status pipe, end-of-file on the channel means "the master
 is gone": the worker stops taking clients, finishes the ones it has within
@@ -34,10 +37,12 @@ import struct
 import time
 from dataclasses import dataclass
 
+from proxymap import metrics
 from proxymap.conventions import maillog
 from proxymap.util import fdlimit
 
-CLIENT, RETIRE, STOP, PING, STATUS, LOG_FILE = b"C", b"R", b"T", b"P", b"S", b"L"
+CLIENT, RETIRE, STOP, PING, STATUS, LOG_FILE, METRICS = \
+    b"C", b"R", b"T", b"P", b"S", b"L", b"M"
 
 #: busy connections, open connections, connections accepted, requests answered
 STATUS_FORMAT = "!IIQQ"
@@ -47,7 +52,11 @@ _truncated_logged = False
 
 #: at most this many descriptors are accepted in one message (extras are closed)
 MAX_FDS = 4
+#: the longest record a worker receives (commands)
 MAX_RECORD = 64
+#: the longest record the master receives (a metrics record names its
+#: table: a path)
+MAX_REPORT_RECORD = 65536
 
 #: set by the master in a worker's environment: the account (mail_owner)
 #: to switch to once the worker has read its configuration
@@ -72,6 +81,17 @@ class Status:
 def encode_status(status: Status) -> bytes:
     return STATUS + struct.pack(STATUS_FORMAT, status.busy, status.clients,
                                 status.accepted, status.requests)
+
+
+def encode_metrics(spec: str, counters) -> bytes:
+    return METRICS + metrics.encode_record(spec, counters)
+
+
+def decode_metrics(record: bytes):
+    """(table, TableCounters) of a b"M" record; ValueError when malformed."""
+    if record[:1] != METRICS:
+        raise ValueError(f"bad metrics record ({len(record)} bytes)")
+    return metrics.decode_record(record[1:])
 
 
 def decode_status(record: bytes) -> Status:
@@ -113,8 +133,9 @@ def _take_fds(ancdata) -> list[int]:
     return fds
 
 
-def read_messages(chan: socket.socket):
-    """Read every record waiting on non-blocking `chan`.
+def read_messages(chan: socket.socket, max_record: int = MAX_RECORD):
+    """Read every record waiting on non-blocking `chan` (records longer
+    than `max_record` are cut short).
 
     Returns (records, eof) where records is a list of (payload bytes,
     [fds]). Descriptors arrive close-on-exec; a truncated control message
@@ -124,7 +145,7 @@ def read_messages(chan: socket.socket):
     while True:
         try:
             data, ancdata, flags, _ = chan.recvmsg(
-                MAX_RECORD, socket.CMSG_SPACE(4 * MAX_FDS), socket.MSG_CMSG_CLOEXEC)
+                max_record, socket.CMSG_SPACE(4 * MAX_FDS), socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return records, False
         except (ConnectionResetError, BrokenPipeError):
@@ -196,18 +217,28 @@ class WorkerChannel:
                       self.worker.requests)
 
     def report(self, force: bool = False) -> None:
+        """The load report, then the counters of the tables counted since
+        the last one (so the master has them before this worker's end)."""
         if self.closed:
             return
         status = self.status()
-        if status == self._last and not force:
+        counted = self.worker.dispatcher.metrics
+        tables = counted.take_changed()
+        if status == self._last and not force and not tables:
             return
         try:
             self.chan.send(encode_status(status))
             self._last = status
             self._last_clients = status.clients
             self._last_sent = time.monotonic()
+            while tables:
+                record = encode_metrics(*tables[0])
+                if len(record) <= MAX_REPORT_RECORD:
+                    self.chan.send(record)
+                tables.pop(0)
         except (BlockingIOError, InterruptedError):
-            pass    # the master is slow; the next change carries the totals
+            # the master is slow; the next report carries the totals
+            counted.mark_changed(tables)
         except OSError:
             self._master_gone()
 

@@ -22,16 +22,24 @@ global/mail_server.h, multi_server.c):
 Where this child differs from Postfix's: one process multiplexes many
 clients, so it reports TAKEN only while it counts as busy (as many open
 connections as proxymap_worker_busy_clients), not around every request;
-the master then adds a process only when the ones it has are loaded. On
+the master then adds a process only when the ones it has are loaded
+(after its first client it reports TAKEN and AVAILABLE once, so that the
+master counts a use and a later abnormal exit is not taken for a bad
+startup). On
 end-of-file it finishes the requests in progress (ours close each
 connection right after a reply) instead of dropping clients at once.
-The daemon_timeout watchdog is not implemented; chroot (`-c`) is not
-supported (Postfix's `-c` is our configuration-directory option).
+The daemon_timeout watchdog is an alarm(2) set again on every tick of the
+event loop (once a second): a child whose loop is stuck for daemon_timeout
+(in a table, say) dies of SIGALRM, which the master logs as `killed by
+signal 14` (Postfix's own watchdog exits with `fatal: watchdog timeout`).
+chroot (`-c`) is not supported (Postfix's `-c` is our
+configuration-directory option).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 import struct
@@ -84,10 +92,11 @@ class PostfixChild:
     master informed; ends the worker on the master's terms."""
 
     def __init__(self, worker, max_use: int, max_idle: float, busy_clients: int,
-                 gen: int):
+                 gen: int, daemon_timeout: int = 18000):
         self.worker = worker
         self.max_use = max_use
         self.max_idle = max_idle
+        self.daemon_timeout = daemon_timeout
         self.busy_clients = busy_clients
         self.gen = gen
         self.pid = os.getpid()
@@ -95,6 +104,11 @@ class PostfixChild:
         self.listener = socket.socket(fileno=LISTEN_FD)
         self.listener.set_inheritable(False)
         self.reported = AVAILABLE          # what the master assumes at fork
+        # Postfix's master counts a use at each TAKEN -> AVAILABLE change and
+        # throttles the service when a child with no use dies abnormally
+        # ("bad command startup"): after the first client, one such change
+        # is sent even if the child was never busy
+        self.proven = False
         self.idle_since = time.monotonic()
         self.done = False
 
@@ -109,6 +123,12 @@ class PostfixChild:
             self.changed()
         self.worker.on_change = on_change
         self.worker.on_tick = lambda worker: self.tick(time.monotonic())
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        self.feed_watchdog()
+
+    def feed_watchdog(self) -> None:
+        """The loop is alive: daemon_timeout seconds from now before SIGALRM."""
+        signal.alarm(self.daemon_timeout)
 
     @property
     def used(self) -> int:
@@ -122,9 +142,13 @@ class PostfixChild:
             if self.used >= self.max_use:
                 self.finish("max_use reached")
                 return
+        if not self.proven and self.used:
+            self.proven = True
+            self.report(TAKEN)
         self.report(TAKEN if clients >= self.busy_clients else AVAILABLE)
 
     def tick(self, now: float) -> None:
+        self.feed_watchdog()
         if self.worker.clients == 0 and now - self.idle_since >= self.max_idle:
             self.finish("idle timeout")
 
@@ -171,6 +195,7 @@ def attach(worker, config, unprivileged: bool) -> PostfixChild:
         except (OSError, KeyError) as exc:
             maillog.fatal(f"cannot switch to user {user}: {exc}")
     child = PostfixChild(worker, config.get_int("max_use"), config.get_time("max_idle"),
-                         config.get_int("proxymap_worker_busy_clients"), generation())
+                         config.get_int("proxymap_worker_busy_clients"), generation(),
+                         config.get_time("daemon_timeout"))
     child.start()
     return child

@@ -37,13 +37,15 @@ DEFAULT_TIMEOUT = 10.0
 class Pending:
     """A reply that a lane is still working on. `owner` is set by the
     event loop (the connection waiting for it); `reply` is the encoded
-    reply once known."""
+    reply once known; `counted` is the dispatcher's note for counting it
+    then (Dispatcher.count_delivered)."""
 
-    __slots__ = ("reply", "owner", "deadline", "retry", "lane")
+    __slots__ = ("reply", "owner", "deadline", "retry", "lane", "counted")
 
     def __init__(self, lane: "Lane", deadline: float, retry: bytes):
         self.reply: bytes | None = None
         self.owner = None
+        self.counted = None
         self.deadline = deadline
         self.retry = retry
         self.lane = lane

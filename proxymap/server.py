@@ -42,6 +42,7 @@ from proxymap.util.unix_listener import bind_unix_listener
 READ_CHUNK = 65536
 #: seconds between checks for expired connections (and on_tick calls)
 TICK = 1.0
+TICK_NS = int(TICK * 1e9)
 #: when stopping, a connection idle this long since our last reply is closed
 STOP_IDLE = 1.0
 #: a connection that had a request or reply in this many seconds counts as
@@ -132,7 +133,7 @@ class Worker:
         self.on_change = None   # called when clients or requests change
         self.on_tick = None     # called at least once a second
         self.idle_since = time.monotonic()
-        self._ticked = 0.0
+        self._ticked = 0       # monotonic_ns of the last tick
         self.offload = getattr(dispatcher, "offload", None)
         if self.offload is not None:
             self.watch(self.offload, self._offload_done)
@@ -221,9 +222,13 @@ class Worker:
         hangup = select.EPOLLERR | select.EPOLLHUP
         # the loop never sleeps on a lock: a busy one defers the request
         filelock.wait_limit = 0
+        dispatcher = self.dispatcher
         while not (self.stopping and not self.conns):
             waiting = self.lock_waiting
-            for fd, events in self._poll.poll(LOCK_RETRY if waiting else TICK):
+            ready = self._poll.poll(LOCK_RETRY if waiting else TICK)
+            # the start of every request's latency (proxymap/metrics.py)
+            woke = dispatcher.woke_at = time.monotonic_ns()
+            for fd, events in ready:
                 handler = handlers.get(fd)
                 if handler is None:
                     continue
@@ -242,11 +247,10 @@ class Worker:
                 for conn in list(waiting.values()):
                     if conn.fd in self.conns:
                         self._pump(conn)
-            now = time.monotonic()
-            if now - self._ticked >= TICK:
-                self._ticked = now
+            if woke - self._ticked >= TICK_NS:
+                self._ticked = woke
                 if self.offload is not None:
-                    self._deliver(self.offload.expire(now))
+                    self._deliver(self.offload.expire(woke * 1e-9))
                 self._expire()
                 if self.on_tick is not None:
                     self.on_tick(self)
@@ -285,12 +289,14 @@ class Worker:
             if conn.decoder.pending:
                 maillog.warning(f"premature end-of-input from {conn.peer}"
                                 f" ({conn.decoder.pending} bytes of an unfinished request)")
+                self.dispatcher.metrics.connection_error()
             self._close(conn)
             return
         try:
             conn.queue.extend(conn.decoder.feed(data, self.max_pipeline))
         except ProtocolError as exc:
             maillog.warning(f"{exc} from {conn.peer}: closing the connection")
+            self.dispatcher.metrics.connection_error()
             self._close(conn)
             return
         if not conn.queue:
@@ -366,6 +372,7 @@ class Worker:
                 break
         except ProtocolError as exc:
             maillog.warning(f"{exc} from {conn.peer}: closing the connection")
+            self.dispatcher.metrics.connection_error()
             self._close(conn)
             return
         finally:
@@ -399,6 +406,7 @@ class Worker:
         unlogged = conn.bad - BAD_LOGGED
         more = f" ({unlogged} more not logged)" if unlogged > 0 else ""
         maillog.warning(f"{conn.peer}: {conn.bad} bad requests{more}: closing the connection")
+        self.dispatcher.metrics.connection_error()
         try:
             conn.sock.send(conn.out)
         except OSError:
@@ -413,7 +421,9 @@ class Worker:
     def _deliver(self, answered) -> None:
         """Move the replies now known to their connections, in order."""
         touched = []
+        count = self.dispatcher.count_delivered
         for pending in answered:
+            count(pending)
             conn = pending.owner
             if conn is None or self.conns.get(conn.fd) is not conn:
                 continue   # the client went away meanwhile
@@ -451,6 +461,7 @@ class Worker:
     def _close(self, conn: Connection, why: str | None = None) -> None:
         if why:
             maillog.warning(f"{conn.peer}: {why}: closing the connection")
+            self.dispatcher.metrics.connection_error()
         self.conns.pop(conn.fd, None)
         self.lock_waiting.pop(conn.fd, None)
         self.dispatcher.client_gone(conn)

@@ -54,6 +54,12 @@ def test_programs_are_linked_and_not_editable(installed):
     assert where.stdout.startswith(installed["PREFIX"] + "/lib/"), where
     assert os.path.exists(os.path.join(installed["DOCDIR"], "operations.md"))
     assert os.path.exists(os.path.join(installed["DOCDIR"], "examples", "master.cf"))
+    assert os.path.exists(os.path.join(installed["DOCDIR"], "performance.png"))
+    # the sample main.cf is one a site can start from: real paths, no placeholders
+    with open(os.path.join(installed["DOCDIR"], "examples", "main.cf")) as f:
+        sample = f.read()
+    assert "@RUN@" not in sample
+    assert "queue_directory = /var/spool/postfix" in sample
     link = os.path.join(installed["POSTFIX_DAEMON_DIR"], "pyproxymap")
     assert os.readlink(link) == os.path.join(installed["BINDIR"], "proxymap")
 
@@ -62,7 +68,8 @@ def test_installed_master_serves_real_postmap(installed):
     root = os.path.join(installed["root"], "site")
     os.makedirs(root)
     os.chmod(root, 0o755)
-    site = MasterInstance(root)
+    # the metrics listener too: its library must come with the install
+    site = MasterInstance(root, main_extra={"proxymap_metrics_listen": "127.0.0.1:0"})
     master = os.path.join(installed["BINDIR"], "proxymap-master")
     try:
         result = subprocess.run([master, "-c", site.config_dir, "start"], capture_output=True,
@@ -77,6 +84,13 @@ def test_installed_master_serves_real_postmap(installed):
         import psutil
         pid = json.loads(status.stdout)["pid"]
         assert master in psutil.Process(pid).cmdline()
+        import urllib.request
+        address = json.loads(status.stdout)["metrics_listener"]["address"]
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=30) as answer:
+            assert b"pyproxymap_up 1.0" in answer.read()
+        text = subprocess.run([master, "-c", site.config_dir, "status"], capture_output=True,
+                              text=True, timeout=60)
+        assert f"metrics listener {address} (pid " in text.stdout
     finally:
         subprocess.run([master, "-c", site.config_dir, "stop"], capture_output=True,
                        timeout=60)

@@ -167,3 +167,25 @@ def test_max_use_retires_a_child_after_its_connections(postfix_site):
     assert site.lookup("carol") == "carol@example.org"          # a fresh child
     assert site.children("proxymap") and not site.children("proxymap") & first
     assert "bad command startup" not in site.real.log()
+
+
+@pytest.mark.parametrize("postfix_site", [" -o daemon_timeout=2s"], indirect=True)
+def test_daemon_timeout_watchdog_ends_a_stuck_child(postfix_site):
+    """A child whose event loop does not come round for daemon_timeout dies
+    (Postfix's watchdog): stopped with SIGSTOP for longer than that, it is
+    killed by the pending SIGALRM as soon as it runs again."""
+    import signal
+    import time
+    site = postfix_site
+    assert site.lookup("alice") == "alice@example.org"
+    (child,) = wait_for(lambda: site.children("proxymap"), what="our proxymap child")
+    os.kill(child, signal.SIGSTOP)
+    time.sleep(3)                 # > daemon_timeout while it cannot run
+    os.kill(child, signal.SIGCONT)
+    wait_for(lambda: not pid_alive(child) or child not in site.children("proxymap"), 30,
+             what="the stuck child to end")
+    wait_for(lambda: f"pid {child} killed by signal {int(signal.SIGALRM)}" in site.real.log(),
+             30, what="the master's log line")
+    # it had served a client: not taken for a bad startup, no throttling
+    assert "bad command startup" not in site.real.log()
+    assert site.lookup("bob") == "bob@example.org"        # a fresh child serves

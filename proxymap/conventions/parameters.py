@@ -194,6 +194,9 @@ declare("proxymap_postfix_version", "auto", readers=(MASTER, WORKER, POSTMAP), o
 declare("proxymap_max_pipelined_requests", "16", INT, low=1, readers=(WORKER,), own=True)
 declare("proxymap_max_unsent_reply_bytes", "65536", INT, low=1, readers=(WORKER,), own=True)
 declare("proxymap_max_bad_requests", "10", INT, low=0, readers=(WORKER,), own=True)
+# Our own: the Prometheus listener (master/exporter.py): empty = none, an
+# absolute UNIX socket path, or a loopback host:port (port 0: any).
+declare("proxymap_metrics_listen", "", readers=(MASTER,), own=True)
 
 # ---------------------------------------------------------------------------
 # Parameters known only for `$name` expansion and `config -d`: what
