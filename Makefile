@@ -11,6 +11,8 @@ APT_PKGS := postfix postfix-lmdb postfix-pcre postfix-cdb libdb-dev db5.3-util
 APT_PKGS += debootstrap
 # tables beyond one host: Postfix's own clients to compare with, servers the tests start
 APT_PKGS += postfix-sqlite postfix-pgsql postfix-mysql postgresql mariadb-server
+# memcache: and redis: tables: the servers the tests start (tests/servers.py)
+APT_PKGS += memcached redis-server
 # ldap: Postfix's own client to compare with, the directory server the tests start
 APT_PKGS += postfix-ldap slapd ldap-utils
 

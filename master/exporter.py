@@ -175,8 +175,8 @@ class StatusCollector:
                 latency.add_metric(labels, [(b if b == "+Inf" else floatToGoString(b), n)
                                             for b, n in histogram.get("buckets", [])],
                                    histogram.get("sum", 0.0))
-                # the hook for the answer cache's counters (a table's
-                # "cache": {"hits": N, "misses": N} in the status file)
+                # an answer cache's counters (TableCounters.cache_hits and
+                # cache_misses), present once a cache has answered
                 cache = counted.get("cache")
                 if cache:
                     cache_hits.add_metric(labels, cache.get("hits", 0))

@@ -63,12 +63,14 @@ class TableCounters:
     `requests[OPERATION_INDEX[op] * STATUS_COUNT + status]`, `latency[i]`
     the requests answered within LATENCY_BOUNDS[i] (and above the bound
     before; the last one: above every bound), `latency_ns` their sum in
-    nanoseconds. `reported` is the number of requests at the last report
-    (take_changed); `changed` marks a change that counts no request (a
-    connection error)."""
+    nanoseconds. `cache_hits` / `cache_misses` are for an answer cache in
+    front of the table (the code that answers from it increments them; the
+    master sums them and the listener exports them). `reported` is the
+    number of requests at the last report (take_changed); `changed` marks a
+    change that counts no request (a connection error)."""
 
-    __slots__ = ("requests", "latency", "latency_ns", "reopens", "errors", "reported",
-                 "changed")
+    __slots__ = ("requests", "latency", "latency_ns", "reopens", "errors", "cache_hits",
+                 "cache_misses", "reported", "changed")
 
     def __init__(self):
         self.requests = [0] * (len(OPERATIONS) * STATUS_COUNT)
@@ -76,6 +78,8 @@ class TableCounters:
         self.latency_ns = 0
         self.reopens = 0
         self.errors = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
         self.reported = 0
         self.changed = False
 
@@ -87,6 +91,8 @@ class TableCounters:
         self.latency_ns += other.latency_ns
         self.reopens += other.reopens
         self.errors += other.errors
+        self.cache_hits += other.cache_hits
+        self.cache_misses += other.cache_misses
 
     def count(self, operation: str, status: int) -> int:
         return self.requests[OPERATION_INDEX[operation] * STATUS_COUNT + status]
@@ -104,9 +110,12 @@ class TableCounters:
         for bound, n in zip((*LATENCY_BOUNDS, "+Inf"), self.latency):
             total += n
             buckets.append([bound, total])
-        return {"requests": requests, "reopens": self.reopens, "errors": self.errors,
+        form = {"requests": requests, "reopens": self.reopens, "errors": self.errors,
                 "latency_seconds": {"buckets": buckets, "sum": self.latency_ns / 1e9,
                                     "count": total}}
+        if self.cache_hits or self.cache_misses:    # only where a cache answers
+            form["cache"] = {"hits": self.cache_hits, "misses": self.cache_misses}
+        return form
 
 
 def sum_tables(*groups: dict) -> dict[str, TableCounters]:
@@ -121,22 +130,25 @@ def sum_tables(*groups: dict) -> dict[str, TableCounters]:
 def encode_record(spec: str, counters: TableCounters) -> bytes:
     """The body of one b"M" record: one table's totals in this worker."""
     return json.dumps([spec, counters.requests, counters.latency, counters.latency_ns,
-                       counters.reopens, counters.errors], separators=(",", ":")).encode()
+                       counters.reopens, counters.errors, counters.cache_hits,
+                       counters.cache_misses], separators=(",", ":")).encode()
 
 
 def decode_record(body: bytes) -> tuple[str, TableCounters]:
     """Inverse of encode_record(); ValueError when malformed."""
     try:
-        spec, requests, latency, latency_ns, reopens, errors = json.loads(body)
+        spec, requests, latency, latency_ns, reopens, errors, hits, misses = json.loads(body)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"bad metrics record: {exc}") from None
     counters = TableCounters()
     if not (isinstance(spec, str) and len(requests) == len(counters.requests)
             and len(latency) == len(counters.latency)
-            and all(type(n) is int for n in (*requests, *latency, latency_ns, reopens, errors))):
+            and all(type(n) is int for n in (*requests, *latency, latency_ns, reopens, errors,
+                                             hits, misses))):
         raise ValueError("bad metrics record: wrong layout")
     counters.requests, counters.latency = requests, latency
     counters.latency_ns, counters.reopens, counters.errors = latency_ns, reopens, errors
+    counters.cache_hits, counters.cache_misses = hits, misses
     return spec, counters
 
 

@@ -6,7 +6,9 @@ the package's own system user (PostgreSQL refuses root), is waited for
 with a bounded loop and stopped by its pid. `find_postgres()` and
 `find_mariadb()` return None when the binaries are missing, so a test can
 skip with the reason. slapd (`SlapdServer`) also listens on a loopback
-port the kernel picked, for the host:port forms of server_host.
+port the kernel picked, for the host:port forms of server_host; so do
+redis-server and Redis Sentinel where a test asks for one (memcached and
+redis-server otherwise listen on a UNIX socket only).
 """
 
 from __future__ import annotations
@@ -308,3 +310,130 @@ class SlapdServer(ServerProcess):
                    if c.status == psutil.CONN_ESTABLISHED and c.raddr
                    and c.raddr.port == self.port)
 
+
+class _CacheServer(ServerProcess):
+    """A cache server listening on a UNIX socket in a temporary directory
+    (and on a loopback `port` when one is given), run as the package's user
+    when the tests run as root, stopped by pid (SIGTERM: redis saves its
+    data first)."""
+
+    user = ""
+    prefix = "pmtest-cache-"
+
+    def __init__(self, port: int = 0):
+        self.port = port
+        self.root = tempfile.mkdtemp(prefix=self.prefix)
+        os.chmod(self.root, 0o755)
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam(self.user)
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+        self.socket = os.path.join(self.root, "server.sock")
+        self.log = os.path.join(self.root, "server.log")
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def answers(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=logf,
+                                     preexec_fn=_as_user(self.user))
+        logf.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.command()[0]} exited: {self.read_log()[-2000:]}")
+            if self.answers():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.command()[0]} did not start: {self.read_log()[-2000:]}")
+
+    def _ask(self, request: bytes, until: bytes) -> bytes:
+        with socket.socket(socket.AF_INET if self.port else socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(("127.0.0.1", self.port) if self.port else self.socket)
+            s.sendall(request)
+            data = b""
+            while until not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            return data
+
+
+class MemcachedServer(_CacheServer):
+    """Debian's memcached on a UNIX socket; `text(cmd)` speaks its protocol."""
+
+    user = "memcache"
+    prefix = "pmtest-mc-"
+
+    def command(self) -> list[str]:
+        return ["memcached", "-s", self.socket, "-a", "0666", "-m", "16", "-c", "512",
+                *(["-u", self.user] if os.geteuid() == 0 else [])]
+
+    def answers(self) -> bool:
+        try:
+            return b"END" in self._ask(b"version\r\nget x\r\n", b"END")
+        except OSError:
+            return False
+
+    def text(self, request: bytes, until: bytes = b"\r\n") -> bytes:
+        return self._ask(request, until)
+
+
+class RedisServer(_CacheServer):
+    """Debian's redis-server on a UNIX socket, no TCP port; its data is
+    saved on SIGTERM and read back by start(), so a restart keeps it."""
+
+    user = "redis"
+    prefix = "pmtest-redis-"
+
+    def __init__(self, port: int = 0, options: tuple[str, ...] = ()):
+        self.options = options    # more redis-server options (TLS ...)
+        super().__init__(port)
+
+    def command(self) -> list[str]:
+        return ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--unixsocket", self.socket, "--unixsocketperm", "777", "--dir", self.root,
+                "--save", "3600 1", "--appendonly", "no", "--daemonize", "no", *self.options]
+
+    def answers(self) -> bool:
+        try:
+            return self._ask(b"PING\r\n", b"\r\n").startswith((b"+PONG", b"-NOAUTH"))
+        except OSError:
+            return False
+
+
+class RedisSentinel(_CacheServer):
+    """A Redis Sentinel on loopback `port` watching the master `name` at
+    127.0.0.1:master_port (a sentinel only speaks TCP)."""
+
+    user = "redis"
+    prefix = "pmtest-sentinel-"
+
+    def __init__(self, port: int, master_port: int, name: str = "mymaster"):
+        self.master_port, self.name = master_port, name
+        super().__init__(port)
+
+    def command(self) -> list[str]:
+        conf = os.path.join(self.root, "sentinel.conf")
+        if not os.path.exists(conf):
+            with open(conf, "w") as f:
+                f.write(f"port {self.port}\nbind 127.0.0.1\ndir {self.root}\n"
+                        f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} 1\n")
+            if os.geteuid() == 0:
+                shutil.chown(conf, self.user)
+        return ["redis-server", conf, "--sentinel"]
+
+    def answers(self) -> bool:
+        try:
+            reply = self._ask(f"SENTINEL get-master-addr-by-name {self.name}\r\n".encode(),
+                              b"\r\n")
+            return reply.startswith(b"*2")
+        except OSError:
+            return False

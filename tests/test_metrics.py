@@ -46,13 +46,14 @@ def test_metrics_record_round_trip_and_malformed_records():
     counters.latency[2] = 3
     counters.latency_ns = 500_000_000
     counters.reopens, counters.errors = 1, 2
+    counters.cache_hits, counters.cache_misses = 5, 6
     spec, back = handoff.decode_metrics(handoff.encode_metrics("hash:/x", counters))
     assert spec == "hash:/x" and back.count("lookup", NOKEY) == 3
-    assert (back.latency, back.latency_ns, back.reopens, back.errors) == \
-        (counters.latency, 500_000_000, 1, 2)
-    for bad in (b"M", b"M[1,2]", b'M["x",[1],[2],0,0,0]', b"S" + b"x" * 24,
+    assert (back.latency, back.latency_ns, back.reopens, back.errors, back.cache_hits,
+            back.cache_misses) == (counters.latency, 500_000_000, 1, 2, 5, 6)
+    for bad in (b"M", b"M[1,2]", b'M["x",[1],[2],0,0,0,0,0]', b"S" + b"x" * 24,
                 handoff.encode_metrics("x", counters).replace(b",500000000,", b",0.5,"),
-                b'M["x",' + json.dumps(counters.requests[:-1]).encode() + b",[],0,0,0]"):
+                b'M["x",' + json.dumps(counters.requests[:-1]).encode() + b",[],0,0,0,0,0]"):
         with pytest.raises(ValueError):
             handoff.decode_metrics(bad)
 
@@ -72,6 +73,43 @@ def test_sums_and_the_status_file_form():
     assert buckets[0] == [metrics.LATENCY_BOUNDS[0], 1]
     assert buckets[3] == [metrics.LATENCY_BOUNDS[3], 2]      # cumulative
     assert buckets[-1] == ["+Inf", 3] and form["latency_seconds"]["count"] == 3
+
+
+def test_listener_text_from_a_status_file(tmp_path):
+    """The collector over a status file, rendered and parsed back with
+    prometheus-client: histogram buckets, the cache counters where a cache
+    answered, nothing for a table without one."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    cached, plain = TableCounters(), TableCounters()
+    cached.requests[metrics.REQUEST_BASE["lookup"] + 48 + OK] = 4
+    cached.latency[1], cached.latency[-1] = 3, 1
+    cached.latency_ns = 2_000_000_000
+    cached.cache_hits, cached.cache_misses = 3, 1
+    plain.requests[metrics.REQUEST_BASE["open"] + 48 + DENY] = 1
+    status = {"running": True, "reloads": 2, "generation": 2, "started": 1.0, "services": {
+        "proxymap": {"workers": [{"clients": 2}], "connection_errors": 1,
+                     **{"tables": {"hash:/t": cached.as_json(), NO_TABLE: plain.as_json()}}}}}
+    path = tmp_path / "status"
+    path.write_text(json.dumps(status))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(exporter.StatusCollector(str(path)))
+    found = samples(generate_latest(registry).decode())
+    assert requests_of(found, "proxymap", "hash:/t", "lookup", "OK") == 4
+    assert requests_of(found, "proxymap", NO_TABLE, "open", "DENY") == 1
+    assert table_sample(found, "pyproxymap_cache_hits_total", "proxymap", "hash:/t") == 3
+    assert table_sample(found, "pyproxymap_cache_misses_total", "proxymap", "hash:/t") == 1
+    assert not any(name.startswith("pyproxymap_cache") and ("table", NO_TABLE) in labels
+                   for name, labels in found)
+    buckets = {dict(labels)["le"]: value for (name, labels), value in found.items()
+               if name == "pyproxymap_request_duration_seconds_bucket"}
+    assert buckets["+Inf"] == 4 and min(buckets.values()) == 0
+    assert table_sample(found, "pyproxymap_request_duration_seconds_sum",
+                        "proxymap", "hash:/t") == 2.0
+    assert found[("pyproxymap_master_reloads_total", ())] == 2
+    assert found[("pyproxymap_connection_errors_total", (("service", "proxymap"),))] == 1
+    assert found[("pyproxymap_clients", (("service", "proxymap"),))] == 2
+    path.write_text("not json")
+    assert samples(generate_latest(registry).decode()) == {("pyproxymap_up", ()): 0}
 
 
 @pytest.mark.parametrize("value, parsed", [

@@ -44,15 +44,15 @@ class RealPostfix:
     directory shared with our master."""
 
     def __init__(self, root: str, ours: MasterInstance, port: int, main_extra: str):
-        self.etc = os.path.join(root, "etc-real")
-        self.data = os.path.join(root, "data-real")
-        self.queue = ours.queue_dir
+        self.config_dir = os.path.join(root, "etc-real")
+        self.data_dir = os.path.join(root, "data-real")
+        self.queue_dir = ours.queue_dir
         self.maillog = os.path.join(root, "maillog")
-        os.makedirs(self.etc)
-        os.makedirs(self.data)
-        shutil.chown(self.data, "postfix")
+        os.makedirs(self.config_dir)
+        os.makedirs(self.data_dir)
+        shutil.chown(self.data_dir, "postfix")
         settings = {k: v for k, v in ours.main_settings().items()}
-        settings.update(data_directory=self.data, myhostname="real.example.com",
+        settings.update(data_directory=self.data_dir, myhostname="real.example.com",
                         mydestination="", local_recipient_maps="",
                         inet_interfaces="127.0.0.1", inet_protocols="ipv4",
                         maillog_file=self.maillog, maillog_file_prefixes=root)
@@ -67,14 +67,14 @@ postlog   unix-dgram n - n - 1 postlogd
 """)
 
     def _write(self, name, text):
-        path = os.path.join(self.etc, name)
+        path = os.path.join(self.config_dir, name)
         with open(path, "w") as f:
             f.write(text)
         past = time.time() - 5
         os.utime(path, (past, past))
 
     def postfix(self, *args):
-        return subprocess.run([POSTFIX, "-c", self.etc, *args], capture_output=True, text=True,
+        return subprocess.run([POSTFIX, "-c", self.config_dir, *args], capture_output=True, text=True,
                               timeout=60)
 
     def start(self):
@@ -82,7 +82,7 @@ postlog   unix-dgram n - n - 1 postlogd
         assert result.returncode == 0, result.stderr + self.log()
 
     def master_pid(self):
-        return read_pid(os.path.join(self.queue, "pid", "master.pid"))
+        return read_pid(os.path.join(self.queue_dir, "pid", "master.pid"))
 
     def stop(self):
         pid = self.master_pid()
@@ -159,7 +159,7 @@ def test_verify_cache_cleanup_runs_through_our_proxywrite(site):
     # verify(8) opens its cache with OPEN_LOCK, so our proxywrite worker
     # holds the file's exclusive lock: we read through the same shared
     # instance (same instance flags) on proxywrite, as verify itself does.
-    path = service_socket_path(real.queue, "proxywrite")
+    path = service_socket_path(real.queue_dir, "proxywrite")
 
     def cache(key):
         with ProxyClient(path, timeout=30) as client:
@@ -169,7 +169,7 @@ def test_verify_cache_cleanup_runs_through_our_proxywrite(site):
 
     # Waking verify(8) starts its cache cleanup at once (no stamp record yet).
     with socket.socket(socket.AF_UNIX) as s:
-        s.connect(service_socket_path(real.queue, "verify"))
+        s.connect(service_socket_path(real.queue_dir, "verify"))
         wait_for(lambda: cache(b"_LAST_CACHE_CLEANUP_COMPLETED_"), 30,
                  what="verify's cache cleanup")
     assert cache(b"keep@example.com") == b"0:0:4102444800:ok"

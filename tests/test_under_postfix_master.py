@@ -58,7 +58,7 @@ class Site:
         self.ours, self.real = ours, real
 
     def postmap(self, *args):
-        return subprocess.run([POSTMAP, "-c", self.real.etc, *args],
+        return subprocess.run([POSTMAP, "-c", self.real.config_dir, *args],
                               capture_output=True, text=True, timeout=60)
 
     def lookup(self, key, table=None):

@@ -37,6 +37,8 @@ TABLE_TYPES = {
     "mysql": "proxymap.tables.mysql:MysqlTable",
     "socketmap": "proxymap.tables.socketmap:SocketmapTable",
     "tcp": "proxymap.tables.tcp:TcpTable",
+    "memcache": "proxymap.tables.memcache:MemcacheTable",
+    "redis": "proxymap.tables.redis:RedisTable",
     "ldap": "proxymap.tables.ldap:LdapTable",
 }
 

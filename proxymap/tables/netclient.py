@@ -3,7 +3,7 @@
 Both of Postfix's clients (dict_sockmap, dict_tcp) talk to one endpoint,
 `unix:/path` or `inet:host:port` (tcp: `host:port`), over a stream that is
 reused between lookups, and make a broken connection transparent by
-reconnecting once. Here each endpoint has a bounded pool (connpool.py) of
+reconnecting once (memcache: `max_try` times). Here each endpoint has a bounded pool (connpool.py) of
 such streams per worker; `exchange()` sends a request and reads one reply
 on a pooled stream, retrying once on a fresh one when a reused stream
 turns out to be closed.
@@ -40,9 +40,9 @@ def parse_endpoint(text: str) -> tuple[int, object]:
 class Stream:
     """One connected socket with a read buffer."""
 
-    def __init__(self, family, address):
+    def __init__(self, family, address, io_timeout: float = IO_TIMEOUT):
         self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.settimeout(IO_TIMEOUT)
+        self.sock.settimeout(io_timeout)
         try:
             self.sock.connect(address)
         except OSError:
@@ -60,9 +60,10 @@ class Stream:
         self.sock.close()
 
 
-def endpoint_pool(name: str, endpoint: str, size: int, idle: float = 60.0) -> Pool:
+def endpoint_pool(name: str, endpoint: str, size: int, idle: float = 60.0,
+                  io_timeout: float = IO_TIMEOUT) -> Pool:
     family, address = parse_endpoint(endpoint)
-    return Pool(name, lambda: Stream(family, address), Stream.close, size, idle)
+    return Pool(name, lambda: Stream(family, address, io_timeout), Stream.close, size, idle)
 
 
 def exchange(pool: Pool, request: bytes, read_reply, timeout: float):

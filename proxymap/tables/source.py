@@ -3,7 +3,7 @@
 Entries are read by logical lines (proxymap/util/logical_lines.py,
 Postfix's readllines()). `parse_entry` splits a postmap(1)/texthash line
 into key and value, keeping quotes and backslashes in the key as Postfix
-does. Both report the line number so errors can name file:line.
+does; `read_entries` names file:line in the warning for a bad line.
 """
 
 from __future__ import annotations
