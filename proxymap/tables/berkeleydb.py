@@ -117,8 +117,10 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
     def _refresh(self):
         # libdb caches pages privately: after another writer (postmap -i,
         # postmap -d) changed the file, writing through the old handle
-        # would put stale pages back and lose that writer's changes. We
-        # hold the exclusive lock here, so a new handle sees a quiet file.
+        # would put stale pages back and lose that writer's changes, and
+        # reading through it mixes old pages with new ones. We hold a lock
+        # here (exclusive to write, shared to walk), so a new handle sees a
+        # quiet file.
         # Under OPEN_LOCK nobody else could write since we opened it.
         self.note_changes()
         if self.lock is not None and self.lock.open_locked or not self.changed():
@@ -168,6 +170,11 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         if position is END:
             return None
         with self._access(filelock.SHARED), _db_errors(self.path, "read"):
+            # A writer may have finished between the dispatcher's change
+            # check and this lock: a step reads many pages, and a mix of
+            # pages cached before that write and pages read after it can
+            # list a key twice or skip one. The file is quiet now.
+            self._refresh()
             record = self._walk_step(position)
         if record is None:
             return None
