@@ -151,6 +151,11 @@ class Table:
         if watch is not None:
             if own_write:
                 watch.drain()
+            if self.watch_gen != watch.gen and self.answers is not None:
+                # a change this instance takes in itself (a writer's or a
+                # walk's re-read under the lock): its cached answers go too,
+                # the dispatcher will not see that notification again
+                self.answers.invalidate()
             self.watch_gen = watch.gen
 
     def note_changes(self) -> None:
