@@ -45,7 +45,7 @@ class AnswerCache:
     """Recent answers of one table instance, bounded by entries and bytes."""
 
     __slots__ = ("max_entries", "max_bytes", "ttl", "negative_ttl", "clock", "stats",
-                 "_entries", "_bytes", "_timed")
+                 "generation", "_entries", "_bytes", "_timed")
 
     def __init__(self, max_entries: int, max_bytes: int, *, ttl: float | None = None,
                  negative_ttl: float | None = None, clock=time.monotonic,
@@ -63,6 +63,9 @@ class AnswerCache:
         self._entries: dict = {}
         self._bytes = 0
         self._timed = ttl is not None or negative_ttl is not None
+        #: how many times invalidate() ran: an answer computed while this
+        #: changed (off the loop) may predate the change and is not kept
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -130,6 +133,7 @@ class AnswerCache:
 
     def invalidate(self) -> None:
         """Forget every entry: the table changed (or may have)."""
+        self.generation += 1
         if self._entries:
             self._entries.clear()
             self._bytes = 0

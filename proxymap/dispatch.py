@@ -55,7 +55,7 @@ from proxymap import dictflags as F
 from proxymap.answercache import AnswerCache, CacheStats
 from proxymap.conventions import maillog
 from proxymap.metrics import (LATENCY_BUCKET, NO_TABLE, REPLY_STATUS_OFFSET, REQUEST_BASE,
-                              WorkerMetrics)
+                              WorkerMetrics, reply_status)
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                BadRequest, Request, encode_reply, parse_request)
 from proxymap.tables import Table, TableError, TableOpenError, open_table, strip_proxy
@@ -137,7 +137,8 @@ class Dispatcher:
 
     def __init__(self, service: str, allowed: set[str], params, *, smtputf8: bool = True,
                  opener=open_table, offload=None, watcher=None, cache_entries: int = 0,
-                 cache_bytes: int = 0, cache_exclude=frozenset()):
+                 cache_bytes: int = 0, cache_exclude=frozenset(), remote_ttl: float = 0,
+                 remote_negative_ttl: float = 0):
         self.service = service
         self.writable = service == WRITE_SERVICE
         self.allowed = allowed
@@ -157,6 +158,9 @@ class Dispatcher:
         self.cache_bytes = cache_bytes
         self.cache_exclude = frozenset(cache_exclude)
         self.cache_stats = CacheStats()
+        #: remote tables' answers are kept this long (0: not at all)
+        self.remote_ttl = remote_ttl
+        self.remote_negative_ttl = remote_negative_ttl
         self._answered = False
         # The hot path: (table bytes, flags bytes) of a 3.6-3.10 lookup ->
         # (instance, flags) once a lookup so spelled went through the whole
@@ -343,11 +347,23 @@ class Dispatcher:
         counters.latency_ns += elapsed
 
     def count_delivered(self, pending) -> None:
-        """Count an offloaded request whose reply is now known."""
+        """Count an offloaded request whose reply is now known, and keep
+        a remote table's found or not-found answer in its cache, unless a
+        write of our own was made meanwhile (the answer may predate it)."""
         counted = pending.counted
         if counted is not None:
             pending.counted = None
             self._count(counted[0], counted[1], pending.reply, counted[2])
+        cache = pending.cache
+        if cache is not None:
+            pending.cache = None
+            answers, ckey, generation = cache
+            if ckey is None:                # a write: whatever was read meanwhile goes
+                answers.invalidate()
+            elif answers.generation == generation:
+                status = reply_status(pending.reply)
+                if status == OK or status == NOKEY:
+                    answers.put(ckey, pending.reply, negative=status == NOKEY)
 
     def _answer(self, req: Request, walks: dict) -> bytes:
         name = req.name
@@ -381,11 +397,22 @@ class Dispatcher:
                      | WRITE_FLAGS.get(name, 0))
             table.flags = flags
         if table.blocking and self.offload is not None:
+            answers = table.answers
+            if answers is not None:
+                if name == "lookup":
+                    reply = answers.get((flags, req.key), None)
+                    if reply is not None:
+                        return reply
+                elif name != "sequence":
+                    answers.invalidate()    # a write of our own: before and after it
             reply = self.offload.submit(table, flags, lambda: self._operate(table, req, walks),
                                         encode_reply(name, RETRY, req.layout))
             if type(reply) is not bytes:     # a Pending: counted on delivery
                 reply.counted = (self._counters, REQUEST_BASE[name], self.woke_at)
                 self._counters = None
+                if answers is not None and name != "sequence":
+                    reply.cache = (answers, (flags, req.key) if name == "lookup" else None,
+                                   answers.generation)
             return reply
         answers = table.answers
         groups = self._groups
@@ -584,10 +611,15 @@ class Dispatcher:
         table.counters = self.metrics.table(spec)
         if not isinstance(table, SurrogateTable):
             self._attach_watch(table)
-            if self.cache_entries > 0 and table.answers_cacheable \
-                    and spec not in self.cache_exclude:
-                table.answers = AnswerCache(self.cache_entries, self.cache_bytes,
-                                            stats=self.cache_stats)
+            if self.cache_entries > 0 and spec not in self.cache_exclude:
+                if table.answers_cacheable:
+                    table.answers = AnswerCache(self.cache_entries, self.cache_bytes,
+                                                stats=self.cache_stats)
+                elif table.blocking and self.offload is not None and self.remote_ttl > 0:
+                    table.answers = AnswerCache(self.cache_entries, self.cache_bytes,
+                                                ttl=self.remote_ttl,
+                                                negative_ttl=self.remote_negative_ttl,
+                                                stats=self.cache_stats)
         return table
 
     def _attach_watch(self, table: Table) -> None:

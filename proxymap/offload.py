@@ -38,14 +38,16 @@ class Pending:
     """A reply that a lane is still working on. `owner` is set by the
     event loop (the connection waiting for it); `reply` is the encoded
     reply once known; `counted` is the dispatcher's note for counting it
-    then (Dispatcher.count_delivered)."""
+    then (Dispatcher.count_delivered); `cache` the dispatcher's note for
+    its answer cache (Dispatcher.count_delivered too)."""
 
-    __slots__ = ("reply", "owner", "deadline", "retry", "lane", "counted")
+    __slots__ = ("reply", "owner", "deadline", "retry", "lane", "counted", "cache")
 
     def __init__(self, lane: "Lane", deadline: float, retry: bytes):
         self.reply: bytes | None = None
         self.owner = None
         self.counted = None
+        self.cache = None
         self.deadline = deadline
         self.retry = retry
         self.lane = lane

@@ -559,7 +559,9 @@ def make_dispatcher(config, service: str) -> Dispatcher:
                       cache_entries=config.get_int("proxymap_answer_cache_entries"),
                       cache_bytes=config.get_int("proxymap_answer_cache_bytes"),
                       cache_exclude={strip_proxy(name) for name in
-                                     config.get_list("proxymap_answer_cache_exclude")})
+                                     config.get_list("proxymap_answer_cache_exclude")},
+                      remote_ttl=config.get_time("proxymap_remote_cache_ttl"),
+                      remote_negative_ttl=config.get_time("proxymap_remote_cache_negative_ttl"))
 
 
 def file_lines(path: str) -> list[str]:

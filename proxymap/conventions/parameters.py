@@ -200,6 +200,13 @@ declare("proxymap_max_bad_requests", "10", INT, low=0, readers=(WORKER,), own=Tr
 declare("proxymap_answer_cache_entries", "10000", INT, low=0, readers=(WORKER,), own=True)
 declare("proxymap_answer_cache_bytes", "4194304", INT, low=1, readers=(WORKER,), own=True)
 declare("proxymap_answer_cache_exclude", "", LIST, readers=(WORKER,), own=True)
+# Our own: how long the answer cache keeps a remote table's answers (tables
+# served off the event loop: pgsql, mysql, sqlite, ldap, memcache, redis,
+# socketmap, tcp, plugins). 0 = not cached: nothing tells a worker of a
+# change made elsewhere, so only a time bounds how stale an answer can be.
+declare("proxymap_remote_cache_ttl", "0s", TIME, unit="s", low=0, readers=(WORKER,), own=True)
+declare("proxymap_remote_cache_negative_ttl", "0s", TIME, unit="s", low=0, readers=(WORKER,),
+        own=True)
 # Our own: the Prometheus listener (master/exporter.py): empty = none, an
 # absolute UNIX socket path, or a loopback host:port (port 0: any).
 declare("proxymap_metrics_listen", "", readers=(MASTER,), own=True)
