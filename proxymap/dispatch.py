@@ -122,12 +122,13 @@ class GroupedReply:
     """The reply of a change in a commit group: known (`reply`) once the
     group's sync is done. `owner` is set by the event loop."""
 
-    __slots__ = ("reply", "owner", "done", "failed", "counted")
+    __slots__ = ("reply", "owner", "done", "failed", "counted", "cache")
 
     def __init__(self, done: bytes, failed: bytes):
         self.reply: bytes | None = None
         self.owner = None
         self.counted = None     # metrics: counted when delivered (count_delivered)
+        self.cache = None       # delivered like an offload.Pending (count_delivered)
         self.done = done        # the reply once durable
         self.failed = failed    # the reply when the group failed
 
