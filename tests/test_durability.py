@@ -84,7 +84,10 @@ def worker_setup(tmp_path):
         inst.stop()
 
 
-def run_with_worker_kills(inst, spec, open_flags, flags, clients, per_client, kills, seed):
+def writers_under_worker_kills(inst, start_writers, kills, seed, **killer_options):
+    """Start proxywrite, then the writers `start_writers(socket path)`
+    returns (already started), and kill proxywrite with SIGKILL (restarting
+    it each time) until they are done. Returns (writers, killer)."""
     path = inst.socket_path("proxywrite")
     current = {"proc": inst.start("proxywrite")}
 
@@ -96,10 +99,8 @@ def run_with_worker_kills(inst, spec, open_flags, flags, clients, per_client, ki
         current["proc"].wait(10)
         current["proc"] = inst.start("proxywrite")
 
-    ledger = D.Ledger()
-    writers = D.run_writers(path, spec, ledger, clients, per_client, seed,
-                            flags=flags, open_flags=open_flags)
-    killer = D.Killer(victim, revive, kills, seed)
+    writers = start_writers(path)
+    killer = D.Killer(victim, revive, kills, seed, **killer_options)
     killer.start()
     try:
         D.join_all(writers, 240)
@@ -107,6 +108,15 @@ def run_with_worker_kills(inst, spec, open_flags, flags, clients, per_client, ki
         killer.stop.set()
         killer.join(30)
     assert killer.error is None, killer.error
+    return writers, killer
+
+
+def run_with_worker_kills(inst, spec, open_flags, flags, clients, per_client, kills, seed):
+    ledger = D.Ledger()
+    writers, killer = writers_under_worker_kills(
+        inst, lambda path: D.run_writers(path, spec, ledger, clients, per_client, seed,
+                                         flags=flags, open_flags=open_flags),
+        kills, seed)
     errors = [w.error for w in writers if w.error]
     assert not errors, errors
     inst.stop()  # the file is checked with nobody holding it
@@ -187,29 +197,17 @@ def test_worker_sigkill_in_the_middle_of_commit_groups(worker_setup):
     OK may be missing afterwards, and the file must stay valid."""
     inst, specs = worker_setup
     spec = specs["lmdb"]
-    path = inst.socket_path("proxywrite")
-    current = {"proc": inst.start("proxywrite")}
-
-    def victim():
-        proc = current["proc"]
-        return proc.pid if proc.poll() is None else None
-
-    def revive(_pid):
-        current["proc"].wait(10)
-        current["proc"] = inst.start("proxywrite")
-
     ledger = D.Ledger()
-    writers = [PipelinedWriter(path, spec, ledger, f"g{i}-", batches=500) for i in range(4)]
-    killer = D.Killer(victim, revive, 15, SEED + 11, pause=(0.02, 0.2))
-    for w in writers:
-        w.start()
-    killer.start()
-    try:
-        D.join_all(writers, 240)
-    finally:
-        killer.stop.set()
-        killer.join(30)
-    assert killer.error is None, killer.error
+
+    def start_writers(path):
+        writers = [PipelinedWriter(path, spec, ledger, f"g{i}-", batches=500) for i in range(4)]
+        for w in writers:
+            w.start()
+        return writers
+
+    writers, killer = writers_under_worker_kills(inst, start_writers, 15, SEED + 11,
+                                                 pause=(0.02, 0.2))
+    path = inst.socket_path("proxywrite")
     # one more round without kills: the last worker's summary shows the groups
     tail = [PipelinedWriter(path, spec, ledger, f"t{i}-", batches=5) for i in range(4)]
     for w in tail:
