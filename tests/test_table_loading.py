@@ -12,12 +12,14 @@ its forked workers, which inherit the hook), each module imported for the
 first time, and each fork; nothing here depends on timing or on memory
 sizes. A reload that adds a redis: table makes it work (real redis-server,
 real `postmap -q`), and its module is then loaded by the master, before the
-new workers are forked.
+new workers are forked; so is a plugin type, found through its entry point
+(tests/plugins/gateplug.py, as in tests/test_offload.py).
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -124,14 +126,15 @@ def test_unknown_types_keep_their_messages():
 
 # -- our master and its workers -----------------------------------------------------
 
-def start_recorded(inst, hook_dir: str, log: str):
+def start_recorded(inst, hook_dir: str, log: str, path: list[str] = ()):
     os.makedirs(hook_dir, exist_ok=True)
     with open(os.path.join(hook_dir, "sitecustomize.py"), "w") as f:
         f.write(RECORDER)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o666)
     os.close(fd)
     os.chmod(log, 0o666)        # workers append to it as mail_owner
-    return inst.run_foreground(env={"PYTHONPATH": hook_dir, "PM_IMPORT_LOG": log})
+    return inst.run_foreground(env={"PYTHONPATH": os.pathsep.join([hook_dir, *path]),
+                                    "PM_IMPORT_LOG": log})
 
 
 def worker_pids(inst) -> set[int]:
@@ -194,3 +197,23 @@ def test_reload_adding_a_redis_table_makes_it_work(tmp_path):
             assert "proxymap.tables.redis" in imports[master]
     finally:
         server.cleanup()
+
+
+@needs_postmap
+def test_a_plugin_type_is_loaded_by_the_master_from_its_entry_point(tmp_path):
+    from tests.test_offload import PLUGINS, install_plugin
+    with temporary_instance(tmp_path) as inst:
+        site = os.path.join(inst.root, "site")
+        install_plugin(pathlib.Path(site))
+        hook = os.path.join(inst.root, "hook")
+        log = os.path.join(inst.root, "imports.log")
+        inst.write_main_cf(proxy_read_maps=f"{inst.main_settings()['proxy_read_maps']} "
+                                           f"proxy:gate:/nonexistent")
+        start_recorded(inst, hook, log, [PLUGINS, site])
+        done = inst.postmap("-q", "alice", "proxy:gate:/nonexistent")
+        assert (done.returncode, done.stdout.strip()) == (0, "fast alice"), done.stderr
+        master = inst.master_pid()
+        inst.stop()
+        imports = read_imports(log)
+        assert {"gateplug", "importlib.metadata"} <= imports[master]
+        assert [pid for pid, names in imports.items() if "gateplug" in names] == [master]
