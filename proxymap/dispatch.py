@@ -31,9 +31,10 @@ The write service commits in groups when its worker asks for it
 (`begin_batch`/`end_batch` around each loop pass): the updates and
 deletes of one table that are ready in a pass are applied under one
 exclusive lock and made durable with one sync, and their replies
-(`GroupedReply`, delivered like offloaded ones) are known only after that
-sync: OK/NOKEY when it succeeded, RETRY for every change of the group when
-anything failed. Any other operation on the table closes its group first.
+(`GroupedReply`, an offload.DeferredReply like an offloaded one's) are
+known only after that sync: OK/NOKEY when it succeeded, RETRY for every
+change of the group when anything failed. Any other operation on the table
+closes its group first.
 
 Operations of tables that may block (database clients, plugins) are handed
 to the worker's Offloader and answered later (see proxymap/offload.py).
@@ -42,8 +43,8 @@ Every answered request is counted in `metrics` (proxymap/metrics.py) under
 its table, type and status, with its latency: from `woke_at`
 (time.monotonic_ns() when the worker woke up to read it, set by the
 worker's loop) to the reply; one clock read per request, plain integer
-increments. Offloaded requests are counted when their reply is delivered
-(`count_delivered`).
+increments. Offloaded and grouped requests are counted when their reply
+is delivered (`count_delivered`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from proxymap.answercache import AnswerCache, CacheStats
 from proxymap.conventions import maillog
 from proxymap.metrics import (LATENCY_BUCKET, NO_TABLE, REPLY_STATUS_OFFSET, REQUEST_BASE,
                               WorkerMetrics, reply_status)
+from proxymap.offload import DeferredReply
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                BadRequest, Request, encode_reply, parse_request)
 from proxymap.tables import Table, TableError, TableOpenError, open_table, strip_proxy
@@ -118,19 +120,17 @@ class SurrogateTable(Table):
         self._fail()
 
 
-class GroupedReply:
-    """The reply of a change in a commit group: known (`reply`) once the
-    group's sync is done. `owner` is set by the event loop."""
+class GroupedReply(DeferredReply):
+    """The reply of a change in a commit group: `reply` is set once the
+    group's sync is done, to `done` when it made the change durable and to
+    `failed` when the group failed."""
 
-    __slots__ = ("reply", "owner", "done", "failed", "counted", "cache")
+    __slots__ = ("done", "failed")
 
     def __init__(self, done: bytes, failed: bytes):
-        self.reply: bytes | None = None
-        self.owner = None
-        self.counted = None     # metrics: counted when delivered (count_delivered)
-        self.cache = None       # delivered like an offload.Pending (count_delivered)
-        self.done = done        # the reply once durable
-        self.failed = failed    # the reply when the group failed
+        DeferredReply.__init__(self)
+        self.done = done
+        self.failed = failed
 
 
 class Dispatcher:
@@ -347,10 +347,11 @@ class Dispatcher:
         counters.latency[LATENCY_BUCKET[elapsed.bit_length()]] += 1
         counters.latency_ns += elapsed
 
-    def count_delivered(self, pending) -> None:
-        """Count an offloaded request whose reply is now known, and keep
-        a remote table's found or not-found answer in its cache, unless a
-        write of our own was made meanwhile (the answer may predate it)."""
+    def count_delivered(self, pending: DeferredReply) -> None:
+        """Count an offloaded or grouped request whose reply is now known,
+        and keep a remote table's found or not-found answer in its cache,
+        unless a write of our own was made meanwhile (the answer may predate
+        it)."""
         counted = pending.counted
         if counted is not None:
             pending.counted = None

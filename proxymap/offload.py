@@ -34,20 +34,32 @@ DEFAULT_LANE_QUEUE = 64
 DEFAULT_TIMEOUT = 10.0
 
 
-class Pending:
-    """A reply that a lane is still working on. `owner` is set by the
-    event loop (the connection waiting for it); `reply` is the encoded
-    reply once known; `counted` is the dispatcher's note for counting it
-    then (Dispatcher.count_delivered); `cache` the dispatcher's note for
-    its answer cache (Dispatcher.count_delivered too)."""
+class DeferredReply:
+    """A reply known only later, which the event loop delivers in its
+    connection's reply order (server.Worker._deliver): `reply` is the
+    encoded reply once known, `owner` the connection waiting for it (set by
+    the loop), `counted` the dispatcher's note for counting the request
+    then and `cache` its note for the answer cache (both
+    Dispatcher.count_delivered). Two kinds: a lane's `Pending` and a commit
+    group's `dispatch.GroupedReply`."""
 
-    __slots__ = ("reply", "owner", "deadline", "retry", "lane", "counted", "cache")
+    __slots__ = ("reply", "owner", "counted", "cache")
 
-    def __init__(self, lane: "Lane", deadline: float, retry: bytes):
+    def __init__(self):
         self.reply: bytes | None = None
         self.owner = None
         self.counted = None
         self.cache = None
+
+
+class Pending(DeferredReply):
+    """A reply that a lane is still working on; `retry` is answered when
+    the lane's timeout (`deadline`) passes first."""
+
+    __slots__ = ("deadline", "retry", "lane")
+
+    def __init__(self, lane: "Lane", deadline: float, retry: bytes):
+        DeferredReply.__init__(self)
         self.deadline = deadline
         self.retry = retry
         self.lane = lane
