@@ -32,8 +32,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +39,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from proxymap.protocol import Decoder, encode  # noqa: E402
+from benchmarks.realpostfix import RealPostfix, wait_for_socket  # noqa: E402
+from benchmarks.servers import stop_process  # noqa: E402
+from proxymap.client import OK, ProxyClient  # noqa: E402
+from proxymap.server import standalone_command  # noqa: E402
 
 VALGRIND = shutil.which("valgrind") or "/usr/bin/valgrind"
 CALLGRIND_CONTROL = shutil.which("callgrind_control") or "/usr/bin/callgrind_control"
@@ -61,47 +62,6 @@ def callgrind_total(path: str) -> int:
     return int(match.group(1))
 
 
-def greeted(path: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(5)
-                s.connect(path)
-                if s.recv(64).startswith(b"protocol"):
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.2)
-    return False
-
-
-class Client:
-    def __init__(self, path: str):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(120)
-        self.sock.connect(path)
-        self.decoder = Decoder(64, 1 << 20)
-        self.pending: list = []
-        self.read()
-
-    def read(self):
-        while not self.pending:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError("server closed the connection")
-            self.pending += self.decoder.feed(data)
-        return self.pending.pop(0)
-
-    def lookups(self, table: str, keys: list[str], count: int) -> None:
-        for n in range(count):
-            self.sock.sendall(encode([("request", "lookup"), ("table", table), ("flags", 64),
-                                      ("key", keys[n % len(keys)])]))
-            reply = dict(self.read())
-            if reply[b"status"] != b"0":
-                raise RuntimeError(f"lookup {keys[n % len(keys)]}: {reply}")
-
-
 def run_total(out_dir: str, prefix: str, timeout: float = 120) -> int:
     """The instruction total of the callgrind file `prefix`.* that a
     stopped server left in out_dir (written at its exit)."""
@@ -117,9 +77,15 @@ def run_total(out_dir: str, prefix: str, timeout: float = 120) -> int:
 
 
 def lookups(sock: str, table: str, workload: str, count: int) -> None:
-    client = Client(sock)
-    client.lookups(table, _keys(workload), count)
-    client.sock.close()
+    """`count` lookups over one connection, cycling over the workload's keys."""
+    keys = _keys(workload)
+    with ProxyClient(sock, timeout=120, retries=0) as client:
+        client.connect()
+        for n in range(count):
+            key = keys[n % len(keys)]
+            status, value = client.lookup(table, 64, key.encode())
+            if status != OK:
+                raise RuntimeError(f"lookup {key}: status {status} {value!r}")
 
 
 def write_table(etc: str, name: str) -> str:
@@ -159,22 +125,20 @@ def ours(parent: str, workload: str, count: int, run: str) -> int:
     with open(os.path.join(root, "worker.log"), "wb") as log:
         proc = subprocess.Popen(
             [VALGRIND, "--tool=callgrind", f"--callgrind-out-file={root}/cg/ours.%p",
-             sys.executable, "-m", "proxymap.server", "-c", os.path.join(root, "etc"),
-             "-n", "proxymap", "--listen", sock, "--stderr"],
+             *standalone_command(os.path.join(root, "etc"), "proxymap", sock)],
             stdout=subprocess.DEVNULL, stderr=log, env=env,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        if not greeted(sock, 300):
+        if not wait_for_socket(sock, 300):
             raise RuntimeError(f"our worker under valgrind did not greet: see {root}/worker.log")
         lookups(sock, table, workload, count)
     finally:
-        _stop(proc)
+        stop_process(proc, grace=120)
     return run_total(os.path.join(root, "cg"), "ours")
 
 
 def c_proxymap(parent: str, workload: str, count: int, run: str) -> int:
     """The C proxymap's instruction total for `count` lookups of `workload`."""
-    from benchmarks.realpostfix import RealPostfix
     root = os.path.join(parent, f"c-{workload}-{run}")
     cg = os.path.join(root, "cg")
     daemons = os.path.join(root, "daemons")
@@ -218,16 +182,6 @@ def c_proxymap(parent: str, workload: str, count: int, run: str) -> int:
 def _keys(workload: str) -> list[str]:
     count = 100 if workload == "hot" else KEYS
     return [f"key{n}@example.com" for n in range(count)]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ import sys
 from benchmarks.realpostfix import StartError, wait_for_socket
 from benchmarks.servers import ServerInstance, kill_leftovers
 from master.pidfile import pid_alive, pid_path, read_pid
+from proxymap.server import standalone_command
 
 BIN = os.path.dirname(sys.executable)
 MASTER = os.path.join(BIN, "proxymap-master")
@@ -55,8 +56,7 @@ class OurService(ServerInstance):
             try:
                 for service in ("proxymap", "proxywrite"):
                     proc = subprocess.Popen(
-                        [sys.executable, "-m", "proxymap.server", "-c", self.config_dir,
-                         "-n", service, "--listen", self.socket_path(service), "--stderr"],
+                        standalone_command(self.config_dir, service, self.socket_path(service)),
                         stdin=subprocess.DEVNULL, stdout=log, stderr=log)
                     self.procs.append(proc)
                     self.pids.append(proc.pid)

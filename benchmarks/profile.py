@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import loadgen, scenarios  # noqa: E402
 from benchmarks.run import log, setup  # noqa: E402
+from benchmarks.servers import stop_process  # noqa: E402
 
 PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
 STRACE_LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
@@ -72,16 +73,6 @@ def drive(server, sc, ctx):
     return loadgen.run(server.socket_path(sc.service), wl, sc.conns, ctx.duration)
 
 
-def stop_pid(proc: subprocess.Popen, sig=signal.SIGINT) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/profile.py")
     p.add_argument("--workload", choices=("lookup", "churn", "verify"), default="lookup")
@@ -119,7 +110,7 @@ def main(argv=None) -> int:
                 time.sleep(1.0)
                 res = drive(server, sc, ctx)
             finally:
-                stop_pid(tracer)
+                stop_process(tracer, signal.SIGINT)
             with open(out) as f:
                 calls = parse_strace_summary(f.read())
             per_req[server.kind] = ({k: v / max(1, res.total) for k, v in calls.items()},
@@ -143,7 +134,7 @@ def main(argv=None) -> int:
             time.sleep(1.5)
             res = drive(ours, sc, ctx)
         finally:
-            stop_pid(spy)
+            stop_process(spy, signal.SIGINT)
         with open(raw) as f:
             own, incl, total = collapse(f.read())
         print(f"{total} samples, {res.total} requests\n")

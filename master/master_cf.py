@@ -20,7 +20,7 @@ from proxymap.conventions.config_error import ConfigError
 from proxymap.conventions.main_cf import read_settled
 from proxymap.conventions.mainconfig import MainConfig
 from proxymap.conventions.service_sockets import service_socket_path, socket_class
-from proxymap.conventions.values import find_close
+from proxymap.conventions.values import find_close, split_grouped, strip_group
 from proxymap.util.logical_lines import BLANKS, read_logical_lines
 
 
@@ -64,29 +64,18 @@ class Service:
 
 
 def split_command_args(text: str) -> list[str]:
-    """Blank-separated tokens; a token starting with `{` runs to its matching
-    `}` and is unwrapped (outer braces and blanks just inside removed).
-    Raises ConfigError(reason)."""
+    """Blank-separated tokens, a `{...}` group being part of its token
+    (values.split_grouped, as for a list value); a token that starts with
+    `{` must be that one group, and is unwrapped (outer braces and blanks
+    just inside removed), as Postfix's extpar does. Raises
+    ConfigError(reason)."""
     tokens = []
-    i = 0
-    n = len(text)
-    while i < n:
-        if text[i] in BLANKS:
-            i += 1
-            continue
-        if text[i] == "{":
-            close = find_close(text, i, "{", "}")
-            if close < 0:
-                raise ConfigError(f"missing '}}' in \"{text[i:]}\"")
-            if close + 1 < n and text[close + 1] not in BLANKS:
-                raise ConfigError(f"syntax error after '}}' in \"{text[i:]}\"")
-            tokens.append(text[i + 1:close].strip(BLANKS))
-            i = close + 1
-            continue
-        start = i
-        while i < n and text[i] not in BLANKS:
-            i += 1
-        tokens.append(text[start:i])
+    for token in split_grouped(text, BLANKS):
+        if token.startswith("{"):
+            if find_close(token, 0, "{", "}") != len(token) - 1:
+                raise ConfigError(f"syntax error after '}}' in \"{token}\"")
+            token = strip_group(token)
+        tokens.append(token)
     return tokens
 
 

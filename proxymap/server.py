@@ -60,7 +60,8 @@ BAD_LOGGED = 3
 class Connection:
     """One client: its socket, request decoder, unsent reply bytes and walks.
     `waiting` holds, in request order, replies not yet known (an
-    offload.Pending) and the replies that came after them."""
+    offload.DeferredReply: a lane's or a commit group's) and the replies
+    that came after them."""
 
     __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied",
                  "queue", "bad", "wait_until", "answered_at", "waiting", "held", "walks")
@@ -458,7 +459,8 @@ class Worker:
         self._deliver(offload.drain())
 
     def _deliver(self, answered) -> None:
-        """Move the replies now known to their connections, in order."""
+        """Move the replies now known (offload.DeferredReply, offloaded or
+        grouped) to their connections, in order."""
         touched = []
         count = self.dispatcher.count_delivered
         for pending in answered:
@@ -605,6 +607,14 @@ def role_of(service: str, config) -> str | None:
     if service in (READ_SERVICE, config.get("proxymap_service_name")):
         return READ_SERVICE
     return None
+
+
+def standalone_command(config_dir: str, service: str, path: str) -> list[str]:
+    """The command that runs this program as a worker of its own, accepting
+    on `path` and logging to stderr, without a master (the worker tests and
+    the benchmarks start it so)."""
+    return [sys.executable, "-m", "proxymap.server", "-c", config_dir, "-n", service,
+            "--listen", path, "--stderr"]
 
 
 def parse_args(argv):

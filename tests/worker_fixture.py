@@ -11,12 +11,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 from proxymap.client import read_greeting
 from proxymap.conventions.service_sockets import PRIVATE, service_socket_path
 from proxymap.protocol import GREETING, Decoder, encode
+from proxymap.server import standalone_command
 from tests.instance import POSTMAP
 
 
@@ -46,9 +46,8 @@ class WorkerInstance:
     def start(self, service="proxymap"):
         path = self.socket_path(service)
         logf = open(self.log_path, "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxymap.server", "-c", self.config_dir, "-n", service,
-             "--listen", path, "--stderr"], stdout=logf, stderr=logf)
+        proc = subprocess.Popen(standalone_command(self.config_dir, service, path),
+                                stdout=logf, stderr=logf)
         logf.close()
         self.procs.append(proc)
         deadline = time.monotonic() + 15

@@ -176,11 +176,10 @@ class MainConfig:
             number = parse_int(value, maximum)
         except ValueError:
             raise self._where(name, f"bad numerical configuration: {name} = {value}") from None
-        low, high = _bounds(parameter)
-        if low is not None and number < low:
-            raise self._where(name, f"invalid {name} parameter value {number} < {low}")
-        if high is not None and number > high:
-            raise self._where(name, f"invalid {name} parameter value {number} > {high}")
+        broken = _broken_bound(parameter, number)
+        if broken is not None:
+            raise self._where(name, f"invalid {name} parameter value {number} {broken[0]}"
+                                    f" {broken[1]}")
         return number
 
     def get_time(self, name: str, unit: str = "s") -> int:
@@ -192,11 +191,10 @@ class MainConfig:
             seconds = parse_time(value, parameter.unit if parameter is not None else unit)
         except ValueError:
             raise self._where(name, f"parameter {name}: bad time value or unit: {value}") from None
-        low, high = _bounds(parameter)
-        if low is not None and seconds < low:
-            raise self._where(name, f"invalid {name}: {seconds} (min {low})")
-        if high is not None and seconds > high:
-            raise self._where(name, f"invalid {name}: {seconds} (max {high})")
+        broken = _broken_bound(parameter, seconds)
+        if broken is not None:
+            limit = "min" if broken[0] == "<" else "max"
+            raise self._where(name, f"invalid {name}: {seconds} ({limit} {broken[1]})")
         return seconds
 
     def get_bool(self, name: str) -> bool:
@@ -280,8 +278,16 @@ def _declared_as(name: str, *kinds: str) -> Parameter | None:
     return parameter
 
 
-def _bounds(parameter: Parameter | None) -> tuple[int | None, int | None]:
-    return (parameter.low, parameter.high) if parameter is not None else (None, None)
+def _broken_bound(parameter: Parameter | None, number: int) -> tuple[str, int] | None:
+    """("<", low) or (">", high) when `number` lies outside the bounds
+    `parameter` is declared with; None when within them (or undeclared)."""
+    if parameter is None:
+        return None
+    if parameter.low is not None and number < parameter.low:
+        return "<", parameter.low
+    if parameter.high is not None and number > parameter.high:
+        return ">", parameter.high
+    return None
 
 
 class ParamView:

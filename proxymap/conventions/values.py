@@ -32,29 +32,38 @@ def find_close(text: str, start: int, open_ch: str, close_ch: str) -> int:
     return -1
 
 
-def parse_table_list(value: str) -> list[str]:
-    """Split a list on commas and whitespace, keeping `{...}` groups (and
-    `type:{...}` names) as single tokens with their braces intact.
-    Raises ConfigError on an unbalanced `{`."""
+def split_grouped(text: str, separators: str) -> list[str]:
+    """Tokens of `text` between `separators`, where a `{...}` group, at the
+    start of a token or inside it (`type:{...}`), nested or not, is part of
+    its token, braces intact: Postfix's mystrtokq, which splits both a list
+    value and master.cf's command arguments. Raises ConfigError on an
+    unbalanced `{`."""
     tokens = []
     i = 0
-    n = len(value)
+    n = len(text)
     while i < n:
-        if value[i] in LIST_SEPARATORS:
+        if text[i] in separators:
             i += 1
             continue
         start = i
         level = 0
-        while i < n and (level > 0 or value[i] not in LIST_SEPARATORS):
-            if value[i] == "{":
+        while i < n and (level > 0 or text[i] not in separators):
+            if text[i] == "{":
                 level += 1
-            elif value[i] == "}" and level > 0:
+            elif text[i] == "}" and level > 0:
                 level -= 1
             i += 1
         if level > 0:
-            raise ConfigError(f"missing '}}' in \"{value[start:]}\"")
-        tokens.append(value[start:i])
+            raise ConfigError(f"missing '}}' in \"{text[start:]}\"")
+        tokens.append(text[start:i])
     return tokens
+
+
+def parse_table_list(value: str) -> list[str]:
+    """Split a list on commas and whitespace, keeping `{...}` groups (and
+    `type:{...}` names) as single tokens with their braces intact.
+    Raises ConfigError on an unbalanced `{`."""
+    return split_grouped(value, LIST_SEPARATORS)
 
 
 def strip_group(token: str) -> str:

@@ -200,6 +200,16 @@ class Templates:
         template needs (the lookup then finds nothing)."""
         return expand(self.query, key, None, self.needs, self.nparts, quote)
 
+    def add_result(self, out: list[str], value: str, key: str, expansion_limit: int) -> bool:
+        """Append `value` formatted with result_format to `out` (nothing
+        when the format leaves it out); False once `out` holds more than
+        `expansion_limit` values (0: no limit). The SQL tables and LDAP
+        format every value so."""
+        text = expand(self.result_format, value, key, self.needs, self.nparts, None)
+        if text is not None:
+            out.append(text)
+        return not (expansion_limit > 0 and len(out) > expansion_limit)
+
     def results(self, rows: Iterable[str | None], key: str, spec: str,
                 expansion_limit: int) -> str | None:
         """Join the formatted rows; None when there are none."""
@@ -210,11 +220,7 @@ class Templates:
             if value == "":
                 maillog.warning(f'table "{spec}": empty lookup result for: "{key}" -- ignored')
                 continue
-            text = expand(self.result_format, value, key, self.needs, self.nparts, None)
-            if text is None:
-                continue
-            out.append(text)
-            if expansion_limit > 0 and len(out) > expansion_limit:
+            if not self.add_result(out, value, key, expansion_limit):
                 maillog.warning(f"{spec}: Expansion limit exceeded for key '{key}'")
                 raise TableError(f"{spec}: Expansion limit exceeded for key '{key}'")
         joined = ",".join(out)

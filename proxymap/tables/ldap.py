@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from proxymap.conventions import maillog
 from proxymap import dictflags as F
 from proxymap.tables.backend import BackendTable
-from proxymap.tables.base import TableError, TableOpenError
+from proxymap.tables.base import TableError, TableOpenError, require_read_only
 from proxymap.tables.connpool import Pool
 from proxymap.tables.dbcommon import Templates, encode_value, expand, lookup_key, read_parameters
 from proxymap.tables.failover import Dropped, HostFailed
@@ -278,7 +278,6 @@ class Expansion:
     """The state of one lookup across nested searches."""
 
     values: list[str] = field(default_factory=list)
-    count: int = 0
     failed: bool = False
 
 
@@ -287,8 +286,7 @@ class LdapTable(BackendTable):
 
     def __init__(self, type_name, name, flags, writable, params):
         super().__init__(type_name, name, flags, writable, params)
-        if writable:
-            raise TableOpenError(f"{type_name}:{name} map requires O_RDONLY access mode")
+        require_read_only(f"{type_name}:{name}", writable)
         if ldap3 is None:
             raise TableOpenError(f"dictionary type ldap needs ldap3: {_IMPORT_ERROR}")
         cf = read_parameters(name, params, PARAMETER_NAMES)
@@ -591,13 +589,8 @@ class LdapTable(BackendTable):
                                 and self.num_terminal <= i < self.num_terminal + self.num_leaf)):
                         continue
                     for raw in values:
-                        text = expand(t.result_format, raw.decode("utf-8", "surrogateescape"),
-                                      name, t.needs, t.nparts, None)
-                        if text is None:
-                            continue
-                        state.values.append(text)
-                        state.count += 1
-                        if self.expansion_limit > 0 and state.count > self.expansion_limit:
+                        if not t.add_result(state.values, raw.decode("utf-8", "surrogateescape"),
+                                            name, self.expansion_limit):
                             maillog.warning(f"{here}: {self.parser_name}: Expansion limit"
                                             f" exceeded for key: '{name}'")
                             state.failed = True
