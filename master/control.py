@@ -25,7 +25,7 @@ from master.supervisor import (PROGRAM, Master, load_configuration, not_served, 
 from proxymap import add_version_option
 from proxymap.conventions import maillog
 from proxymap.conventions.config_error import ConfigError
-from proxymap.conventions.main_cf import load_main_cf
+from proxymap.conventions.main_cf import default_config_dir, load_main_cf
 from proxymap.conventions.parameters import PROXY_READ_MAPS_DEFAULT, PROXY_READ_MAPS_DEFAULT_311
 from proxymap.client import check_greeting
 from proxymap.util.output import emit
@@ -399,7 +399,7 @@ COMMANDS = {"start": cmd_start, "stop": cmd_stop, "reload": cmd_reload,
 def parse_args(argv):
     p = argparse.ArgumentParser(prog=PROGRAM, description=
                                 "Control the pre-forking proxymap/proxywrite master")
-    p.add_argument("-c", dest="config_dir", default=os.environ.get("MAIL_CONFIG", "/etc/postfix"),
+    p.add_argument("-c", dest="config_dir", default=default_config_dir(),
                    help="configuration directory with main.cf and master.cf")
     p.add_argument("-m", dest="services_from", metavar="FILE", default=None,
                    help="take the services from FILE (master.cf format) instead of "

@@ -47,7 +47,7 @@ from proxymap import handoff, metrics
 from proxymap.allowlist import proxy_allow_set
 from proxymap.conventions import maillog
 from proxymap.conventions.config_error import ConfigError
-from proxymap.conventions.main_cf import load_main_cf
+from proxymap.conventions.main_cf import CONFIG_DIR_ENV, load_main_cf
 from proxymap.conventions.mainconfig import MainConfig
 from proxymap.conventions.service_sockets import PRIVATE, PUBLIC, service_socket_path
 from proxymap.util import fdlimit
@@ -322,7 +322,7 @@ class Master:
             raise OSError(f"open lock file {pidfile.pid_path(self.queue_directory)}: "
                           f"unable to set exclusive lock: the {PROGRAM} is already running") \
                 from None
-        os.environ["MAIL_CONFIG"] = self.config_dir
+        os.environ[CONFIG_DIR_ENV] = self.config_dir
         self.install_signals()
         fdlimit.raise_open_limit()
         self.accept_guard = fdlimit.AcceptGuard("accept connection", maillog.warning)

@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator
 
 from proxymap import dictflags as F
 from proxymap.client import ProxyClient, ProxyError, ProxyRefused, ProxyTable
+from proxymap.conventions.main_cf import default_config_dir
 from proxymap.conventions.service_sockets import service_socket_path
 from proxymap.utf8 import is_utf8, utf8_key
 from proxymap.protocol import CONFIG, NOKEY, OK
@@ -73,7 +74,7 @@ def parse_args(argv: list[str], environ=os.environ) -> Options:
         pairs, operands = getopt.gnu_getopt(argv, OPTSTRING)
     except getopt.GetoptError as exc:
         raise Fatal(f"{exc} -- {USAGE}") from None
-    opts = Options(config_dir=environ.get("MAIL_CONFIG", "/etc/postfix"))
+    opts = Options(config_dir=default_config_dir(environ))
     modes = set()
     for opt, arg in pairs:
         if opt == "-c":

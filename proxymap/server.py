@@ -29,6 +29,7 @@ from collections import deque
 from proxymap import add_version_option
 from proxymap.conventions import maillog
 from proxymap.conventions.config_error import ConfigError
+from proxymap.conventions.main_cf import default_config_dir
 from proxymap.conventions.mainconfig import ParamView
 from proxymap.conventions.service_sockets import service_socket_path
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
@@ -620,7 +621,7 @@ def standalone_command(config_dir: str, service: str, path: str) -> list[str]:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="proxymap", description=
                                 "Postfix-compatible proxymap/proxywrite worker")
-    p.add_argument("-c", dest="config_dir", default=os.environ.get("MAIL_CONFIG", "/etc/postfix"))
+    p.add_argument("-c", dest="config_dir", default=default_config_dir())
     p.add_argument("-n", dest="service", default=None, help="service name: proxymap or proxywrite")
     p.add_argument("-o", dest="overrides", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("-v", dest="verbose", action="count", default=0)

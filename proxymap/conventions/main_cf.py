@@ -17,7 +17,18 @@ from typing import Callable, Mapping
 from proxymap.conventions import maillog
 from proxymap.conventions.config_error import ConfigError
 from proxymap.conventions.mainconfig import MainConfig
+from proxymap.conventions.parameters import PARAMETERS
 from proxymap.util.logical_lines import BLANKS, read_logical_lines
+
+#: the environment variable that names the configuration directory
+#: (Postfix's CONF_ENV_PATH); the master sets it for its children
+CONFIG_DIR_ENV = "MAIL_CONFIG"
+
+
+def default_config_dir(environ: Mapping[str, str] = os.environ) -> str:
+    """The configuration directory of a program run without -c:
+    $MAIL_CONFIG, else config_directory's default (/etc/postfix)."""
+    return environ.get(CONFIG_DIR_ENV, PARAMETERS["config_directory"].default)
 
 
 def split_name_value(line: str) -> tuple[str, str]:

@@ -28,6 +28,13 @@ class TableOpenError(Exception):
     """The table cannot be opened; the dispatcher installs a surrogate."""
 
 
+def require_read_only(spec: str, writable: bool) -> None:
+    """Refuse to open a table of a read-only type for writing, in the words
+    of Postfix's dict_open: TableOpenError."""
+    if writable:
+        raise TableOpenError(f"{spec} map requires O_RDONLY access mode")
+
+
 class Unsupported(TableError):
     """The table type does not implement this operation (answered CONFIG)."""
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from proxymap import dictflags as F
 from proxymap.tables import open_table, strip_proxy
-from proxymap.tables.base import Table, TableOpenError
+from proxymap.tables.base import Table, TableOpenError, require_read_only
 from proxymap.tables.inline import BraceError, split_braced, strip_braces
 
 def member_specs(name: str) -> list[str]:
@@ -55,8 +55,7 @@ class CompositeTable(Table):
             return []
 
     def __init__(self, type_name, name, flags, writable, params):
-        if writable:
-            raise TableOpenError(f"{type_name}:{name} map requires O_RDONLY access mode")
+        require_read_only(f"{type_name}:{name}", writable)
         try:
             specs = member_specs(name)
         except ValueError as exc:

@@ -17,7 +17,7 @@ and mystrtokq() behaviour and are shared with static: and the composites.
 
 from __future__ import annotations
 
-from proxymap.tables.base import TableOpenError
+from proxymap.tables.base import TableOpenError, require_read_only
 from proxymap.tables.texthash import MemoryTable, fold_source_key, log_text, utf8_enabled
 
 #: separators between entries (and between unionmap/pipemap members)
@@ -123,8 +123,7 @@ class InlineTable(MemoryTable):
 
     def __init__(self, type_name, name, flags, writable, params):
         super().__init__(type_name, name, flags, writable, params)
-        if writable:
-            raise TableOpenError(f"{self.spec} map requires O_RDONLY access mode")
+        require_read_only(self.spec, writable)
         try:
             entries = parse_inline(name.encode("utf-8", "surrogateescape"))
         except ValueError as exc:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from proxymap import dictflags as F
 from proxymap.conventions import maillog
 from proxymap.tables.backend import BackendTable
-from proxymap.tables.base import TableOpenError
+from proxymap.tables.base import TableOpenError, require_read_only
 from proxymap.tables.connpool import Pool
 from proxymap.tables.dbcommon import Templates, legacy_query, read_parameters, sql_lookup
 from proxymap.tables.failover import Dropped, HostFailed, ServerSet
@@ -59,8 +59,7 @@ class MysqlTable(BackendTable):
 
     def __init__(self, type_name, name, flags, writable, params):
         super().__init__(type_name, name, flags, writable, params)
-        if writable:
-            raise TableOpenError(f"{type_name}:{name} map requires O_RDONLY access mode")
+        require_read_only(f"{type_name}:{name}", writable)
         if pymysql is None:
             raise TableOpenError(f"dictionary type mysql needs PyMySQL: {_IMPORT_ERROR}")
         cf = read_parameters(name, params)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from proxymap import dictflags as F
-from proxymap.tables.base import Table, TableOpenError
+from proxymap.tables.base import Table, TableOpenError, require_read_only
 from proxymap.util.logical_lines import logical_lines
 
 #: Postfix's ISSPACE() and ISALNUM() (ASCII only, the C locale)
@@ -568,8 +568,7 @@ class PatternFileTable(Table):
 
     def __init__(self, type_name, name, flags, writable, params):
         super().__init__(type_name, name, flags, writable, params)
-        if writable:
-            raise TableOpenError(f"{type_name}:{name} map requires O_RDONLY access mode")
+        require_read_only(f"{type_name}:{name}", writable)
         from proxymap.conventions import maillog
         try:
             self.remember_file(name)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from proxymap import dictflags as F
 from proxymap.conventions import maillog
 from proxymap.tables.backend import BackendTable
-from proxymap.tables.base import TableError, TableOpenError
+from proxymap.tables.base import TableError, TableOpenError, require_read_only
 from proxymap.tables.dbcommon import Templates, legacy_query, read_parameters, sql_lookup
 from proxymap.tables.failover import Dropped, HostFailed, ServerSet
 
@@ -116,8 +116,7 @@ class PgsqlTable(BackendTable):
 
     def __init__(self, type_name, name, flags, writable, params):
         super().__init__(type_name, name, flags, writable, params)
-        if writable:
-            raise TableOpenError(f"{type_name}:{name} map requires O_RDONLY access mode")
+        require_read_only(f"{type_name}:{name}", writable)
         if psycopg is None:
             raise TableOpenError(f"dictionary type pgsql needs psycopg: {_IMPORT_ERROR}")
         cf = read_parameters(name, params)

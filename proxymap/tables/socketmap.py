@@ -16,7 +16,7 @@ from __future__ import annotations
 from proxymap import dictflags as F
 from proxymap.protocol import CONFIG, RETRY
 from proxymap.tables.backend import BackendTable
-from proxymap.tables.base import TableError, TableOpenError
+from proxymap.tables.base import TableError, TableOpenError, require_read_only
 from proxymap.tables.netclient import endpoint_pool, exchange
 from proxymap.tables.texthash import printable
 
@@ -56,8 +56,7 @@ class SocketmapTable(BackendTable):
 
     def __init__(self, type_name, name, flags, writable, params):
         super().__init__(type_name, name, flags, writable, params)
-        if writable:
-            raise TableOpenError(f"{type_name}:{name} map requires O_RDONLY access mode")
+        require_read_only(f"{type_name}:{name}", writable)
         if flags & F.NO_UNAUTH:
             raise TableOpenError(f"{type_name}:{name} map is not allowed for"
                                  f" security-sensitive data")

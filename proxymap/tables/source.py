@@ -49,6 +49,12 @@ def parse_entry(line: bytes) -> tuple[bytes, bytes]:
     return key, value
 
 
+def alias_format_warning(path: str, number: int) -> str:
+    """Postfix's warning for a key that ends in `:`, as the lines of an
+    aliases(5) file given to postmap do."""
+    return f'{path}, line {number}: record is in "key: value" format; is this an alias file?'
+
+
 def read_entries(path: str, warn) -> Iterator[tuple[bytes, bytes]]:
     """Yield (key, value) from a postmap-format file; bad lines are passed
     to warn(message) with file:line and skipped. Raises OSError."""
@@ -60,6 +66,5 @@ def read_entries(path: str, warn) -> Iterator[tuple[bytes, bytes]]:
                 warn(f"{path}, line {number}: {exc}: skipping this entry")
                 continue
             if key.endswith(b":"):
-                warn(f"{path}, line {number}: record is in \"key: value\" format;"
-                     f" is this an alias file?")
+                warn(alias_format_warning(path, number))
             yield key, value

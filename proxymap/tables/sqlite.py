@@ -25,7 +25,7 @@ import urllib.parse
 from proxymap import dictflags as F
 from proxymap.conventions import maillog
 from proxymap.tables.backend import BackendTable
-from proxymap.tables.base import TableError, TableOpenError
+from proxymap.tables.base import TableError, TableOpenError, require_read_only
 from proxymap.tables.dbcommon import (Templates, legacy_query, read_parameters, sql_lookup,
                                       unquoted_expansions)
 
@@ -50,8 +50,7 @@ class SqliteTable(BackendTable):
 
     def __init__(self, type_name, name, flags, writable, params):
         super().__init__(type_name, name, flags, writable, params)
-        if writable:
-            raise TableOpenError(f"{type_name}:{name} map requires O_RDONLY access mode")
+        require_read_only(f"{type_name}:{name}", writable)
         cf = read_parameters(name, params)
         self.dbpath = cf.get_str("dbpath", "", min_len=1)
         query = cf.get_str("query", None)

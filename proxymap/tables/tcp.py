@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from proxymap import dictflags as F
 from proxymap.tables.backend import BackendTable
-from proxymap.tables.base import TableError, TableOpenError
+from proxymap.tables.base import TableError, TableOpenError, require_read_only
 from proxymap.tables.netclient import endpoint_pool, exchange
 from proxymap.tables.texthash import printable
 
@@ -63,8 +63,7 @@ class TcpTable(BackendTable):
 
     def __init__(self, type_name, name, flags, writable, params):
         super().__init__(type_name, name, flags, writable, params)
-        if writable:
-            raise TableOpenError(f"{type_name}:{name} map requires O_RDONLY access mode")
+        require_read_only(f"{type_name}:{name}", writable)
         size = int((params or {}).get("proxymap_backend_threads", 0) or 4)
         self.lane_size = size
         try:

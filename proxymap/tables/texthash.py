@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from proxymap import dictflags as F
 from proxymap.conventions import maillog
-from proxymap.tables.base import Table, TableOpenError, file_stamp, snapshot_walk
-from proxymap.tables.source import EntryError, parse_entry
+from proxymap.tables.base import (Table, TableOpenError, file_stamp, require_read_only,
+                                  snapshot_walk)
+from proxymap.tables.source import EntryError, alias_format_warning, parse_entry
 from proxymap.utf8 import is_utf8, utf8_key
 from proxymap.util.logical_lines import logical_lines
 
@@ -85,8 +86,7 @@ def load_source(lines, path: str, flags: int, utf8: bool, warn) -> dict[bytes, b
                      " -- ignoring this line")
             continue
         if key.endswith(b":"):
-            warn(f'{path}, line {number}: record is in "key: value" format;'
-                 " is this an alias file?")
+            warn(alias_format_warning(path, number))
         key = fold_source_key(key, flags, utf8)
         if key in entries:
             if flags & F.DUP_IGNORE:
@@ -123,8 +123,7 @@ class TexthashTable(MemoryTable):
 
     def __init__(self, type_name, name, flags, writable, params):
         super().__init__(type_name, name, flags, writable, params)
-        if writable:
-            raise TableOpenError(f"{self.spec} map requires O_RDONLY access mode")
+        require_read_only(self.spec, writable)
         utf8 = utf8_enabled(flags, params)
         for _ in range(MAX_LOAD_ATTEMPTS):
             self.remember_file(name)  # stamp taken before reading
