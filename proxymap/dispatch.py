@@ -55,7 +55,7 @@ from proxymap import dictflags as F
 from proxymap.answercache import AnswerCache, CacheStats
 from proxymap.conventions import maillog
 from proxymap.metrics import (LATENCY_BUCKET, NO_TABLE, REPLY_STATUS_OFFSET, REQUEST_BASE,
-                              WorkerMetrics, reply_status)
+                              WorkerMetrics, pool_figures, reply_status)
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                BadRequest, Request, encode_reply, parse_request)
 from proxymap.tables import Table, TableError, TableOpenError, open_table, strip_proxy
@@ -652,6 +652,24 @@ class Dispatcher:
             table.close()
         except Exception as exc:
             maillog.warning(f"close table {table.spec}: {exc}")
+
+    def note_pools(self) -> None:
+        """Refresh the pool figures of the tables served off the loop in
+        their counters (metrics.POOL_FIELDS), marking those that changed
+        for the next report. The worker calls this before each report."""
+        if self.offload is None:
+            return
+        connections: dict[str, list[dict]] = {}
+        for table in self.tables.values():
+            stats = getattr(table, "connection_stats", None)    # BackendTable's
+            if stats is not None:
+                connections.setdefault(table.spec, []).extend(stats())
+        for spec, lane in self.offload.stats_by_table().items():
+            figures = pool_figures(lane, connections.get(spec, []))
+            counters = self.metrics.table(spec)
+            if figures != counters.pool:
+                counters.pool = figures
+                counters.changed = True
 
     def close_all(self) -> None:
         self._ended += self.end_batch()

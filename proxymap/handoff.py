@@ -229,6 +229,7 @@ class WorkerChannel:
         if self.closed:
             return
         status = self.status()
+        self.worker.dispatcher.note_pools()
         counted = self.worker.dispatcher.metrics
         tables = counted.take_changed()
         if status == self._last and not force and not tables:

@@ -29,6 +29,10 @@ Contract (see docs/tables.md, "Table types in Python"):
   operations; default proxymap_backend_threads), `timeout` (seconds before
   a request is answered RETRY; default proxymap_backend_timeout),
   `impl_flags` (FIXED or PATTERN).
+- Optional method `connection_stats()`: one dict per connection pool the
+  table uses (`size`, `open`, `in_use`, `waits`, as connpool.Pool.stats()
+  gives them), shown by `status`; by default that of `self.pool` when the
+  table keeps a connpool.Pool there.
 """
 
 from __future__ import annotations
@@ -68,3 +72,8 @@ class BackendTable(Table):
             yield
         finally:
             self._request.value = None
+
+    def connection_stats(self) -> list[dict]:
+        """The connection pools' counters for `status` (see the module text)."""
+        pool = getattr(self, "pool", None)
+        return [pool.stats()] if pool is not None else []

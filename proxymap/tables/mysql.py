@@ -173,6 +173,9 @@ class MysqlTable(BackendTable):
         finally:
             pool.put(conn, broken)
 
+    def connection_stats(self) -> list[dict]:
+        return [pool.stats() for pool in list(self.pools.values())]
+
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
