@@ -325,8 +325,14 @@ def format_status(status: dict) -> str:
                          f"clients {w['clients']:<4} requests {w['requests']:<8} "
                          f"rss {rss:<7} cpu {cpu}{cache}")
         for table, counted in sorted(service.get("tables", {}).items()):
+            parts = []
+            if counted.get("cache"):     # a remote table's answer cache
+                parts.append(f"cache hits {counted['cache'].get('hits', 0)}"
+                             f" misses {counted['cache'].get('misses', 0)}")
             if counted.get("pool"):
-                lines.append(f"  table {table}: {format_pool(counted['pool'])}")
+                parts.append(format_pool(counted["pool"]))
+            if parts:
+                lines.append(f"  table {table}: {'; '.join(parts)}")
     return "\n".join(lines)
 
 

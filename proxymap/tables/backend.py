@@ -29,6 +29,10 @@ Contract (see docs/tables.md, "Table types in Python"):
   operations; default proxymap_backend_threads), `timeout` (seconds before
   a request is answered RETRY; default proxymap_backend_timeout),
   `impl_flags` (FIXED or PATTERN).
+- Optional attribute `cache_settings`: the table's own answer-cache
+  settings (dbcommon.Parameters.cache_settings(): `ttl`, `negative_ttl`,
+  `entries`), which override main.cf's for this table; the tables with a
+  parameter file set it from that file.
 - Optional method `connection_stats()`: one dict per connection pool the
   table uses (`size`, `open`, `in_use`, `waits`, as connpool.Pool.stats()
   gives them), shown by `status`; by default that of `self.pool` when the
@@ -49,6 +53,7 @@ class BackendTable(Table):
     blocking = True
     lane_size = 0
     timeout = 0.0
+    cache_settings: dict = {}
 
     def __init__(self, type_name: str, name: str, flags: int, writable: bool, params):
         self._request = RequestFlags()

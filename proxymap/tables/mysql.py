@@ -64,6 +64,7 @@ class MysqlTable(BackendTable):
         if pymysql is None:
             raise TableOpenError(f"dictionary type mysql needs PyMySQL: {_IMPORT_ERROR}")
         cf = read_parameters(name, params)
+        self.cache_settings = cf.cache_settings()
         self.user = cf.get_str("user", "")
         self.password = cf.get_str("password", "")
         self.dbname = cf.get_str("dbname", "", min_len=1)

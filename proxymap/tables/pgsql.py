@@ -132,6 +132,7 @@ class PgsqlTable(BackendTable):
         if psycopg is None:
             raise TableOpenError(f"dictionary type pgsql needs psycopg: {_IMPORT_ERROR}")
         cf = read_parameters(name, params)
+        self.cache_settings = cf.cache_settings()
         self.user = cf.get_str("user", "")
         self.password = cf.get_str("password", "")
         self.dbname = cf.get_str("dbname", "")
