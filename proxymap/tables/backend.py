@@ -41,6 +41,12 @@ Contract (see docs/tables.md, "Table types in Python"):
 
 from __future__ import annotations
 
+# socket's codec for host names (getaddrinfo("127.0.0.1") encodes with it),
+# imported with the table types, while the interpreter's files can still be
+# read: a worker may not read them once it runs as mail_owner, and a first
+# TCP connect of an ldap, redis or tcp table then failed ("unknown
+# encoding: idna", every lookup RETRY)
+import encodings.idna  # noqa: F401
 from contextlib import contextmanager
 
 from proxymap.offload import RequestFlags
