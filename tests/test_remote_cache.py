@@ -36,12 +36,9 @@ CACHED = "proxymap_remote_cache_ttl = 3600s\nproxymap_remote_cache_negative_ttl 
 
 @pytest.fixture(scope="module")
 def rd():
-    server = RedisServer()
-    try:
+    with RedisServer() as server:
         server.client = redis.Redis(unix_socket_path=server.socket)
         yield server
-    finally:
-        server.cleanup()
 
 
 def instance(root, rd, extra):
@@ -113,8 +110,7 @@ def test_the_tables_file_sets_its_cache_and_postfix_ignores_it(tmp_path):
     across a change made behind the worker's back, the other sees it at
     once; real Postfix reads the same file without a word and sees the
     change. `status` counts the cached table's hits and misses."""
-    pg = PostgresServer()
-    try:
+    with PostgresServer() as pg:
         pg.psql("CREATE DATABASE mail")
         pg.psql("CREATE TABLE t (k text, v text); INSERT INTO t VALUES ('alice', 'first')",
                 db="mail")
@@ -155,8 +151,6 @@ def test_the_tables_file_sets_its_cache_and_postfix_ignores_it(tmp_path):
                             what="the cached table's hits and misses")
             assert cache_of(plain) is None
             assert "hits 2 misses 2" in inst.control("status").stdout
-    finally:
-        pg.cleanup()
 
 
 def test_cache_settings_parse_and_override_main_cf():

@@ -66,12 +66,9 @@ def raw_get(mc, key: bytes) -> tuple[int, bytes] | None:
 
 @pytest.fixture(scope="module")
 def mc():
-    server = MemcachedServer()
-    try:
+    with MemcachedServer() as server:
         seed(server, SEEDED)
         yield server
-    finally:
-        server.cleanup()
 
 
 def write_cfs(inst, mc, configs):
@@ -228,12 +225,9 @@ def test_memcached_down_under_load_answers_retry_and_recovers(tmp_path):
     """memcached stopped under load: every lookup is answered RETRY within
     proxymap_backend_timeout while a file table keeps answering; after the
     restart lookups are found again, with the same worker."""
-    server = MemcachedServer()
-    try:
+    with MemcachedServer() as server:
         items = {b"fault:alice@example.com": b"alice.local@mail.example.com"}
         seed(server, items)
         i = WorkerInstance(tmp_path)
         spec = write_cfs(i, server, {"fault": "key_format = fault:%s\n"})["fault"]
         check_outage_and_recovery(i, spec, Reseeded(server, items), "lookup failed after")
-    finally:
-        server.cleanup()

@@ -32,8 +32,7 @@ CONFIGS = dict(SQL_CONFIGS, function="select_function = lookup_v\n",
 
 @pytest.fixture(scope="module")
 def pg():
-    server = PostgresServer()
-    try:
+    with PostgresServer() as server:
         server.psql("CREATE DATABASE mail")
         server.psql("CREATE TABLE t (k text, u text, d text, v text);"
                     "CREATE TABLE n (k text, x text);"
@@ -43,8 +42,6 @@ def pg():
         server.psql("INSERT INTO n VALUES " + ",".join(sql_literal((k, str(x)))
                                                        for k, x in NUMBERS), db="mail")
         yield server
-    finally:
-        server.cleanup()
 
 
 def write_cfs(inst, pg, configs, extra="", dbname="mail"):
