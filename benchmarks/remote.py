@@ -6,7 +6,8 @@ with the same records, and serves them through Postfix 3.7's C proxymap
 (Debian's postfix-pgsql and postfix-ldap) and through ours, each under its
 own master (benchmarks/realpostfix.py, benchmarks/ours.py). The raw
 protocol load generator (benchmarks/loadgen.py) sends lookups of known and
-unknown keys over 1 and 64 connections, alternating C and ours for each
+unknown keys, skewed as real traffic is (a few hot keys), over 1 and 64
+connections, alternating C and ours for each
 repetition. Ours is measured twice: with the answer cache off (main.cf's
 default) and on, set in the table's own file (`proxymap_cache_ttl`), a
 file that the C proxymap is given too and reads the same (Postfix ignores
@@ -43,7 +44,7 @@ import psutil  # noqa: E402
 from benchmarks import loadgen, report  # noqa: E402
 from benchmarks.ours import OurService  # noqa: E402
 from benchmarks.realpostfix import RealPostfix, StartError, refuse_without_root  # noqa: E402
-from benchmarks.scenarios import summarize  # noqa: E402
+from benchmarks.scenarios import summarize, zipf_sequence  # noqa: E402
 from servers import PostgresServer, SlapdServer  # noqa: E402
 
 #: in the cached variant's parameter file (ours only; the C proxymap ignores it)
@@ -61,7 +62,7 @@ def parse_args(argv):
     p.add_argument("--reps", type=int, default=None,
                    help="alternating repetitions (default 2, quick 1)")
     p.add_argument("--records", type=int, default=None,
-                   help="records per database (default 5000, quick 200)")
+                   help="records per database (default 1000, quick 200)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
                    help="directory for the JSON (default benchmarks/results)")
     return p.parse_args(argv)
@@ -76,23 +77,27 @@ def address(i: int) -> str:
 
 
 def lookup_keys(records: int) -> list[bytes]:
-    """Every known key once and one unknown key in ten, in a fixed order."""
+    """Every known key and one unknown key in ten, asked with a Zipf-like
+    skew (benchmarks/scenarios.py: a few hot keys, a long tail), seeded:
+    the same sequence for both sides."""
     keys = []
     for i in range(records):
         keys.append(address(i).encode())
         if i % 10 == 0:
             keys.append(f"nobody{i}@example.com".encode())
-    return keys
+    return zipf_sequence(keys, len(keys), seed=11)
 
 
 # -- the servers and their records ----------------------------------------------------
 
 def fill_postgres(pg: PostgresServer, records: int) -> None:
-    rows = ",".join(f"('{address(i)}', 'mailbox{i}')" for i in range(records))
+    """Table t (k, v) in a database per side: address(i) -> mailbox{i}."""
+    assert address(7) == "user7@example.com"     # what the SQL below makes
     for db in ("bench_c", "bench_ours"):
         pg.psql(f"CREATE DATABASE {db}")
-        pg.psql(f"CREATE TABLE t (k text PRIMARY KEY, v text); INSERT INTO t VALUES {rows}",
-                db=db)
+        pg.psql("CREATE TABLE t (k text PRIMARY KEY, v text); INSERT INTO t SELECT"
+                " 'user' || i || '@example.com', 'mailbox' || i"
+                f" FROM generate_series(0, {records - 1}) AS i", db=db)
 
 
 def fill_slapd(slapd: SlapdServer, records: int) -> None:
@@ -231,6 +236,17 @@ def text_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def log_warnings(path: str, limit: int = 100) -> list[str]:
+    """The last `limit` warning, error and fatal lines of a maillog file."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.rstrip("\n") for line in f
+                     if any(word in line for word in (" warning: ", " error: ", " fatal: "))]
+    except OSError:
+        return []
+    return lines[-limit:]
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if refuse_without_root("bench"):
@@ -238,7 +254,7 @@ def main(argv=None) -> int:
     quick = args.quick
     duration = args.duration or (0.5 if quick else 5.0)
     reps = args.reps or (1 if quick else 2)
-    records_n = args.records or (200 if quick else 5000)
+    records_n = args.records or (200 if quick else 1000)
     conns_list = [1, 64]
 
     def on_term(signum, frame):
@@ -254,7 +270,7 @@ def main(argv=None) -> int:
         log(f"bench: starting PostgreSQL and slapd, {records_n} records each")
         pg = PostgresServer()
         started.append(pg)
-        slapd = SlapdServer()
+        slapd = SlapdServer(database="index mail eq")   # as a directory of addresses has
         started.append(slapd)
         fill_postgres(pg, records_n)
         fill_slapd(slapd, records_n)
@@ -265,7 +281,10 @@ def main(argv=None) -> int:
         services = {}
         for side, cls in (("c", RealPostfix), ("ours", OurService)):
             maps = [spec for (_, s, _), spec in specs.items() if s == side]
-            service = cls(os.path.join(base, side), maps, [])
+            # ours logs to a file of the run, whose warnings go into the JSON
+            extra = {"maillog_file": os.path.join(base, "ours.maillog"),
+                     "maillog_file_prefixes": base} if side == "ours" else {}
+            service = cls(os.path.join(base, side), maps, [], extra=extra)
             started.append(service)
             log(f"bench: starting {service.label}")
             service.start()
@@ -300,7 +319,9 @@ def main(argv=None) -> int:
         with open(path, "w") as f:
             json.dump({"records_per_db": records_n, "duration": duration, "reps": reps,
                        "elapsed_s": round(time.monotonic() - t_begin, 1), "rows": rows,
-                       "records": records}, f, indent=1)
+                       "records": records,
+                       "ours_log_warnings": log_warnings(os.path.join(base, "ours.maillog"))},
+                      f, indent=1)
         print(f"\nresults: {path}")
         return 0
     except StartError as exc:

@@ -242,13 +242,14 @@ class SlapdServer(ServerProcess):
     ldapi:// socket there and on a loopback port; entries loaded with
     ldapadd as the rootdn. With tls=True: a self-signed certificate for
     127.0.0.1 (`cert`, its own CA) made with openssl, STARTTLS on the
-    loopback port and ldaps:// on a second one."""
+    loopback port and ldaps:// on a second one. `database`: more lines for
+    the database section (`index mail eq`)."""
 
     SUFFIX = "dc=example,dc=com"
     ROOT_DN = "cn=admin,dc=example,dc=com"
     ROOT_PW = "secret"
 
-    def __init__(self, schema: str = "", tls: bool = False):
+    def __init__(self, schema: str = "", tls: bool = False, database: str = ""):
         self.slapd = find_slapd()
         if self.slapd is None:
             raise RuntimeError("slapd is not installed (apt-get install slapd ldap-utils)")
@@ -264,9 +265,9 @@ class SlapdServer(ServerProcess):
         self.proc: subprocess.Popen | None = None
         self.tls = tls
         self.cert = os.path.join(self.root, "cert.pem")
-        self._start_or_clean_up(lambda: self._configure_and_start(schema))
+        self._start_or_clean_up(lambda: self._configure_and_start(schema, database))
 
-    def _configure_and_start(self, schema: str) -> None:
+    def _configure_and_start(self, schema: str, database: str) -> None:
         tls_conf = ""
         if self.tls:
             key = os.path.join(self.root, "key.pem")
@@ -283,7 +284,7 @@ class SlapdServer(ServerProcess):
                     "modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
                     f"database mdb\nsuffix \"{self.SUFFIX}\"\n"
                     f"rootdn \"{self.ROOT_DN}\"\nrootpw {self.ROOT_PW}\n"
-                    f"directory {self.db}\nmaxsize 10485760\n")
+                    f"directory {self.db}\nmaxsize 10485760\n{database}\n")
         for _ in range(3):            # bounded: another process may take the port first
             self.port, self.ldaps_port = free_loopback_ports(2)
             try:
