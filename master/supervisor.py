@@ -332,7 +332,7 @@ class Master:
         self.install_signals()
         fdlimit.raise_open_limit()
         self.accept_guard = fdlimit.AcceptGuard("accept connection", maillog.warning)
-        preload_worker()
+        preload_worker(config)
         warm_worker_start(main)
         self.log_skipped(config)
         for service in config.services:
@@ -759,6 +759,7 @@ class Master:
                 # the old worker goes first, connections wait in the backlog
                 for slot in state.alive():
                     self.retire(slot, now, "configuration reloaded")
+        preload_worker(config)
         self.manage(now)
 
     # -- the metrics listener ------------------------------------------------------
@@ -1020,11 +1021,19 @@ def _max_fd() -> int:
         return 65536
 
 
-def preload_worker() -> None:
-    """Import the worker and every table type once, in the master, so that
-    forked workers start with them loaded."""
-    from proxymap import server  # noqa: F401
-    handoff.preload_table_modules()
+def preload_worker(config: Configuration) -> None:
+    """Import the worker and the table types the services of `config` may
+    open, in the master, so that forked workers start with them loaded
+    (and share those pages). Types no service names stay unloaded; a reload
+    that names a new one calls this again before it forks."""
+    from proxymap import multiserver, server  # noqa: F401 - server.main() imports multiserver
+    from proxymap.tables import preload
+    for service in config.services:
+        cfg = config.main.with_overrides(service.overrides)
+        try:
+            preload(server.allowed_tables(cfg, server.service_role(cfg, service.name)))
+        except ConfigError:
+            pass    # the worker reports it when it starts
 
 
 def warm_worker_start(main: MainConfig) -> None:

@@ -41,7 +41,6 @@ connection would only wake the master twice more per connection.
 from __future__ import annotations
 
 import array
-import importlib
 import os
 import pwd
 import socket
@@ -383,15 +382,12 @@ class WorkerChannel:
         self.stop()
 
 
-def preload_table_modules() -> None:
-    """Import every table implementation while the interpreter's files are
-    still readable (the interpreter may live where mail_owner cannot go)."""
-    from proxymap.tables import TABLE_TYPES, plugin_types
-    for target in [*TABLE_TYPES.values(), *plugin_types().values()]:
-        try:
-            importlib.import_module(target.partition(":")[0])
-        except Exception:   # noqa: BLE001 - a missing optional type is reported on use
-            pass
+def preload_table_modules(worker) -> None:
+    """Import the table types the worker's allow-list names while the
+    interpreter's files are still readable (the interpreter may live where
+    mail_owner cannot go); the others are never loaded (tables.preload)."""
+    from proxymap.tables import preload
+    preload(worker.dispatcher.allowed)
 
 
 def drop_privileges(user: str) -> None:
@@ -410,7 +406,7 @@ def attach_worker(worker, fd: int, busy_clients: int = 1) -> WorkerChannel:
     that account first."""
     user = os.environ.pop(OWNER_ENV, "")
     if user and os.geteuid() == 0:
-        preload_table_modules()
+        preload_table_modules(worker)
         try:
             drop_privileges(user)
         except (OSError, KeyError) as exc:

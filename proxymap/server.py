@@ -27,7 +27,7 @@ import sys
 import time
 from collections import deque
 
-from proxymap import version_line
+from proxymap import add_version_option
 from proxymap.conventions import maillog
 from proxymap.conventions.config_error import ConfigError
 from proxymap.conventions.mainconfig import ParamView
@@ -540,24 +540,36 @@ def peer_name(sock: socket.socket) -> str:
 
 # -- building a worker from main.cf --------------------------------------------------
 
-def make_dispatcher(config, service: str) -> Dispatcher:
-    """The dispatcher for `service` with its allow-list from main.cf."""
-    from proxymap.allowlist import proxy_allow_set
+def service_role(config, service: str) -> str:
+    """proxymap or proxywrite for the service `service`; ConfigError for a
+    name that is neither."""
     role = role_of(service, config)
     if role is None:
         raise ConfigError(f"service name must be one of {READ_SERVICE} or {WRITE_SERVICE} "
                           f"(or $proxymap_service_name, $proxywrite_service_name), "
                           f"not {service!r}")
+    return role
+
+
+def allowed_tables(config, role: str) -> set[str]:
+    """The `type:name` tables a worker of `role` may open (its allow-list)."""
+    from proxymap.allowlist import proxy_allow_set
     param = "proxy_write_maps" if role == WRITE_SERVICE else "proxy_read_maps"
     if config.postfix_release() < (3, 11):
-        allowed = proxy_allow_set(config.get(param))
-    else:
-        # 3.11+ also authorises tables named inside /file/name values and,
-        # for the read service, in the restriction classes
-        allowed = proxy_allow_set(config.get(param), file_lines)
-        if role == READ_SERVICE:
-            for name in config.get_list("smtpd_restriction_classes"):
-                allowed |= proxy_allow_set(config.get(name), file_lines)
+        return proxy_allow_set(config.get(param))
+    # 3.11+ also authorises tables named inside /file/name values and,
+    # for the read service, in the restriction classes
+    allowed = proxy_allow_set(config.get(param), file_lines)
+    if role == READ_SERVICE:
+        for name in config.get_list("smtpd_restriction_classes"):
+            allowed |= proxy_allow_set(config.get(name), file_lines)
+    return allowed
+
+
+def make_dispatcher(config, service: str) -> Dispatcher:
+    """The dispatcher for `service` with its allow-list from main.cf."""
+    role = service_role(config, service)
+    allowed = allowed_tables(config, role)
     offload = Offloader(lane_size=config.get_int("proxymap_backend_threads"),
                         lane_queue=config.get_int("proxymap_backend_queue"),
                         timeout=config.get_time("proxymap_backend_timeout"))
@@ -621,7 +633,7 @@ def argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-fd", type=int, default=None,
                    help="control channel to our master (descriptor number)")
     p.add_argument("--stderr", action="store_true", help="log to stderr")
-    p.add_argument("--version", action="version", version=version_line("proxymap"))
+    add_version_option(p, "proxymap")
     # Flags a Postfix master passes to its children; accepted and ignored.
     for flag in ("-t",):
         p.add_argument(flag, dest="transport", default=None)
