@@ -52,6 +52,7 @@ class SqliteTable(BackendTable):
         super().__init__(type_name, name, flags, writable, params)
         require_read_only(f"{type_name}:{name}", writable)
         cf = read_parameters(name, params)
+        self.cache_settings = cf.cache_settings()
         self.dbpath = cf.get_str("dbpath", "", min_len=1)
         query = cf.get_str("query", None)
         if query is None:
