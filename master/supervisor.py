@@ -996,8 +996,9 @@ def preload_worker(config: Configuration) -> None:
     open, in the master, so that forked workers start with them loaded
     (and share those pages). Types no service names stay unloaded; a reload
     that names a new one calls this again before it forks."""
-    from proxymap import multiserver, server  # noqa: F401 - server.main() imports multiserver
+    from proxymap import filewatch, multiserver, server  # noqa: F401 - main() imports multiserver
     from proxymap.tables import preload
+    filewatch.preload()
     for service in config.services:
         cfg = config.main.with_overrides(service.overrides)
         try:
