@@ -102,18 +102,6 @@ class Watch:
         self.watcher.drain()
 
 
-def preload() -> None:
-    """Open and close one inotify instance, in the master before it forks
-    workers: inotify_simple looks libc up (ctypes.util.find_library, which
-    runs `ldconfig -p`) at a process's first instance and keeps it, so a
-    forked worker inherits it instead of running ldconfig itself (a
-    subprocess and about 0.4 MB of its own per worker start)."""
-    try:
-        INotify(nonblocking=True).close()
-    except OSError:
-        pass    # the worker warns: inotify unavailable
-
-
 class FileWatcher:
     """The inotify instance of one worker process and the paths it watches."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import os
 import select
 import signal
@@ -62,15 +63,17 @@ class Connection:
     `waiting` holds, in request order, replies not yet known (an
     offload.Pending) and the replies that came after them."""
 
-    __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied",
+    __slots__ = ("sock", "fd", "decoder", "out", "_peer", "since", "events", "replied",
                  "queue", "bad", "wait_until", "answered_at", "waiting", "held", "walks")
 
-    def __init__(self, sock: socket.socket, decoder: Decoder, peer: str):
+    def __init__(self, sock: socket.socket, decoder: Decoder, peer: str = ""):
         self.sock = sock
         self.fd = sock.fileno()
         self.decoder = decoder
         self.out = bytearray(GREETING)
-        self.peer = peer
+        # how log lines name the client: asked of the kernel only when a
+        # line needs it (a system call per connection otherwise)
+        self._peer = peer
         # monotonic time since which the client owes us request bytes or we
         # owe it reply bytes; None when the connection is idle between requests
         self.since: float | None = None
@@ -91,6 +94,12 @@ class Connection:
         self.held = 0
         # this client's sequence positions, per table instance
         self.walks: dict = {}
+
+    @property
+    def peer(self) -> str:
+        if not self._peer:
+            self._peer = peer_name(self.sock)
+        return self._peer
 
     def idle(self) -> bool:
         """Nothing owed either way: no request bytes, no unsent reply."""
@@ -189,8 +198,7 @@ class Worker:
             sock.close()
             return
         sock.setblocking(False)
-        conn = Connection(sock, Decoder(self.max_attrs, self.max_message),
-                          peer or peer_name(sock))
+        conn = Connection(sock, Decoder(self.max_attrs, self.max_message), peer)
         self.conns[conn.fd] = conn
         self.accepted += 1
         self._poll.register(conn.fd, select.EPOLLIN)
@@ -607,10 +615,16 @@ def role_of(service: str, config) -> str | None:
     return None
 
 
-def parse_args(argv):
+@functools.cache
+def argument_parser() -> argparse.ArgumentParser:
+    """The worker's command line, built once per process: our master builds
+    it before it forks (warm_worker_start), so that a worker started after
+    a max_use retirement does not build it again (argparse compiles its
+    patterns and formats its help each time)."""
     p = argparse.ArgumentParser(prog="proxymap", description=
                                 "Postfix-compatible proxymap/proxywrite worker")
-    p.add_argument("-c", dest="config_dir", default=os.environ.get("MAIL_CONFIG", "/etc/postfix"))
+    p.add_argument("-c", dest="config_dir", default=None,
+                   help="configuration directory (default $MAIL_CONFIG or /etc/postfix)")
     p.add_argument("-n", dest="service", default=None, help="service name: proxymap or proxywrite")
     p.add_argument("-o", dest="overrides", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("-v", dest="verbose", action="count", default=0)
@@ -625,7 +639,14 @@ def parse_args(argv):
         p.add_argument(flag, dest="transport", default=None)
     for flag in ("-u", "-l", "-z", "-d", "-s", "-S"):
         p.add_argument(flag, action="store_true", dest="ignored_" + flag[1])
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    args = argument_parser().parse_args(argv)
+    if args.config_dir is None:
+        args.config_dir = os.environ.get("MAIL_CONFIG", "/etc/postfix")
+    return args
 
 
 def main(argv=None) -> int:
@@ -692,9 +713,11 @@ def main(argv=None) -> int:
 
     worker.watch(wake_r, on_signal)
     from proxymap import multiserver
+    channel = None
     if args.master_fd is not None:
         from proxymap.handoff import attach_worker
-        attach_worker(worker, args.master_fd)
+        channel = attach_worker(worker, args.master_fd,
+                                config.get_int("proxymap_worker_busy_clients"))
     elif args.listen is None and multiserver.started_by_postfix(args.transport):
         multiserver.attach(worker, config, unprivileged=args.ignored_u)
     else:
@@ -706,6 +729,8 @@ def main(argv=None) -> int:
         worker.listen_on(listener)
         maillog.info(f"listening on {path}")
     worker.run()
+    if channel is not None:
+        channel.final_report()
     return 0
 
 
