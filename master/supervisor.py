@@ -625,7 +625,8 @@ class Master:
         state = self.state_of(slot)
         if state is not None:
             state.slots.remove(slot)
-            state.exited_tables = metrics.sum_tables(state.exited_tables, slot.tables)
+            state.exited_tables = metrics.sum_tables(
+                state.exited_tables, {spec: c.ended() for spec, c in slot.tables.items()})
         how = describe_exit(status)
         if how is None or self.stopping:
             return
