@@ -236,7 +236,7 @@ def text_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def log_warnings(path: str, limit: int = 100) -> list[str]:
+def log_warnings(path: str, limit: int = 2000) -> list[str]:
     """The last `limit` warning, error and fatal lines of a maillog file."""
     try:
         with open(path, errors="replace") as f:
