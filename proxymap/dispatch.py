@@ -57,7 +57,8 @@ from proxymap.conventions import maillog
 from proxymap.metrics import (LATENCY_BUCKET, NO_TABLE, REPLY_STATUS_OFFSET, REQUEST_BASE,
                               WorkerMetrics, reply_status)
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
-                               BadRequest, Request, encode_reply, parse_request)
+                               BadRequest, Request, encode_reply, parse_request,
+                               split_hot_lookup)
 from proxymap.tables import Table, TableError, TableOpenError, open_table, strip_proxy
 from proxymap.tables.base import END, START, Unsupported, file_stamp, stamp_is_settled
 from proxymap.tables.filelock import LockBusy
@@ -281,21 +282,9 @@ class Dispatcher:
             (n0, v0), (n1, v1), (n2, v2), (n3, v3) = attrs
             if v0 == b"lookup" and n0 == b"request" and n1 == b"table" and n2 == b"flags" \
                     and n3 == b"key":
-                hot = self._hot.get((v1, v2))
-                if hot is not None:
-                    table, req_flags = hot
-                    answers, watch = table.answers, table.watch
-                    if answers is not None and watch.gen == table.watch_gen:
-                        flags = (table.flags & ~F.RQST_MASK) | (req_flags & F.RQST_MASK)
-                        reply = answers.peek((flags, v3))
-                        if reply is not None:
-                            table.flags = flags
-                            counters = table.counters       # as handle() counts below
-                            elapsed = monotonic_ns() - self.woke_at
-                            counters.requests[LOOKUP_BASE + reply[7]] += 1
-                            counters.latency[LATENCY_BUCKET[elapsed.bit_length()]] += 1
-                            counters.latency_ns += elapsed
-                            return reply
+                reply = self._hot_hit(v1, v2, v3)
+                if reply is not None:
+                    return reply
                 self._hot_key = (v1, v2)
         try:
             req = parse_request(attrs)
@@ -328,6 +317,41 @@ class Dispatcher:
             counters.requests[REQUEST_BASE[req.name] + reply[7]] += 1
             counters.latency[LATENCY_BUCKET[elapsed.bit_length()]] += 1
             counters.latency_ns += elapsed
+        return reply
+
+    def hot_reply(self, data: bytes) -> bytes | None:
+        """The reply to `data`, the raw bytes of one request, when they are
+        exactly one 3.6-3.10 lookup that the hot path answers (counted as
+        handle() counts it); None, with nothing counted or changed, for
+        anything else: the caller then decodes `data` and calls handle()."""
+        if self.writable:
+            return None
+        parts = split_hot_lookup(data)
+        if parts is None:
+            return None
+        return self._hot_hit(parts[0], parts[1], parts[2])
+
+    def _hot_hit(self, table_name: bytes, flags_text: bytes, key: bytes) -> bytes | None:
+        """A 3.6-3.10 lookup of (table, flags) bytes spelled as one that the
+        whole path answered before, and whose answer is in the instance's
+        cache: that reply, counted; else None (nothing counted)."""
+        hot = self._hot.get((table_name, flags_text))
+        if hot is None:
+            return None
+        table, req_flags = hot
+        answers, watch = table.answers, table.watch
+        if answers is None or watch.gen != table.watch_gen:
+            return None
+        flags = (table.flags & ~F.RQST_MASK) | (req_flags & F.RQST_MASK)
+        reply = answers.peek((flags, key))
+        if reply is None:
+            return None
+        table.flags = flags
+        counters = table.counters       # as handle() counts
+        elapsed = monotonic_ns() - self.woke_at
+        counters.requests[LOOKUP_BASE + reply[7]] += 1
+        counters.latency[LATENCY_BUCKET[elapsed.bit_length()]] += 1
+        counters.latency_ns += elapsed
         return reply
 
     def _count_under_table(self, req: Request):

@@ -266,6 +266,23 @@ def parse_request(attrs: list[tuple[bytes, bytes]]) -> Request:
     return req
 
 
+_HOT_LOOKUP_HEAD = b"request\0lookup\0table\0"
+
+
+def split_hot_lookup(data: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """(table, flags, key), the raw values, when `data` is exactly one
+    complete 3.6-3.10 lookup list (request, table, flags, key in this order,
+    nothing before or after it); None for anything else, whatever it is.
+    For the worker's hot path: what Decoder.feed and parse_request would
+    make of such bytes, without the general machinery."""
+    if not data.startswith(_HOT_LOOKUP_HEAD) or not data.endswith(b"\0\0"):
+        return None
+    tokens = data.split(b"\0")
+    if len(tokens) != 10 or tokens[4] != b"flags" or tokens[6] != b"key":
+        return None
+    return tokens[3], tokens[5], tokens[7]
+
+
 _BAD_PREFIX = b"status\0%d\0" % BAD
 
 
