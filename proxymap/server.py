@@ -34,6 +34,7 @@ from proxymap.conventions.service_sockets import service_socket_path
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
 from proxymap.filewatch import FileWatcher
 from proxymap.offload import Offloader
+from proxymap import protocol
 from proxymap.protocol import GREETING, Decoder, ProtocolError, is_bad_reply
 from proxymap.tables import filelock, strip_proxy
 from proxymap.util import fdlimit
@@ -145,6 +146,7 @@ class Worker:
         # reads that may be one hot lookup are answered without decoding
         # (Dispatcher.hot_reply), when the decoder's limits let them through
         self._hot_lane = max_attrs >= 4 and not getattr(dispatcher, "writable", True)
+        self._hot_spellings = getattr(dispatcher, "hot_spellings", None)
         self._hot_max = max_message + 1
         self.offload = getattr(dispatcher, "offload", None)
         if self.offload is not None:
@@ -237,9 +239,12 @@ class Worker:
         # the loop never sleeps on a lock: a busy one defers the request
         filelock.wait_limit = 0
         dispatcher = self.dispatcher
+        # proxywrite: one sync per table and pass (nothing to do for proxymap)
+        batches = getattr(dispatcher, "writable", True)
         while not (self.stopping and not self.conns):
             waiting = self.lock_waiting
-            dispatcher.begin_batch()    # proxywrite: one sync per table and pass
+            if batches:
+                dispatcher.begin_batch()
             ready = self._poll.poll(LOCK_RETRY if waiting else TICK)
             # the start of every request's latency (proxymap/metrics.py)
             woke = dispatcher.woke_at = time.monotonic_ns()
@@ -285,7 +290,7 @@ class Worker:
                         self._pump(conn)
             # changes of the pass are durable now: answer them (which may
             # answer requests queued behind them, in a group of their own)
-            ended = dispatcher.end_batch()
+            ended = dispatcher.end_batch() if batches else None
             while ended:
                 dispatcher.begin_batch()
                 self._deliver(ended)
@@ -342,8 +347,8 @@ class Worker:
                 self.dispatcher.metrics.connection_error()
             self._close(conn)
             return
-        if self._hot_lane and not conn.decoder.buf and not conn.queue \
-                and len(data) <= self._hot_max:
+        if self._hot_lane and self._hot_spellings and not conn.decoder.buf \
+                and not conn.queue and len(data) <= self._hot_max:
             conn.fresh = data       # answered after the drain, decoded then if need be
             self._readers.append(conn)
         elif self._decode(conn, data):
@@ -378,13 +383,7 @@ class Worker:
             if self._decode(conn, data):
                 self._pump(conn)
             return
-        self.requests += 1
-        if is_bad_reply(reply):
-            conn.bad += 1
-            if conn.bad == self.max_bad:
-                conn.out += reply
-                self._close_for_bad(conn)
-                return
+        self.requests += 1      # OK or NOKEY: never a BAD to count
         try:
             sent = conn.sock.send(reply)
         except (BlockingIOError, InterruptedError):
@@ -407,7 +406,8 @@ class Worker:
             self._poll.modify(conn.fd, select.EPOLLOUT)
             conn.events = select.EPOLLOUT
             conn.since = now
-        self._changed()
+        if self.on_change is not None:      # self._changed(), inline
+            self.on_change(self)
 
     def _pump(self, conn: Connection) -> None:
         """Answer the client's requests in order and send the replies.
@@ -755,7 +755,7 @@ def main(argv=None) -> int:
         except OSError as exc:
             maillog.fatal(exc.strerror)
         worker.listen_on(listener)
-        maillog.info(f"listening on {path}")
+        maillog.info(f"listening on {path} (hot path {protocol.IMPLEMENTATION})")
     worker.run()
     return 0
 
