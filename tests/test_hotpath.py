@@ -341,3 +341,11 @@ def test_the_variable_chooses_at_import():
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                               text=True, timeout=60)
         assert done.stdout == expected + "\n", done.stderr
+
+
+def test_status_names_the_hot_path_in_use():
+    from master.control import format_status
+    status = {"running": True, "pid": 1, "uptime": 0, "services": {},
+              "hot_path": protocol.IMPLEMENTATION}
+    assert format_status(status).splitlines()[0].endswith(
+        f", hot path {protocol.IMPLEMENTATION}")
