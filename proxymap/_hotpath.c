@@ -34,36 +34,50 @@ static PyObject *latency_bucket;    /* tuple: metrics.LATENCY_BUCKET */
 static PyObject *s_hot, *s_woke_at, *s_answers, *s_watch, *s_gen, *s_watch_gen, *s_flags, *s_timed, *s_entries,
     *s_stats, *s_hits, *s_counters, *s_requests, *s_latency, *s_latency_ns;
 
+/* The value token at q (up to the next NUL, which [q, end) holds): its
+ * offset and length into p; the position after its NUL. */
+static const char *
+value_at(const char *p, const char *q, const char *end, Py_ssize_t *off, Py_ssize_t *len)
+{
+    const char *z = memchr(q, 0, end - q);
+    *off = q - p;
+    *len = z - q;
+    return z + 1;
+}
+
 /* The three values of one complete 3.6-3.10 lookup list, as offsets into
  * data; 0 when data is anything else. */
 static int
 split(const char *p, Py_ssize_t n, Py_ssize_t off[3], Py_ssize_t len[3])
 {
-    const char *end = p + n, *q, *z;
+    const char *end = p + n, *q;
+    /* ends in two NULs: every memchr below finds one */
     if (n < (Py_ssize_t)HEAD_LEN + 2 || memcmp(p, HEAD, HEAD_LEN) != 0
             || end[-1] != 0 || end[-2] != 0)
         return 0;
-    q = p + HEAD_LEN;
-    /* table value */
-    z = memchr(q, 0, end - q);
-    off[0] = q - p;
-    len[0] = z - q;
-    q = z + 1;
+    q = value_at(p, p + HEAD_LEN, end, &off[0], &len[0]);        /* table */
     if (end - q < 6 || memcmp(q, "flags\0", 6) != 0)
         return 0;
-    q += 6;
-    z = memchr(q, 0, end - q);
-    off[1] = q - p;
-    len[1] = z - q;
-    q = z + 1;
+    q = value_at(p, q + 6, end, &off[1], &len[1]);
     if (end - q < 4 || memcmp(q, "key\0", 4) != 0)
         return 0;
-    q += 4;
-    z = memchr(q, 0, end - q);
-    off[2] = q - p;
-    len[2] = z - q;
+    q = value_at(p, q + 4, end, &off[2], &len[2]);
     /* the key's NUL is the one before the list's closing NUL */
-    return z == end - 2;
+    return q == end - 1;
+}
+
+/* split() of a bytes object: 1 (a lookup), 0 (anything else), -1 (not
+ * bytes: TypeError, as the Python code's bytes methods raise) */
+static int
+split_bytes(PyObject *data, const char **p, Py_ssize_t off[3], Py_ssize_t len[3])
+{
+    if (!PyBytes_Check(data)) {
+        PyErr_Format(PyExc_TypeError, "a bytes object is required, not '%.100s'",
+                     Py_TYPE(data)->tp_name);
+        return -1;
+    }
+    *p = PyBytes_AS_STRING(data);
+    return split(*p, PyBytes_GET_SIZE(data), off, len);
 }
 
 static PyObject *
@@ -71,23 +85,22 @@ split_hot_lookup(PyObject *module, PyObject *data)
 {
     Py_ssize_t off[3], len[3];
     const char *p;
-    if (!PyBytes_Check(data)) {
-        PyErr_Format(PyExc_TypeError, "a bytes object is required, not '%.100s'",
-                     Py_TYPE(data)->tp_name);
+    int found = split_bytes(data, &p, off, len);
+    if (found < 0)
         return NULL;
-    }
-    p = PyBytes_AS_STRING(data);
-    if (!split(p, PyBytes_GET_SIZE(data), off, len))
+    if (!found)
         Py_RETURN_NONE;
     return Py_BuildValue("(y#y#y#)", p + off[0], len[0], p + off[1], len[1],
                          p + off[2], len[2]);
 }
 
-/* obj.name += 1 (or += amount), with Python's integer semantics */
+static PyObject *one;      /* the int 1 */
+
+/* obj.name += amount (item: obj[name] += amount), Python's semantics */
 static int
-add_to_attr(PyObject *obj, PyObject *name, PyObject *amount)
+increment(PyObject *obj, PyObject *name, PyObject *amount, int item)
 {
-    PyObject *old = PyObject_GetAttr(obj, name), *new;
+    PyObject *old = item ? PyObject_GetItem(obj, name) : PyObject_GetAttr(obj, name), *new;
     int rc;
     if (old == NULL)
         return -1;
@@ -95,28 +108,7 @@ add_to_attr(PyObject *obj, PyObject *name, PyObject *amount)
     Py_DECREF(old);
     if (new == NULL)
         return -1;
-    rc = PyObject_SetAttr(obj, name, new);
-    Py_DECREF(new);
-    return rc;
-}
-
-/* seq[index] += 1 for a list */
-static int
-count_in(PyObject *seq, PyObject *index)
-{
-    PyObject *old, *new;
-    int rc;
-    static PyObject *one;
-    if (one == NULL && (one = PyLong_FromLong(1)) == NULL)
-        return -1;
-    old = PyObject_GetItem(seq, index);
-    if (old == NULL)
-        return -1;
-    new = PyNumber_Add(old, one);
-    Py_DECREF(old);
-    if (new == NULL)
-        return -1;
-    rc = PyObject_SetItem(seq, index, new);
+    rc = item ? PyObject_SetItem(obj, name, new) : PyObject_SetAttr(obj, name, new);
     Py_DECREF(new);
     return rc;
 }
@@ -138,7 +130,7 @@ hot_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t off[3], len[3];
     const char *p;
     struct timespec ts;
-    int differ, truth;
+    int differ, truth, found;
 
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "hot_reply(dispatcher, data)");
@@ -149,13 +141,9 @@ hot_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_RuntimeError, "proxymap._hotpath is not configured");
         return NULL;
     }
-    if (!PyBytes_Check(data)) {
-        PyErr_Format(PyExc_TypeError, "a bytes object is required, not '%.100s'",
-                     Py_TYPE(data)->tp_name);
+    if ((found = split_bytes(data, &p, off, len)) < 0)
         return NULL;
-    }
-    p = PyBytes_AS_STRING(data);
-    if (!split(p, PyBytes_GET_SIZE(data), off, len))
+    if (!found)
         Py_RETURN_NONE;
     if ((hot = PyObject_GetAttr(args[0], s_hot)) == NULL)
         return NULL;
@@ -239,14 +227,9 @@ hot_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (reply == NULL || reply == Py_None)
         goto none;
-    {
-        static PyObject *one;
-        if (one == NULL && (one = PyLong_FromLong(1)) == NULL)
-            goto done;
-        if ((stats = PyObject_GetAttr(answers, s_stats)) == NULL
-                || add_to_attr(stats, s_hits, one) < 0)
-            goto done;
-    }
+    if ((stats = PyObject_GetAttr(answers, s_stats)) == NULL
+            || increment(stats, s_hits, one, 0) < 0)
+        goto done;
     /* from here on, as _hot_hit after a hit */
     if (PyObject_SetAttr(table, s_flags, flags) < 0)
         goto done;
@@ -274,7 +257,7 @@ hot_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if ((index = PyLong_FromSsize_t(lookup_base
                                     + (unsigned char)PyBytes_AS_STRING(reply)[7])) == NULL)
         goto done;
-    if (count_in(seq, index) < 0)
+    if (increment(seq, index, one, 1) < 0)
         goto done;
     Py_CLEAR(seq);
     Py_CLEAR(index);
@@ -296,10 +279,11 @@ hot_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (index == NULL)
             goto done;
     }
-    if ((seq = PyObject_GetAttr(counters, s_latency)) == NULL || count_in(seq, index) < 0)
+    if ((seq = PyObject_GetAttr(counters, s_latency)) == NULL
+            || increment(seq, index, one, 1) < 0)
         goto done;
     /* counters.latency_ns += elapsed */
-    if (add_to_attr(counters, s_latency_ns, elapsed) < 0)
+    if (increment(counters, s_latency_ns, elapsed, 0) < 0)
         goto done;
     result = reply;
     reply = NULL;
@@ -390,5 +374,7 @@ PyInit__hotpath(void)
     INTERN(s_latency, "latency");
     INTERN(s_latency_ns, "latency_ns");
 #undef INTERN
+    if ((one = PyLong_FromLong(1)) == NULL)
+        return NULL;
     return PyModule_Create(&module_def);
 }
