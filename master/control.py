@@ -22,7 +22,7 @@ import time
 from master import pidfile
 from master.supervisor import (PROGRAM, Master, load_configuration, not_served, socket_state,
                                status_path)
-from proxymap import version_line
+from proxymap import add_version_option
 from proxymap.conventions import maillog
 from proxymap.conventions.config_error import ConfigError
 from proxymap.conventions.main_cf import load_main_cf
@@ -405,7 +405,7 @@ def parse_args(argv):
     p.add_argument("-m", dest="services_from", metavar="FILE", default=None,
                    help="take the services from FILE (master.cf format) instead of "
                         "$proxymap_master_cf (default DIR/master.cf)")
-    p.add_argument("--version", action="version", version=version_line(PROGRAM))
+    add_version_option(p, PROGRAM)
     p.add_argument("-v", dest="verbose", action="count", default=0)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("start", help="start a detached master; wait until it serves")

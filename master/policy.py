@@ -128,6 +128,49 @@ def used_up(slot: WorkerSlot, settings: Settings) -> bool:
     return slot.handed >= settings.max_use
 
 
+def plan_hand_over(slots, count: int, generation: int, max_use: int,
+                   per_message: int = handoff.MAX_FDS) -> list[tuple[WorkerSlot, int]]:
+    """How `count` connections accepted at once are shared out: a list of
+    (worker, n) messages with 1 <= n <= per_message, in the order to send.
+
+    Each connection goes where pick_worker() would send it if the ones
+    before it had already been handed (the least-loaded READY worker, of
+    `generation` while one has room, ties to the fewest handed in total),
+    and no worker is given more than max_use connections in all (it is
+    retired after its last one, as when they come one by one). The
+    connections that find no worker are not in the plan: they wait."""
+    given: dict[int, int] = {}
+    slot_of: dict[int, WorkerSlot] = {}
+    order: list[int] = []
+    for _ in range(count):
+        best = None
+        best_key = None
+        for slot in slots:
+            if slot.state != READY:
+                continue
+            extra = given.get(id(slot), 0)
+            if slot.handed + extra >= max_use:
+                continue
+            key = (slot.generation != generation, slot.load + extra, slot.handed + extra)
+            if best_key is None or key < best_key:
+                best, best_key = slot, key
+        if best is None:
+            break
+        if id(best) not in given:
+            given[id(best)] = 0
+            slot_of[id(best)] = best
+            order.append(id(best))
+        given[id(best)] += 1
+    plan = []
+    for ident in order:
+        left = given[ident]
+        while left:
+            n = min(left, per_message)
+            plan.append((slot_of[ident], n))
+            left -= n
+    return plan
+
+
 def needs_another_worker(state: ServiceState, now: float) -> bool:
     """Every current worker is busy (none is still starting), and the
     service may have one more."""

@@ -33,6 +33,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import setproctitle
@@ -41,7 +42,7 @@ from master import pidfile, sdnotify
 from master.master_cf import Service, load_master_cf
 from master.policy import (STOP_GRACE, ServiceState, Settings, fixed_values, ignored_changes,
                            manage_workers, needs_another_worker, no_room_for_new_generation,
-                           used_up)
+                           plan_hand_over, used_up)
 from master.workerslot import READY, WorkerSlot, pick_worker
 from proxymap import handoff, metrics, protocol
 from proxymap.allowlist import proxy_allow_set
@@ -63,6 +64,8 @@ SOCKET_CHECK_INTERVAL = 1.0
 WORKER_FD = 3
 LOOP_TICK = 0.5
 STATUS_INTERVAL = 0.1
+#: connections accepted in one go before they are handed over
+ACCEPT_BATCH = 64
 
 
 def status_path(queue_directory: str) -> str:
@@ -278,6 +281,9 @@ class Master:
         self.sockets_checked = 0.0
         #: the metrics listener (master/exporter.py), when configured
         self.exporter: ExporterProcess | None = None
+        #: SIGCHLD seen since the last reap(), and when that was
+        self.child_exited = True
+        self.reaped_at = 0.0
 
     # -- configuration ----------------------------------------------------------
 
@@ -326,7 +332,8 @@ class Master:
         self.install_signals()
         fdlimit.raise_open_limit()
         self.accept_guard = fdlimit.AcceptGuard("accept connection", maillog.warning)
-        preload_worker()
+        preload_worker(config)
+        warm_worker_start(main)
         self.log_skipped(config)
         for service in config.services:
             self.add_service(service, main)
@@ -414,7 +421,13 @@ class Master:
             if self.stopping:
                 break
             now = time.monotonic()
-            self.reap()
+            # children are reaped when SIGCHLD said one exited, and once a
+            # tick in case that signal's byte was lost (a full wake-up pipe):
+            # not a waitpid() per connection handed over
+            if self.child_exited or now - self.reaped_at >= LOOP_TICK:
+                self.child_exited = False
+                self.reaped_at = now
+                self.reap()
             self.manage(now)
             self.write_status(now)
         return self.shutdown()
@@ -424,6 +437,8 @@ class Master:
             data = os.read(self.wake_r, 512)
         except BlockingIOError:
             return
+        if signal.SIGCHLD in data:
+            self.child_exited = True
         for signum in data:
             if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 maillog.info(f"terminating on signal {signum}")
@@ -435,45 +450,58 @@ class Master:
     # -- connections ------------------------------------------------------------------
 
     def accept(self, state: ServiceState) -> None:
-        for _ in range(64):
-            if state.listener is None or not state.listening:
-                return
+        """Accept every connection waiting (at most ACCEPT_BATCH), then hand
+        them over together: a worker's share travels in one message."""
+        clients = []
+        while len(clients) < ACCEPT_BATCH and state.listener is not None and state.listening:
             try:
                 client = self.accept_guard.accept(state.listener)
             except OSError as exc:
                 maillog.warning(f"accept connection: {exc.strerror}")
-                return
+                break
             if client is None:
-                return
-            self.hand_over(state, client)
+                break
+            clients.append(client)
+        if clients:
+            self.hand_over(state, clients)
 
-    def hand_over(self, state: ServiceState, client: socket.socket) -> bool:
-        """Hand `client` to the least-loaded ready worker, or queue it."""
+    def hand_over(self, state: ServiceState, clients: list[socket.socket]) -> bool:
+        """Share `clients` out among the ready workers (policy.plan_hand_over:
+        least-loaded first, max_use respected), several to a message; those
+        no worker can take now wait in state.pending. True when all went."""
         now = time.monotonic()
+        waiting = deque(clients)
         tried: set[int] = set()
-        while True:
-            slot = pick_worker([s for s in state.slots if s.pid not in tried],
-                               state.generation)
-            if slot is None:
-                state.pending.append(client)
-                self.set_listening(state, False)
-                return False
-            tried.add(slot.pid)
-            try:
-                handoff.send_client(slot.chan, client)
-            except BlockingIOError:
-                continue
-            except OSError:
-                self.channel_lost(slot)
-                continue
-            client.close()
-            slot.on_handed(now)
-            self.status_dirty = True
-            if used_up(slot, state.settings):
-                self.retire(slot, now, "max_use reached")
-            if needs_another_worker(state, now):
-                self.spawn(state)
-            return True
+        while waiting:
+            plan = plan_hand_over([s for s in state.slots if s.pid not in tried],
+                                  len(waiting), state.generation, state.settings.max_use)
+            if not plan:
+                break
+            for slot, count in plan:
+                if slot.pid in tried:
+                    continue
+                batch = [waiting.popleft() for _ in range(count)]
+                try:
+                    handoff.send_clients(slot.chan, batch)
+                except OSError as exc:
+                    waiting.extendleft(reversed(batch))
+                    tried.add(slot.pid)
+                    if not isinstance(exc, BlockingIOError):
+                        self.channel_lost(slot)
+                    continue
+                for client in batch:
+                    client.close()
+                slot.on_handed(now, count)
+                self.status_dirty = True
+                if used_up(slot, state.settings):
+                    self.retire(slot, now, "max_use reached")
+        if needs_another_worker(state, now):
+            self.spawn(state)
+        if waiting:
+            state.pending.extend(waiting)
+            self.set_listening(state, False)
+            return False
+        return True
 
     def set_listening(self, state: ServiceState, on: bool) -> None:
         if state.listener is None or on == state.listening:
@@ -643,11 +671,10 @@ class Master:
         manage_workers(state, now, self)
         if state.removed:
             return
-        while state.pending:
-            if pick_worker(state.slots, state.generation) is None:
-                break
-            if not self.hand_over(state, state.pending.popleft()):
-                break
+        if state.pending and pick_worker(state.slots, state.generation) is not None:
+            waiting = list(state.pending)
+            state.pending.clear()
+            self.hand_over(state, waiting)
         ready = pick_worker(state.slots, state.generation) is not None
         self.set_listening(state, ready and not state.pending)
 
@@ -733,6 +760,7 @@ class Master:
                 # the old worker goes first, connections wait in the backlog
                 for slot in state.alive():
                     self.retire(slot, now, "configuration reloaded")
+        preload_worker(config)
         self.manage(now)
 
     # -- the metrics listener ------------------------------------------------------
@@ -878,8 +906,11 @@ class Master:
         path = status_path(self.queue_directory)
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
+            # json.dumps encodes in C in one go; json.dump writes piece by
+            # piece from Python (the status is rewritten up to 10 times a second)
+            text = json.dumps(self.snapshot(running))
             with open(tmp, "w") as f:
-                json.dump(self.snapshot(running), f)
+                f.write(text)
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except OSError as exc:
@@ -993,11 +1024,36 @@ def _max_fd() -> int:
         return 65536
 
 
-def preload_worker() -> None:
-    """Import the worker and every table type once, in the master, so that
-    forked workers start with them loaded."""
-    from proxymap import server  # noqa: F401
-    handoff.preload_table_modules()
+def preload_worker(config: Configuration) -> None:
+    """Import the worker and the table types the services of `config` may
+    open, in the master, so that forked workers start with them loaded
+    (and share those pages). Types no service names stay unloaded; a reload
+    that names a new one calls this again before it forks."""
+    from proxymap import multiserver, server  # noqa: F401 - server.main() imports multiserver
+    from proxymap.tables import preload
+    for service in config.services:
+        cfg = config.main.with_overrides(service.overrides)
+        try:
+            preload(server.allowed_tables(cfg, server.service_role(cfg, service.name)))
+        except ConfigError:
+            pass    # the worker reports it when it starts
+
+
+def warm_worker_start(main: MainConfig) -> None:
+    """Fill, once in the master, the per-process caches that every forked
+    worker would otherwise fill again at its start (a `max_use` retirement
+    every 100 clients): the installed Postfix's release, which costs a
+    `postconf` run (MainConfig.postfix_release), and inotify_simple's
+    search for the C library, which costs an `ldconfig -p` run; and the
+    worker's argument parser (proxymap.server.argument_parser)."""
+    try:
+        main.postfix_release()
+    except ConfigError:
+        pass            # the worker says so, with file and line
+    from proxymap import server
+    from proxymap.filewatch import FileWatcher
+    FileWatcher().close()
+    server.argument_parser()
 
 
 # -- directories and sockets ------------------------------------------------------------

@@ -33,6 +33,7 @@ class WorkerSlot:
     state: str = STARTING
     status: Status = field(default_factory=Status)
     handed: int = 0          # connections passed to this worker
+    handoffs: int = 0        # messages they went in (several connections to one)
     started: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)
     idle_since: float = field(default_factory=time.monotonic)
@@ -89,10 +90,12 @@ class WorkerSlot:
         else:
             self.idle_since = None
 
-    def on_handed(self, now: float) -> None:
-        self.handed += 1
+    def on_handed(self, now: float, count: int = 1) -> None:
+        """`count` connections went to this worker in one message."""
+        self.handed += count
+        self.handoffs += 1
         self.idle_since = None
-        if self.status.clients == 0 and self.in_transit == 1:
+        if self.status.clients == 0 and self.in_transit == count:
             # the first connection after an idle spell: progress is expected
             # from now on, not from the last (idle) report
             self.last_heard = now
@@ -141,6 +144,7 @@ class WorkerSlot:
                 "state": self.state, "clients": self.status.clients,
                 "busy": self.status.busy, "requests": self.status.requests,
                 "accepted": self.status.accepted, "handed": self.handed,
+                "handoffs": self.handoffs,
                 "pings": self.pings, "cache_hits": self.status.cache_hits,
                 "cache_misses": self.status.cache_misses,
                 "cache_invalidations": self.status.cache_invalidations}

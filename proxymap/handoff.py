@@ -7,7 +7,8 @@ least-loaded worker, so the channel carries descriptors one way and load
 reports the other way. It is one SOCK_SEQPACKET socketpair per worker (one
 record per message, never merged or split):
 
-    master -> worker   b"C" + one descriptor (SCM_RIGHTS)   serve this client
+    master -> worker   b"C" + count, descriptors (SCM_RIGHTS) serve these clients (1 to
+                                                              MAX_FDS, one message per batch)
                        b"R"                                   retire: exit once no client is left
                        b"T"                                   stop: close idle clients, exit soon
                        b"P"                                   ping: report now
@@ -16,20 +17,30 @@ record per message, never merged or split):
     worker -> master   b"S" + STATUS_FORMAT                   load report
                        b"M" + one table's counters            request metrics (proxymap/metrics.py),
                                                               after a report, for each table
-                                                              counted since the last one
+                                                              counted since the last one (at
+                                                              most every REPORT_INTERVAL, and
+                                                              in the worker's last report)
 
 As with Postfix's status pipe, end-of-file on the channel means "the master
 is gone": the worker stops taking clients, finishes the ones it has within
 a few seconds and exits.
 
+The master accepts every connection waiting on a listener before it hands
+any over, and passes a worker's share in one message (`send_clients()`):
+one wake-up of the worker per batch instead of one per connection. The
+worker greets each new client at once, in the same loop pass. A worker
+reports its load once a few clients have arrived or left (report_batch()),
+not at every one: the master counts the connections it handed that the
+worker has not reported yet (WorkerSlot.in_transit), so a report per
+connection would only wake the master twice more per connection.
+
 `attach_worker()` is the worker half (called by proxymap/server.py);
-`send_client()`, `send_command()` and `read_messages()` are used by both.
+`send_clients()`, `send_command()` and `read_messages()` are used by both.
 """
 
 from __future__ import annotations
 
 import array
-import importlib
 import os
 import pwd
 import socket
@@ -51,8 +62,8 @@ STATUS_SIZE = struct.calcsize(STATUS_FORMAT)
 
 _truncated_logged = False
 
-#: at most this many descriptors are accepted in one message (extras are closed)
-MAX_FDS = 4
+#: at most this many descriptors travel in one message (extras are closed)
+MAX_FDS = 16
 #: the longest record a worker receives (commands)
 MAX_RECORD = 64
 #: the longest record the master receives (a metrics record names its
@@ -113,16 +124,43 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     return master_end, worker_end
 
 
-def send_client(chan: socket.socket, client: socket.socket) -> None:
-    """Pass `client` over `chan`. The caller closes its own copy afterwards.
-    Raises BlockingIOError when the channel is full, OSError when it is dead."""
-    send_descriptor(chan, CLIENT, client.fileno())
+def send_clients(chan: socket.socket, clients) -> None:
+    """Pass `clients` (1 to MAX_FDS sockets) over `chan` in one message. The
+    caller closes its own copies afterwards. Raises BlockingIOError when the
+    channel is full, OSError when it is dead; either way none was passed."""
+    if not 0 < len(clients) <= MAX_FDS:
+        raise ValueError(f"{len(clients)} clients in one message (1 to {MAX_FDS})")
+    fds = array.array("i", [client.fileno() for client in clients])
+    chan.sendmsg([CLIENT + bytes([len(clients)])],
+                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+
+
+def clients_in_record(data: bytes) -> int:
+    """How many clients a b"C" record was sent with (its descriptors may
+    have been lost on the way at the receiver's descriptor limit)."""
+    return data[1] if len(data) > 1 else 1
 
 
 def send_descriptor(chan: socket.socket, kind: bytes, fd: int) -> None:
     """A record `kind` carrying descriptor `fd` (SCM_RIGHTS)."""
     fds = array.array("i", [fd])
     chan.sendmsg([kind], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+
+
+def report_batch(busy_clients: int) -> int:
+    """How many arrivals, or departures, a worker lets pass before it
+    reports: an eighth of proxymap_worker_busy_clients (4 of the default
+    32), 1 when that is lower. Until then the master's count of the
+    worker's active load is off by fewer than that many connections, far
+    from the threshold at which it starts another worker."""
+    return max(1, busy_clients // 8)
+
+
+def report_due(arrived: int, left: int, batch: int, now: float, last_sent: float) -> bool:
+    """Whether a worker's change of load is worth a report now: `batch`
+    clients have arrived or left since the last report (report_batch()),
+    or REPORT_INTERVAL has passed."""
+    return arrived >= batch or left >= batch or now - last_sent >= REPORT_INTERVAL
 
 
 def send_command(chan: socket.socket, command: bytes) -> None:
@@ -138,13 +176,17 @@ def _take_fds(ancdata) -> list[int]:
     return fds
 
 
-def read_messages(chan: socket.socket, max_record: int = MAX_RECORD):
+def read_messages(chan: socket.socket, max_record: int = MAX_RECORD,
+                  max_records: int = 0):
     """Read every record waiting on non-blocking `chan` (records longer
-    than `max_record` are cut short).
+    than `max_record` are cut short), or at most `max_records` of them
+    when that is not 0: a caller whose event loop polls `chan` again soon
+    saves the recvmsg() that would only say "nothing more".
 
     Returns (records, eof) where records is a list of (payload bytes,
     [fds]). Descriptors arrive close-on-exec; a truncated control message
-    is reported (once) and comes without its descriptors.
+    is reported (once) and comes without its descriptors, except a batch
+    of clients, which keeps the ones the kernel could install.
     """
     records = []
     while True:
@@ -166,13 +208,19 @@ def read_messages(chan: socket.socket, max_record: int = MAX_RECORD):
                 maillog.warning(f"control channel: descriptor message truncated (descriptor"
                                 f" limit {fdlimit.open_limit()}?): clients beyond the limit"
                                 f" are closed")
-            for fd in fds:
-                _close_fd(fd)
-            records.append((data, []))
+            if data[:1] != CLIENT:
+                for fd in fds:
+                    _close_fd(fd)
+                fds = []
+            # a batch of clients keeps those that arrived (the count in
+            # the record tells how many did not)
+            records.append((data, fds))
             continue
         if not data and not fds:
             return records, True
         records.append((data, fds))
+        if len(records) == max_records:
+            return records, False
 
 
 def _close_fd(fd: int) -> None:
@@ -187,15 +235,22 @@ def _close_fd(fd: int) -> None:
 class WorkerChannel:
     """Connects a proxymap `Worker` to our master over descriptor `fd`."""
 
-    def __init__(self, worker, fd: int):
+    def __init__(self, worker, fd: int, batch: int = 1):
         self.worker = worker
+        #: arrivals or departures per report (report_batch())
+        self.batch = batch
         self.chan = socket.socket(fileno=fd)
         self.chan.setblocking(False)
         self.retiring = False
         self.closed = False
         self._last: Status | None = None
-        self._last_clients = -1
         self._last_sent = 0.0
+        self._metrics_sent = 0.0
+        #: clients now, as of the last on_change, and how many arrived and
+        #: left since the last report
+        self._clients = 0
+        self._arrived = 0
+        self._left = 0
 
     def start(self) -> None:
         self.worker.watch(self.chan, self._readable)
@@ -204,14 +259,21 @@ class WorkerChannel:
         def on_change(worker):
             if previous is not None:
                 previous(worker)
-            # A change in the number of clients matters to the master's
-            # choice of worker at once; request counters only show progress
-            # (daemon_timeout), so they travel at most every REPORT_INTERVAL
-            # instead of costing a message per request.
-            if worker.clients != self._last_clients or \
-                    time.monotonic() - self._last_sent >= REPORT_INTERVAL:
+            clients = worker.clients
+            if clients < self._clients:
+                self._left += self._clients - clients
+            elif clients > self._clients:
+                self._arrived += clients - self._clients
+            self._clients = clients
+            # The master's choice of worker needs the number of clients,
+            # but it counts the ones it handed itself: a report per batch of
+            # arrivals or departures keeps its count close. Request counters
+            # only show progress (daemon_timeout), so they travel at most
+            # every REPORT_INTERVAL instead of costing a message per request.
+            if report_due(self._arrived, self._left, self.batch, time.monotonic(),
+                          self._last_sent):
                 self.report()
-            if self.retiring and worker.clients == 0:
+            if self.retiring and clients == 0:
                 worker.shutdown()
         self.worker.on_change = on_change
         self.worker.on_tick = lambda worker: self.report()
@@ -224,20 +286,24 @@ class WorkerChannel:
                       self.worker.requests, *cache)
 
     def report(self, force: bool = False) -> None:
-        """The load report, then the counters of the tables counted since
-        the last one (so the master has them before this worker's end)."""
+        """The load report, then (at most every REPORT_INTERVAL, or when
+        forced) the counters of the tables counted since the last one."""
         if self.closed:
             return
+        now = time.monotonic()
         status = self.status()
         counted = self.worker.dispatcher.metrics
-        tables = counted.take_changed()
+        tables = counted.take_changed() \
+            if force or now - self._metrics_sent >= REPORT_INTERVAL else []
         if status == self._last and not force and not tables:
             return
         try:
             self.chan.send(encode_status(status))
             self._last = status
-            self._last_clients = status.clients
-            self._last_sent = time.monotonic()
+            self._last_sent = now
+            self._arrived = self._left = 0
+            if tables:
+                self._metrics_sent = now
             while tables:
                 record = encode_metrics(*tables[0])
                 if len(record) <= MAX_REPORT_RECORD:
@@ -249,20 +315,18 @@ class WorkerChannel:
         except OSError:
             self._master_gone()
 
+    def final_report(self) -> None:
+        """The last report, after the loop has ended: the table counters
+        not sent yet, so the master has them before this worker's end."""
+        self.report(force=True)
+
     def _readable(self, _chan) -> None:
-        records, eof = read_messages(self.chan)
+        # one record per loop pass: the loop's poll says when another waits
+        records, eof = read_messages(self.chan, max_records=1)
         for data, fds in records:
             kind = data[:1]
-            if kind == CLIENT and fds:
-                self.worker.add_client(socket.socket(fileno=fds[0]))
-                for extra in fds[1:]:
-                    _close_fd(extra)
-            elif kind == CLIENT:
-                # lost at our descriptor limit (its connection is closed):
-                # counted as taken, so the master does not wait for it
-                self.worker.accepted += 1
-                self.worker.refused += 1
-                self.report()
+            if kind == CLIENT:
+                self._take_clients(clients_in_record(data), fds)
             elif kind == LOG_FILE and fds:
                 maillog.adopt_log_file(fds[0])
                 for extra in fds[1:]:
@@ -280,6 +344,21 @@ class WorkerChannel:
                     maillog.warning(f"control channel: unexpected record {data[:8]!r}")
         if eof:
             self._master_gone()
+
+    def _take_clients(self, sent: int, fds: list[int]) -> None:
+        """Serve the clients of one b"C" record: each is greeted at once.
+        Descriptors lost at our descriptor limit (their connections are
+        closed) are counted as taken, so the master does not wait for them."""
+        for extra in fds[sent:]:
+            _close_fd(extra)
+        for fd in fds[:sent]:
+            self.worker.add_client(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0,
+                                                 fileno=fd))
+        lost = sent - min(sent, len(fds))
+        if lost:
+            self.worker.accepted += lost
+            self.worker.refused += lost
+            self.report()
 
     def retire(self) -> None:
         """Stop once the current clients have left (at once if there are none)."""
@@ -303,15 +382,12 @@ class WorkerChannel:
         self.stop()
 
 
-def preload_table_modules() -> None:
-    """Import every table implementation while the interpreter's files are
-    still readable (the interpreter may live where mail_owner cannot go)."""
-    from proxymap.tables import TABLE_TYPES, plugin_types
-    for target in [*TABLE_TYPES.values(), *plugin_types().values()]:
-        try:
-            importlib.import_module(target.partition(":")[0])
-        except Exception:   # noqa: BLE001 - a missing optional type is reported on use
-            pass
+def preload_table_modules(worker) -> None:
+    """Import the table types the worker's allow-list names while the
+    interpreter's files are still readable (the interpreter may live where
+    mail_owner cannot go); the others are never loaded (tables.preload)."""
+    from proxymap.tables import preload
+    preload(worker.dispatcher.allowed)
 
 
 def drop_privileges(user: str) -> None:
@@ -323,18 +399,18 @@ def drop_privileges(user: str) -> None:
     os.setuid(pw.pw_uid)
 
 
-def attach_worker(worker, fd: int) -> WorkerChannel:
+def attach_worker(worker, fd: int, busy_clients: int = 1) -> WorkerChannel:
     """Serve the clients our master passes over descriptor `fd`; report load
     back; retire on request; stop when the master goes away. When the
     master asks for it ($PROXYMAP_MAIL_OWNER) and we run as root, switch to
     that account first."""
     user = os.environ.pop(OWNER_ENV, "")
     if user and os.geteuid() == 0:
-        preload_table_modules()
+        preload_table_modules(worker)
         try:
             drop_privileges(user)
         except (OSError, KeyError) as exc:
             maillog.fatal(f"cannot switch to user {user}: {exc}")
-    channel = WorkerChannel(worker, fd)
+    channel = WorkerChannel(worker, fd, report_batch(busy_clients))
     channel.start()
     return channel

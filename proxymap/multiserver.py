@@ -188,7 +188,7 @@ def attach(worker, config, unprivileged: bool) -> PostfixChild:
     """Run `worker` as a child of Postfix's master (see the module text)."""
     if unprivileged and os.geteuid() == 0:
         from proxymap.handoff import drop_privileges, preload_table_modules
-        preload_table_modules()
+        preload_table_modules(worker)
         user = config.get("mail_owner")
         try:
             drop_privileges(user)

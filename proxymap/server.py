@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import os
 import select
 import signal
@@ -26,7 +27,7 @@ import sys
 import time
 from collections import deque
 
-from proxymap import version_line
+from proxymap import add_version_option
 from proxymap.conventions import maillog
 from proxymap.conventions.config_error import ConfigError
 from proxymap.conventions.mainconfig import ParamView
@@ -63,16 +64,18 @@ class Connection:
     `waiting` holds, in request order, replies not yet known (an
     offload.Pending) and the replies that came after them."""
 
-    __slots__ = ("sock", "fd", "decoder", "out", "peer", "since", "events", "replied",
+    __slots__ = ("sock", "fd", "decoder", "out", "_peer", "since", "events", "replied",
                  "queue", "bad", "wait_until", "answered_at", "waiting", "held", "walks",
                  "fresh")
 
-    def __init__(self, sock: socket.socket, decoder: Decoder, peer: str):
+    def __init__(self, sock: socket.socket, decoder: Decoder, peer: str = ""):
         self.sock = sock
         self.fd = sock.fileno()
         self.decoder = decoder
         self.out = bytearray(GREETING)
-        self.peer = peer
+        # how log lines name the client: asked of the kernel only when a
+        # line needs it (a system call per connection otherwise)
+        self._peer = peer
         # monotonic time since which the client owes us request bytes or we
         # owe it reply bytes; None when the connection is idle between requests
         self.since: float | None = None
@@ -96,6 +99,12 @@ class Connection:
         # bytes read in this loop pass and not decoded yet: the hot path
         # may answer them whole (Worker._answer_fresh)
         self.fresh: bytes | None = None
+
+    @property
+    def peer(self) -> str:
+        if not self._peer:
+            self._peer = peer_name(self.sock)
+        return self._peer
 
     def idle(self) -> bool:
         """Nothing owed either way: no request bytes, no unsent reply."""
@@ -199,8 +208,7 @@ class Worker:
             sock.close()
             return
         sock.setblocking(False)
-        conn = Connection(sock, Decoder(self.max_attrs, self.max_message),
-                          peer or peer_name(sock))
+        conn = Connection(sock, Decoder(self.max_attrs, self.max_message), peer)
         self.conns[conn.fd] = conn
         self.accepted += 1
         self._poll.register(conn.fd, select.EPOLLIN)
@@ -595,24 +603,36 @@ def peer_name(sock: socket.socket) -> str:
 
 # -- building a worker from main.cf --------------------------------------------------
 
-def make_dispatcher(config, service: str) -> Dispatcher:
-    """The dispatcher for `service` with its allow-list from main.cf."""
-    from proxymap.allowlist import proxy_allow_set
+def service_role(config, service: str) -> str:
+    """proxymap or proxywrite for the service `service`; ConfigError for a
+    name that is neither."""
     role = role_of(service, config)
     if role is None:
         raise ConfigError(f"service name must be one of {READ_SERVICE} or {WRITE_SERVICE} "
                           f"(or $proxymap_service_name, $proxywrite_service_name), "
                           f"not {service!r}")
+    return role
+
+
+def allowed_tables(config, role: str) -> set[str]:
+    """The `type:name` tables a worker of `role` may open (its allow-list)."""
+    from proxymap.allowlist import proxy_allow_set
     param = "proxy_write_maps" if role == WRITE_SERVICE else "proxy_read_maps"
     if config.postfix_release() < (3, 11):
-        allowed = proxy_allow_set(config.get(param))
-    else:
-        # 3.11+ also authorises tables named inside /file/name values and,
-        # for the read service, in the restriction classes
-        allowed = proxy_allow_set(config.get(param), file_lines)
-        if role == READ_SERVICE:
-            for name in config.get_list("smtpd_restriction_classes"):
-                allowed |= proxy_allow_set(config.get(name), file_lines)
+        return proxy_allow_set(config.get(param))
+    # 3.11+ also authorises tables named inside /file/name values and,
+    # for the read service, in the restriction classes
+    allowed = proxy_allow_set(config.get(param), file_lines)
+    if role == READ_SERVICE:
+        for name in config.get_list("smtpd_restriction_classes"):
+            allowed |= proxy_allow_set(config.get(name), file_lines)
+    return allowed
+
+
+def make_dispatcher(config, service: str) -> Dispatcher:
+    """The dispatcher for `service` with its allow-list from main.cf."""
+    role = service_role(config, service)
+    allowed = allowed_tables(config, role)
     offload = Offloader(lane_size=config.get_int("proxymap_backend_threads"),
                         lane_queue=config.get_int("proxymap_backend_queue"),
                         timeout=config.get_time("proxymap_backend_timeout"))
@@ -658,10 +678,16 @@ def role_of(service: str, config) -> str | None:
     return None
 
 
-def parse_args(argv):
+@functools.cache
+def argument_parser() -> argparse.ArgumentParser:
+    """The worker's command line, built once per process: our master builds
+    it before it forks (warm_worker_start), so that a worker started after
+    a max_use retirement does not build it again (argparse compiles its
+    patterns and formats its help each time)."""
     p = argparse.ArgumentParser(prog="proxymap", description=
                                 "Postfix-compatible proxymap/proxywrite worker")
-    p.add_argument("-c", dest="config_dir", default=os.environ.get("MAIL_CONFIG", "/etc/postfix"))
+    p.add_argument("-c", dest="config_dir", default=None,
+                   help="configuration directory (default $MAIL_CONFIG or /etc/postfix)")
     p.add_argument("-n", dest="service", default=None, help="service name: proxymap or proxywrite")
     p.add_argument("-o", dest="overrides", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("-v", dest="verbose", action="count", default=0)
@@ -670,13 +696,20 @@ def parse_args(argv):
     p.add_argument("--master-fd", type=int, default=None,
                    help="control channel to our master (descriptor number)")
     p.add_argument("--stderr", action="store_true", help="log to stderr")
-    p.add_argument("--version", action="version", version=version_line("proxymap"))
+    add_version_option(p, "proxymap")
     # Flags a Postfix master passes to its children; accepted and ignored.
     for flag in ("-t",):
         p.add_argument(flag, dest="transport", default=None)
     for flag in ("-u", "-l", "-z", "-d", "-s", "-S"):
         p.add_argument(flag, action="store_true", dest="ignored_" + flag[1])
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    args = argument_parser().parse_args(argv)
+    if args.config_dir is None:
+        args.config_dir = os.environ.get("MAIL_CONFIG", "/etc/postfix")
+    return args
 
 
 def main(argv=None) -> int:
@@ -743,9 +776,11 @@ def main(argv=None) -> int:
 
     worker.watch(wake_r, on_signal)
     from proxymap import multiserver
+    channel = None
     if args.master_fd is not None:
         from proxymap.handoff import attach_worker
-        attach_worker(worker, args.master_fd)
+        channel = attach_worker(worker, args.master_fd,
+                                config.get_int("proxymap_worker_busy_clients"))
     elif args.listen is None and multiserver.started_by_postfix(args.transport):
         multiserver.attach(worker, config, unprivileged=args.ignored_u)
     else:
@@ -757,6 +792,8 @@ def main(argv=None) -> int:
         worker.listen_on(listener)
         maillog.info(f"listening on {path} (hot path {protocol.IMPLEMENTATION})")
     worker.run()
+    if channel is not None:
+        channel.final_report()
     return 0
 
 

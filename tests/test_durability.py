@@ -370,6 +370,95 @@ def test_foreign_write_in_the_same_clock_tick_is_noticed(tmp_path, postfix_etc, 
     assert D.dump_table(postfix_etc, spec) == {"ours1": "a", "theirs": "b", "ours2": "c"}
 
 
+# -- Berkeley DB: a sync that fails half-way (a full disk) -------------------------------------
+
+#: A table of ours in a process of its own, driven one command a line. Its
+#: file size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes every write past
+#: the file's present end fail, as on a full disk: libdb writes the pages
+#: of a change that lie inside the file and fails on those beyond it.
+SYNC_FAILURE_CHILD = """
+import os, resource, signal, sys
+from proxymap import dictflags as F
+from proxymap.tables import open_table
+from proxymap.tables.base import TableError
+spec, path = sys.argv[1], sys.argv[2]
+table = open_table(spec, F.LOCK, True, {})
+table.flags |= F.LOCK | F.SYNC_UPDATE | F.DUP_REPLACE
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+for line in sys.stdin:
+    command, *args = line.split()
+    reply = "done"
+    if command == "full":
+        resource.setrlimit(resource.RLIMIT_FSIZE, (os.stat(path).st_size, resource.RLIM_INFINITY))
+    elif command == "space":
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    elif command == "update":
+        try:
+            reply = "ok" if table.update(args[0].encode(), args[1].encode() * int(args[2])) else "refused"
+        except TableError:
+            reply = "retry"
+    elif command == "lookup":
+        reply = repr(table.lookup(args[0].encode()))
+    elif command == "close":
+        table.close()
+    print(reply, flush=True)
+"""
+
+
+@pytest.mark.parametrize("type_name", ["hash", "btree"])
+@pytest.mark.parametrize("size,undo_fits", [(3000, True), (20000, False)])
+def test_failed_sync_leaves_no_trace_of_an_update_answered_retry(tmp_path, postfix_etc, type_name,
+                                                                 size, undo_fits):
+    """libdb syncs a change page by page; when a write fails half-way the
+    pages inside the file are written and those beyond it are not. Before:
+    the table closed with DB_NOSYNC and answered RETRY, but real
+    `postmap -s` then failed on the torn file ("error ... seeking"), db5.3_verify
+    rejected it, and it stayed so. Now the change is undone and synced
+    again: a value of one overflow page is undone at once (the file
+    verifies while the disk is still full); a larger one frees pages past
+    the end that cannot be written yet, and is written back before the next
+    change. Either way a fresh reader never finds the update answered
+    RETRY, and the file verifies."""
+    import subprocess
+    import sys
+    spec, path = f"{type_name}:{tmp_path}/t", f"{tmp_path}/t.db"
+    with open(f"{tmp_path}/t", "w") as f:
+        f.write("".join(f"seed{n} {'x' * 100}\n" for n in range(10)))
+    assert D.postmap(postfix_etc, spec).returncode == 0
+    seeded = D.dump_table(postfix_etc, spec)
+    log = open(tmp_path / "child.log", "w")
+    child = subprocess.Popen([sys.executable, "-c", SYNC_FAILURE_CHILD, spec, path],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+
+    def ask(line: str) -> str:
+        child.stdin.write(line + "\n")
+        child.stdin.flush()
+        return child.stdout.readline().strip()
+    try:
+        assert ask("full") == "done"
+        assert ask(f"update big v {size}") == "retry"
+        assert ask(f"update seed0 w {size}") == "retry"
+        if undo_fits:                                       # a fresh reader
+            assert D.dump_table(postfix_etc, spec) == seeded
+            verify = D.db_verify(path)
+            assert verify.returncode == 0, verify.stderr
+        assert ask("lookup big") == "None"                  # our own handle
+        assert ask("lookup seed0") == repr(b"x" * 100)
+        assert ask("space") == "done"
+        assert ask("update after space 1") == "ok"
+        assert ask("close") == "done"
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
+        log.close()
+    verify = D.db_verify(path)
+    assert verify.returncode == 0, verify.stderr
+    assert D.dump_table(postfix_etc, spec) == {**seeded, "after": "space"}
+    log_text = (tmp_path / "child.log").read_text()
+    assert "Traceback" not in log_text
+    assert ("may hold part of a failed change" in log_text) == (not undo_fits)
+
+
 # -- our master killed with SIGKILL -----------------------------------------------------------------
 
 @pytest.mark.slow

@@ -47,12 +47,12 @@ def test_descriptor_passing_over_seqpacket_keeps_records_apart():
     master_end, worker_end = handoff.channel_pair()
     a, b = socket.socketpair()
     try:
-        handoff.send_client(master_end, a)
+        handoff.send_clients(master_end, [a])
         handoff.send_command(master_end, handoff.RETIRE)
         worker_end.setblocking(False)
         records, eof = handoff.read_messages(worker_end)
         assert not eof
-        assert [data for data, _ in records] == [b"C", b"R"]
+        assert [data for data, _ in records] == [b"C\x01", b"R"]
         (fd,) = records[0][1]
         assert not records[1][1]
         passed = socket.socket(fileno=fd)

@@ -6,12 +6,20 @@ It mirrors Postfix's dict_open(): unknown types and open failures raise
 TableOpenError, which the dispatcher turns into a surrogate (RETRY).
 Types not built in are looked up among the installed plugins: entry points
 in the group `pyproxymap.tables` (see tables/backend.py).
+
+A type's module is imported when the type is first used, never before:
+the remote tables' client libraries (ldap3, redis, psycopg, pymysql...)
+are most of a worker's memory, and a site that names no such table must
+not pay for them (Postfix, likewise, loads a dynamicmaps.cf plugin only
+when a table of its type is opened). `preload(specs)` imports what a
+configuration names: the master calls it before it forks workers, so that
+they share those pages and have them before they drop privileges.
 """
 
 from __future__ import annotations
 
 import importlib
-from importlib import metadata
+from typing import Iterable
 
 from proxymap.tables.base import Table, TableError, TableOpenError, Unsupported
 
@@ -71,6 +79,7 @@ def plugin_types() -> dict[str, str]:
     it before workers drop privileges, so they inherit it)."""
     global _plugins
     if _plugins is None:
+        from importlib import metadata  # several MB of modules: only when asked
         found: dict[str, str] = {}
         for ep in metadata.entry_points(group=PLUGIN_GROUP):
             if ep.name not in TABLE_TYPES:
@@ -94,6 +103,25 @@ def table_class(type_name: str) -> type[Table]:
     return cls
 
 
+def preload(specs: Iterable[str]) -> set[str]:
+    """Import the modules of the table types that opening every `type:name`
+    of `specs` takes (a composite's members included); the set of those
+    types that could be loaded. A type that cannot be loaded is left out
+    here: opening the table reports it."""
+    loaded: set[str] = set()
+    pending = list(specs)
+    while pending:
+        type_name, sep, name = pending.pop().partition(":")
+        try:
+            cls = table_class(type_name)
+        except TableOpenError:
+            continue
+        loaded.add(type_name)
+        if sep:
+            pending.extend(cls.member_specs(name))
+    return loaded
+
+
 def open_table(spec: str, flags: int, writable: bool, params) -> Table:
     """Open `type:name`. `params` maps main.cf parameter names to values
     (strings; e.g. lmdb_map_size) and may be a plain dict."""
@@ -106,4 +134,4 @@ def open_table(spec: str, flags: int, writable: bool, params) -> Table:
 
 
 __all__ = ["Table", "TableError", "TableOpenError", "Unsupported", "TABLE_TYPES", "PLUGIN_GROUP",
-           "open_table", "plugin_types", "split_spec", "strip_proxy", "table_class"]
+           "open_table", "plugin_types", "preload", "split_spec", "strip_proxy", "table_class"]

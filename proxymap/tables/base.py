@@ -66,6 +66,13 @@ class Table:
     watch = None
     watch_gen = 0
 
+    @classmethod
+    def member_specs(cls, name: str) -> list[str]:
+        """The `type:name` of the tables an instance named `name` opens
+        inside itself (a composite's members); none for most types. Bad
+        syntax gives none here: opening reports it."""
+        return []
+
     def __init__(self, type_name: str, name: str, flags: int, writable: bool, params):
         self.type_name = type_name
         self.name = name

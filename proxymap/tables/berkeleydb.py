@@ -22,6 +22,7 @@ import os
 from berkeleydb import db as bdb
 
 from proxymap import dictflags as F
+from proxymap.conventions import maillog
 from proxymap.tables import filelock, nulkeys
 from proxymap.tables.base import END, START, TableOpenError, snapshot_walk
 from proxymap.tables.filelock import TableLock
@@ -77,6 +78,11 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         path = name + ".db"
         self.label = path
         self._db = None
+        #: (stored key, value before the change or None) of each change
+        #: since the last sync: what _abandon restores
+        self._undo = []
+        #: an undone change is in the cache, its sync failed
+        self._unsynced = False
         self.lock = TableLock.open_file(path, writable, filelock.FLOCK, self.spec, self.flags,
                                         False)
         try:
@@ -96,23 +102,63 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
 
     # storage hooks
     def _need_space(self, nbytes):
+        self._sync_pending()
         nulkeys.require_space(self.path, nbytes)
 
     def _abandon(self):
-        # Close without writing the cache back: pages of the failed change
-        # that did not reach the file never will (an update answered RETRY
-        # must not appear later), then start again from the file.
+        # A change failed, most often its sync (a full disk, an I/O error).
+        # libdb may have written some of its pages already: a fresh reader
+        # would see a torn file, or the change answered RETRY. Without an
+        # environment there is no log to roll back from, so the change is
+        # undone in the cache, where all its pages still are (each key
+        # gets its old value back, or goes), and synced again: the file
+        # then holds the old records and verifies.
+        undo, self._undo = self._undo, []
+        if self._db is None:
+            return
+        try:
+            for stored_key, old_value in reversed(undo):
+                if old_value is None:
+                    with contextlib.suppress(bdb.DBNotFoundError):
+                        self._db.delete(stored_key)
+                else:
+                    self._db.put(stored_key, old_value)
+            self._db.sync()
+        except (bdb.DBError, OSError) as exc:
+            # The undo cannot reach the file either (the disk is still
+            # full): keep this handle, whose cache holds the undone state,
+            # and sync again before the next change and at close. Until
+            # then the file may show part of the failed change.
+            self._unsynced = True
+            maillog.warning(f"sync database {self.path}: {_reason(exc)}: the file may hold"
+                            " part of a failed change until a later sync succeeds")
+            return
+        self._unsynced = False
+        self._reopen_quietly()
+
+    def _reopen_quietly(self):
+        """A new handle on the file; when that fails, changed() says so and
+        the dispatcher reopens the table."""
         old, self._db = self._db, None
-        if old is not None:
-            with contextlib.suppress(bdb.DBError):
-                old.close(bdb.DB_NOSYNC)
+        with contextlib.suppress(bdb.DBError):
+            old.close()
         try:
             self._db = _open_db(*self._open_args)
         except bdb.DBError:
-            self.watch_gen = -1     # changed() now says so: the dispatcher reopens the table
+            self.watch_gen = -1
+
+    def _sync_pending(self):
+        """Under the exclusive lock, before a change: write back an undone
+        change whose sync failed (TableError while that still fails)."""
+        if self._unsynced:
+            with _db_errors(self.path, "sync"):
+                self._db.sync()
+            self._unsynced = False
 
     def changed(self) -> bool:
-        return self._db is None or super().changed()
+        # while an undo waits for its sync, the cache is right and the file
+        # may not be: a new handle would read the torn file
+        return self._db is None or (not self._unsynced and super().changed())
 
     def _refresh(self):
         # libdb caches pages privately: after another writer (postmap -i,
@@ -123,7 +169,8 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         # quiet file.
         # Under OPEN_LOCK nobody else could write since we opened it.
         self.note_changes()
-        if self.lock is not None and self.lock.open_locked or not self.changed():
+        if (self.lock is not None and self.lock.open_locked or self._unsynced
+                or not self.changed()):
             return
         old, self._db = self._db, None
         if old is not None:
@@ -143,26 +190,31 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
     def _put(self, stored_key, stored_value, replace):
         with _db_errors(self.path, "write"):
             if not replace:
+                self._undo.append((stored_key, None))
                 try:
                     self._db.put(stored_key, stored_value, flags=bdb.DB_NOOVERWRITE)
                 except bdb.DBKeyExistError:
+                    self._undo.pop()
                     return REFUSED
                 return NEW
-            existed = self._db.exists(stored_key)
+            old_value = self._db.get(stored_key)
+            self._undo.append((stored_key, old_value))
             self._db.put(stored_key, stored_value)
-            return REPLACED if existed else NEW
+            return NEW if old_value is None else REPLACED
 
     def _remove(self, stored_key):
         with _db_errors(self.path, "write"):
-            try:
-                self._db.delete(stored_key)
-            except bdb.DBNotFoundError:
+            old_value = self._db.get(stored_key)
+            if old_value is None:
                 return False
+            self._undo.append((stored_key, old_value))
+            self._db.delete(stored_key)
             return True
 
     def _commit(self):
         with _db_errors(self.path, "sync"):
             self._db.sync()
+        self._undo = []
 
     next_before_first_starts = True
 

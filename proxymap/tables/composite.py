@@ -47,6 +47,13 @@ def member_specs(name: str) -> list[str]:
 class CompositeTable(Table):
     """Opens the members and keeps their flags in step with ours."""
 
+    @classmethod
+    def member_specs(cls, name: str) -> list[str]:
+        try:
+            return member_specs(name)
+        except ValueError:
+            return []
+
     def __init__(self, type_name, name, flags, writable, params):
         if writable:
             raise TableOpenError(f"{type_name}:{name} map requires O_RDONLY access mode")
