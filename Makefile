@@ -66,6 +66,7 @@ test: deps
 bench: deps
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/remote.py
 	mkdir -p benchmarks/results && $(PY) benchmarks/instructions.py --json benchmarks/results/instructions.json
 
 # make install: a site install (as root), not editable: a virtualenv of its

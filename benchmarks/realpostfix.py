@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 
 from benchmarks.servers import ServerInstance, kill_leftovers
@@ -19,6 +20,16 @@ from master.pidfile import pid_alive, read_pid
 from proxymap.client import check_greeting
 
 POSTFIX = "/usr/sbin/postfix"
+
+
+def refuse_without_root(program: str) -> bool:
+    """True (with a fatal line on stderr) when not run as root: real
+    Postfix's master must be started by root."""
+    if os.geteuid() == 0:
+        return False
+    print(f"{program}: fatal: run as root (real Postfix's master must be started by root)",
+          file=sys.stderr)
+    return True
 
 
 class StartError(Exception):

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import loadgen, report, scenarios, tables  # noqa: E402
 from benchmarks.ours import OurService  # noqa: E402
-from benchmarks.realpostfix import RealPostfix, StartError  # noqa: E402
+from benchmarks.realpostfix import RealPostfix, StartError, refuse_without_root  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -145,9 +145,7 @@ def setup(base: str, sizes: tuple, ours_mode: str, servers: list,
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if os.geteuid() != 0:
-        print("bench: fatal: run as root (real Postfix's master must be started by root)",
-              file=sys.stderr)
+    if refuse_without_root("bench"):
         return 1
     quick = args.quick
     duration = args.duration or (0.5 if quick else 5.0)

@@ -325,7 +325,30 @@ def format_status(status: dict) -> str:
             lines.append(f"  pid {w['pid']:<7} gen {w['generation']:<3} {w['state']:<8} "
                          f"clients {w['clients']:<4} requests {w['requests']:<8} "
                          f"rss {rss:<7} cpu {cpu}{cache}")
+        for table, counted in sorted(service.get("tables", {}).items()):
+            parts = []
+            if counted.get("cache"):     # a remote table's answer cache
+                parts.append(f"cache hits {counted['cache'].get('hits', 0)}"
+                             f" misses {counted['cache'].get('misses', 0)}")
+            if counted.get("pool"):
+                parts.append(format_pool(counted["pool"]))
+            if parts:
+                lines.append(f"  table {table}: {'; '.join(parts)}")
     return "\n".join(lines)
+
+
+def format_pool(pool: dict) -> str:
+    """One line of a backend table's pool figures (metrics.TableCounters'
+    "pool" in the status file), summed over the service's workers."""
+    conns = pool.get("connections", {})
+    text = (f"threads {pool.get('threads', 0)} busy {pool.get('busy', 0)}"
+            f" waiting {pool.get('waiting', 0)}, waits {pool.get('waits', 0)}"
+            f" ({pool.get('wait_seconds', 0):.3f}s), timeouts {pool.get('timeouts', 0)}"
+            f" rejected {pool.get('rejected', 0)}")
+    if conns.get("size"):
+        text += (f"; connections {conns.get('open', 0)} open of {conns['size']},"
+                 f" {conns.get('in_use', 0)} in use, waits {conns.get('waits', 0)}")
+    return text
 
 
 def cmd_status(args) -> int:

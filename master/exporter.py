@@ -26,6 +26,25 @@ import stat
 #: the process title of the listener process
 TITLE = "proxymap-master metrics listener"
 
+#: a backend table's pool figures exported as gauges (the status file's
+#: "pool" names; connections_* from its "connections")
+POOL_GAUGE_HELP = {
+    "threads": "lane threads of a table served off the event loop",
+    "busy": "lane threads working on a request now",
+    "waiting": "requests waiting for a lane thread now",
+    "connections_size": "bound of the table's connection pools",
+    "connections_open": "connections the table's pools hold open",
+    "connections_in_use": "connections in use now",
+}
+#: ... and as counters
+POOL_COUNTER_HELP = {
+    "waits": "requests that found every lane thread busy",
+    "wait_seconds": "time those requests waited for a thread",
+    "timeouts": "requests answered RETRY after proxymap_backend_timeout",
+    "rejected": "requests answered RETRY at once: the lane's queue was full",
+    "connections_waits": "requests that waited for a pooled connection",
+}
+
 
 def parse_listen(value: str) -> tuple[str, object]:
     """("unix", PATH) or ("inet", (HOST, PORT)) for a proxymap_metrics_listen
@@ -157,6 +176,14 @@ class StatusCollector:
                                          "answer cache", labels=table_labels)
         cache_misses = CounterMetricFamily("pyproxymap_cache_misses", "lookups the answer "
                                            "cache could not answer", labels=table_labels)
+        # tables served off the loop: their lanes and connection pools
+        # (the "pool" of TableCounters.as_json), summed over the workers
+        pool_gauges = {name: GaugeMetricFamily(f"pyproxymap_backend_{name}", text,
+                                               labels=table_labels)
+                       for name, text in POOL_GAUGE_HELP.items()}
+        pool_counters = {name: CounterMetricFamily(f"pyproxymap_backend_{name}", text,
+                                                   labels=table_labels)
+                         for name, text in POOL_COUNTER_HELP.items()}
         for service_name, service in sorted(status.get("services", {}).items()):
             live = service.get("workers", [])
             workers.add_metric([service_name], len(live))
@@ -181,8 +208,15 @@ class StatusCollector:
                 if cache:
                     cache_hits.add_metric(labels, cache.get("hits", 0))
                     cache_misses.add_metric(labels, cache.get("misses", 0))
+                pool = counted.get("pool")
+                if pool:
+                    figures = {**pool, **{f"connections_{k}": v
+                                          for k, v in pool.get("connections", {}).items()}}
+                    for name, family in (*pool_gauges.items(), *pool_counters.items()):
+                        family.add_metric(labels, figures.get(name, 0))
         yield from (reloads, generation, started, requests, reopens, errors, latency,
-                    conn_errors, workers, clients, cache_hits, cache_misses)
+                    conn_errors, workers, clients, cache_hits, cache_misses,
+                    *pool_gauges.values(), *pool_counters.values())
 
 
 def preload() -> None:

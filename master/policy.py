@@ -39,6 +39,8 @@ RETIRE_GRACE = 5.0
 STOP_GRACE = 5.0
 #: seconds a new worker may take to send its first report
 STARTUP_TIMEOUT = 60.0
+#: below this max_use no successor is started ahead (successor_due)
+SUCCESSOR_MIN_USE = 20
 
 
 @dataclass
@@ -135,7 +137,7 @@ def plan_hand_over(slots, count: int, generation: int, max_use: int,
 
     Each connection goes where pick_worker() would send it if the ones
     before it had already been handed (the least-loaded READY worker, of
-    `generation` while one has room, ties to the fewest handed in total),
+    `generation` while one has room, ties to the most handed in total),
     and no worker is given more than max_use connections in all (it is
     retired after its last one, as when they come one by one). The
     connections that find no worker are not in the plan: they wait."""
@@ -151,7 +153,7 @@ def plan_hand_over(slots, count: int, generation: int, max_use: int,
             extra = given.get(id(slot), 0)
             if slot.handed + extra >= max_use:
                 continue
-            key = (slot.generation != generation, slot.load + extra, slot.handed + extra)
+            key = (slot.generation != generation, slot.load + extra, -(slot.handed + extra))
             if best_key is None or key < best_key:
                 best, best_key = slot, key
         if best is None:
@@ -169,6 +171,28 @@ def plan_hand_over(slots, count: int, generation: int, max_use: int,
             plan.append((slot_of[ident], n))
             left -= n
     return plan
+
+
+def successor_margin(max_use: int) -> int:
+    """How close to max_use the workers of a service may come before the
+    next one is started: a quarter of max_use, none below SUCCESSOR_MIN_USE
+    (a worker that short-lived is not worth a spare)."""
+    return max_use // 4 if max_use >= SUCCESSOR_MIN_USE else 0
+
+
+def successor_due(state: ServiceState, now: float) -> bool:
+    """The current workers have room for at most successor_margin() more
+    connections in all (max_use) and none is starting: start the next one
+    now, so that it is ready when the last of them is retired, instead of
+    clients waiting for a fresh worker at every retirement."""
+    current = state.current()
+    if not current or any(s.state == STARTING for s in current):
+        return False
+    max_use = state.settings.max_use
+    margin = successor_margin(max_use)
+    room = sum(max(0, max_use - s.handed) for s in current)
+    return 0 < margin and room <= margin and state.under_limit() \
+        and not state.throttled(now) and not state.removed
 
 
 def needs_another_worker(state: ServiceState, now: float) -> bool:

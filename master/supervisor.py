@@ -42,7 +42,7 @@ from master import pidfile, sdnotify
 from master.master_cf import Service, load_master_cf
 from master.policy import (STOP_GRACE, ServiceState, Settings, fixed_values, ignored_changes,
                            manage_workers, needs_another_worker, no_room_for_new_generation,
-                           plan_hand_over, used_up)
+                           plan_hand_over, successor_due, used_up)
 from master.workerslot import READY, WorkerSlot, pick_worker
 from proxymap import handoff, metrics, protocol
 from proxymap.allowlist import proxy_allow_set
@@ -495,7 +495,7 @@ class Master:
                 self.status_dirty = True
                 if used_up(slot, state.settings):
                     self.retire(slot, now, "max_use reached")
-        if needs_another_worker(state, now):
+        if needs_another_worker(state, now) or successor_due(state, now):
             self.spawn(state)
         if waiting:
             state.pending.extend(waiting)
@@ -626,7 +626,8 @@ class Master:
         state = self.state_of(slot)
         if state is not None:
             state.slots.remove(slot)
-            state.exited_tables = metrics.sum_tables(state.exited_tables, slot.tables)
+            state.exited_tables = metrics.sum_tables(
+                state.exited_tables, {spec: c.ended() for spec, c in slot.tables.items()})
         how = describe_exit(status)
         if how is None or self.stopping:
             return

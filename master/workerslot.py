@@ -152,11 +152,14 @@ class WorkerSlot:
 
 def pick_worker(slots, generation: int | None = None):
     """The least-loaded READY slot, preferring `generation`; None if none is
-    READY. Ties go to the worker that was handed fewest connections in total."""
+    READY. Ties go to the worker that was handed the most connections in
+    total: it is used up first, while a successor started ahead of its
+    retirement (policy.successor_due) waits, and an idle extra worker stays
+    idle until max_idle retires it."""
     ready = [s for s in slots if s.state == READY]
     if generation is not None:
         current = [s for s in ready if s.generation == generation]
         ready = current or ready
     if not ready:
         return None
-    return min(ready, key=lambda s: (s.load, s.handed))
+    return min(ready, key=lambda s: (s.load, -s.handed))

@@ -26,6 +26,10 @@ Postfix does. Lookups of cacheable tables are answered from a bounded cache
 of recent replies (proxymap/answercache.py) while the table has had no
 change notification and no write of our own; a miss reads the table, with
 Postfix's locks, as before.
+Remote tables (those served off the loop) keep answers for a TTL from
+main.cf or from their own parameter file (`_answer_cache`), counting hits
+and misses per table; `note_pools` puts their lanes' and connection
+pools' figures in the counters for `status`.
 
 The write service commits in groups when its worker asks for it
 (`begin_batch`/`end_batch` around each loop pass): the updates and
@@ -56,7 +60,7 @@ from proxymap import dictflags as F
 from proxymap.answercache import AnswerCache, CacheStats
 from proxymap.conventions import maillog
 from proxymap.metrics import (LATENCY_BUCKET, NO_TABLE, REPLY_STATUS_OFFSET, REQUEST_BASE,
-                              WorkerMetrics, reply_status)
+                              WorkerMetrics, pool_figures, reply_status)
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                HOTPATH, BadRequest, Request, encode_reply, parse_request,
                                split_hot_lookup)
@@ -449,7 +453,9 @@ class Dispatcher:
                 if name == "lookup":
                     reply = answers.get((flags, req.key), None)
                     if reply is not None:
+                        table.counters.cache_hits += 1
                         return reply
+                    table.counters.cache_misses += 1
                 elif name != "sequence":
                     answers.invalidate()    # a write of our own: before and after it
             reply = self.offload.submit(table, flags, lambda: self._operate(table, req, walks),
@@ -658,16 +664,29 @@ class Dispatcher:
         table.counters = self.metrics.table(spec)
         if not isinstance(table, SurrogateTable):
             self._attach_watch(table)
-            if self.cache_entries > 0 and spec not in self.cache_exclude:
-                if table.answers_cacheable:
-                    table.answers = AnswerCache(self.cache_entries, self.cache_bytes,
-                                                stats=self.cache_stats)
-                elif table.blocking and self.offload is not None and self.remote_ttl > 0:
-                    table.answers = AnswerCache(self.cache_entries, self.cache_bytes,
-                                                ttl=self.remote_ttl,
-                                                negative_ttl=self.remote_negative_ttl,
-                                                stats=self.cache_stats)
+            if spec not in self.cache_exclude:
+                table.answers = self._answer_cache(table)
         return table
+
+    def _answer_cache(self, table: Table) -> AnswerCache | None:
+        """A new instance's answer cache, or None: file tables get one of
+        proxymap_answer_cache_entries; remote ones (served off the loop) one
+        of proxymap_remote_cache_ttl, unless the table's own settings
+        (`cache_settings`, from its parameter file) say otherwise."""
+        if table.answers_cacheable:
+            if self.cache_entries <= 0:
+                return None
+            return AnswerCache(self.cache_entries, self.cache_bytes, stats=self.cache_stats)
+        if not (table.blocking and self.offload is not None):
+            return None
+        own = getattr(table, "cache_settings", None) or {}
+        entries = own.get("entries", self.cache_entries)
+        ttl = own.get("ttl", self.remote_ttl)
+        if entries <= 0 or ttl <= 0:
+            return None
+        return AnswerCache(entries, self.cache_bytes, ttl=ttl,
+                           negative_ttl=own.get("negative_ttl", self.remote_negative_ttl),
+                           stats=self.cache_stats)
 
     def _attach_watch(self, table: Table) -> None:
         """Watch the instance's file. Where the watch is new, a change may
@@ -698,6 +717,24 @@ class Dispatcher:
             table.close()
         except Exception as exc:
             maillog.warning(f"close table {table.spec}: {exc}")
+
+    def note_pools(self) -> None:
+        """Refresh the pool figures of the tables served off the loop in
+        their counters (metrics.POOL_FIELDS), marking those that changed
+        for the next report. The worker calls this before each report."""
+        if self.offload is None:
+            return
+        connections: dict[str, list[dict]] = {}
+        for table in self.tables.values():
+            stats = getattr(table, "connection_stats", None)    # BackendTable's
+            if stats is not None:
+                connections.setdefault(table.spec, []).extend(stats())
+        for spec, lane in self.offload.stats_by_table().items():
+            figures = pool_figures(lane, connections.get(spec, []))
+            counters = self.metrics.table(spec)
+            if figures != counters.pool:
+                counters.pool = figures
+                counters.changed = True
 
     def close_all(self) -> None:
         self._ended += self.end_batch()

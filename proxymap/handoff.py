@@ -292,6 +292,9 @@ class WorkerChannel:
             return
         now = time.monotonic()
         status = self.status()
+        note_pools = getattr(self.worker.dispatcher, "note_pools", None)
+        if note_pools is not None:      # the remote tables' pool figures, refreshed
+            note_pools()
         counted = self.worker.dispatcher.metrics
         tables = counted.take_changed() \
             if force or now - self._metrics_sent >= REPORT_INTERVAL else []

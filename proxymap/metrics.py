@@ -16,6 +16,14 @@ with its load reports (proxymap/handoff.py, one b"M" record per table:
 totals, adds those of exited workers, and writes the sums per service and
 table into its status file (`TableCounters.as_json`).
 
+Tables served off the loop (proxymap/offload.py) also carry their pool
+figures (`pool`, POOL_FIELDS): the lane's threads, busy threads and
+requests waiting for one now, requests that waited and how long in all,
+and their connection pools' size, open and busy connections and waits.
+The worker refreshes them before each report (Dispatcher.note_pools); the
+master adds them over its workers, and those that are a current state
+(POOL_GAUGES) are left out of an exited worker's totals (`ended`).
+
 Only the standard library is used here: the worker runs under Postfix's
 master too (proxymap/multiserver.py), where no exporter is involved.
 """
@@ -52,6 +60,29 @@ REPLY_STATUS_OFFSET = len(b"status\0")
 REQUEST_BASE = {name: index * STATUS_COUNT - 48 for index, name in enumerate(OPERATIONS)}
 
 
+#: a backend table's pool figures, in the order of TableCounters.pool
+#: (wait_ns: nanoseconds waited for a thread by the requests of `waits`)
+POOL_FIELDS = ("threads", "busy", "waiting", "waits", "wait_ns", "completed", "timeouts",
+               "rejected", "connections", "connections_open", "connections_in_use",
+               "connection_waits")
+#: those of POOL_FIELDS that are a state, not a count: an exited worker's are 0
+POOL_GAUGES = frozenset(("threads", "busy", "waiting", "connections", "connections_open",
+                         "connections_in_use"))
+POOL_INDEX = {name: index for index, name in enumerate(POOL_FIELDS)}
+#: the fields of connpool.Pool.stats() summed into the connection fields
+CONNECTION_FIELDS = {"connections": "size", "connections_open": "open",
+                     "connections_in_use": "in_use", "connection_waits": "waits"}
+
+
+def pool_figures(lane: dict, connections: list[dict]) -> list[int]:
+    """TableCounters.pool from a lane's figures (Offloader.stats_by_table)
+    and the table's connection pools (BackendTable.connection_stats)."""
+    figures = [int(lane.get(name, 0)) for name in POOL_FIELDS]
+    for field, key in CONNECTION_FIELDS.items():
+        figures[POOL_INDEX[field]] = sum(int(c.get(key, 0)) for c in connections)
+    return figures
+
+
 def reply_status(reply: bytes) -> int:
     """The status of an encoded reply (protocol.encode_reply)."""
     return reply[REPLY_STATUS_OFFSET] - 48
@@ -65,12 +96,14 @@ class TableCounters:
     before; the last one: above every bound), `latency_ns` their sum in
     nanoseconds. `cache_hits` / `cache_misses` are for an answer cache in
     front of the table (the code that answers from it increments them; the
-    master sums them and the listener exports them). `reported` is the
+    master sums them and the listener exports them). `pool` holds the
+    POOL_FIELDS of a table served off the loop (empty for the others).
+    `reported` is the
     number of requests at the last report (take_changed); `changed` marks a
     change that counts no request (a connection error)."""
 
     __slots__ = ("requests", "latency", "latency_ns", "reopens", "errors", "cache_hits",
-                 "cache_misses", "reported", "changed")
+                 "cache_misses", "pool", "reported", "changed")
 
     def __init__(self):
         self.requests = [0] * (len(OPERATIONS) * STATUS_COUNT)
@@ -80,6 +113,7 @@ class TableCounters:
         self.errors = 0
         self.cache_hits = 0
         self.cache_misses = 0
+        self.pool: list[int] = []
         self.reported = 0
         self.changed = False
 
@@ -93,6 +127,21 @@ class TableCounters:
         self.errors += other.errors
         self.cache_hits += other.cache_hits
         self.cache_misses += other.cache_misses
+        if other.pool:
+            if not self.pool:
+                self.pool = [0] * len(POOL_FIELDS)
+            for i, n in enumerate(other.pool):
+                self.pool[i] += n
+
+    def ended(self) -> "TableCounters":
+        """A copy for the totals of an exited worker: its pool's current
+        state (POOL_GAUGES) went with it."""
+        copy = TableCounters()
+        copy.add(self)
+        if copy.pool:
+            for name in POOL_GAUGES:
+                copy.pool[POOL_INDEX[name]] = 0
+        return copy
 
     def count(self, operation: str, status: int) -> int:
         return self.requests[OPERATION_INDEX[operation] * STATUS_COUNT + status]
@@ -115,6 +164,14 @@ class TableCounters:
                                     "count": total}}
         if self.cache_hits or self.cache_misses:    # only where a cache answers
             form["cache"] = {"hits": self.cache_hits, "misses": self.cache_misses}
+        if self.pool:                               # only for tables served off the loop
+            figures = dict(zip(POOL_FIELDS, self.pool))
+            form["pool"] = {
+                **{name: figures[name] for name in ("threads", "busy", "waiting", "waits",
+                                                    "completed", "timeouts", "rejected")},
+                "wait_seconds": figures["wait_ns"] / 1e9,
+                "connections": {key: figures[field]
+                                for field, key in CONNECTION_FIELDS.items()}}
         return form
 
 
@@ -131,21 +188,24 @@ def encode_record(spec: str, counters: TableCounters) -> bytes:
     """The body of one b"M" record: one table's totals in this worker."""
     return json.dumps([spec, counters.requests, counters.latency, counters.latency_ns,
                        counters.reopens, counters.errors, counters.cache_hits,
-                       counters.cache_misses], separators=(",", ":")).encode()
+                       counters.cache_misses, counters.pool], separators=(",", ":")).encode()
 
 
 def decode_record(body: bytes) -> tuple[str, TableCounters]:
     """Inverse of encode_record(); ValueError when malformed."""
     try:
-        spec, requests, latency, latency_ns, reopens, errors, hits, misses = json.loads(body)
+        spec, requests, latency, latency_ns, reopens, errors, hits, misses, pool = \
+            json.loads(body)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"bad metrics record: {exc}") from None
     counters = TableCounters()
     if not (isinstance(spec, str) and len(requests) == len(counters.requests)
             and len(latency) == len(counters.latency)
+            and isinstance(pool, list) and len(pool) in (0, len(POOL_FIELDS))
             and all(type(n) is int for n in (*requests, *latency, latency_ns, reopens, errors,
-                                             hits, misses))):
+                                             hits, misses, *pool))):
         raise ValueError("bad metrics record: wrong layout")
+    counters.pool = pool
     counters.requests, counters.latency = requests, latency
     counters.latency_ns, counters.reopens, counters.errors = latency_ns, reopens, errors
     counters.cache_hits, counters.cache_misses = hits, misses

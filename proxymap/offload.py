@@ -14,6 +14,12 @@ requests that need it, and never a file-table lookup of another client.
 The loop thread owns every `Pending`: lanes only post (pending, reply)
 pairs to a queue, and the loop sets `reply` when it drains that queue or
 when the deadline passes, whichever comes first.
+
+For `status`, each lane counts what it does in the `LaneTally` of its
+table (kept per table name, so a lane replaced by a reopen adds to the
+same totals): requests that found every thread busy (`waits`) and the
+time they waited for one, timeouts and rejections; `stats_by_table()`
+adds the lanes' sizes and current load (busy threads, requests waiting).
 """
 
 from __future__ import annotations
@@ -41,9 +47,10 @@ class Pending:
     then (Dispatcher.count_delivered); `cache` the dispatcher's note for
     its answer cache (Dispatcher.count_delivered too)."""
 
-    __slots__ = ("reply", "owner", "deadline", "retry", "lane", "counted", "cache")
+    __slots__ = ("reply", "owner", "deadline", "retry", "lane", "counted", "cache",
+                 "queued_at")
 
-    def __init__(self, lane: "Lane", deadline: float, retry: bytes):
+    def __init__(self, lane: "Lane", deadline: float, retry: bytes, queued_at: int = 0):
         self.reply: bytes | None = None
         self.owner = None
         self.counted = None
@@ -51,12 +58,27 @@ class Pending:
         self.deadline = deadline
         self.retry = retry
         self.lane = lane
+        #: time.monotonic_ns() when it was submitted to a lane whose threads
+        #: were all busy (0: a thread was free)
+        self.queued_at = queued_at
+
+
+class LaneTally:
+    """What the lanes of one table have done, for `status`: requests that
+    waited for a thread and the nanoseconds they waited in all, requests
+    answered, answered RETRY after the timeout, refused by a full lane."""
+
+    __slots__ = ("waits", "wait_ns", "completed", "timeouts", "rejected")
+
+    def __init__(self):
+        self.waits = self.wait_ns = self.completed = self.timeouts = self.rejected = 0
 
 
 class Lane:
     """The threads and counters of one blocking table instance."""
 
-    def __init__(self, spec: str, size: int, queue_limit: int, timeout: float):
+    def __init__(self, spec: str, size: int, queue_limit: int, timeout: float,
+                 tally: LaneTally | None = None):
         self.spec = spec
         self.size = size
         self.queue_limit = queue_limit
@@ -64,14 +86,17 @@ class Lane:
         self.executor = ThreadPoolExecutor(max_workers=size,
                                            thread_name_prefix=f"lane {spec}")
         self.inflight = 0      # submitted and not yet finished by a thread
-        self.completed = 0
-        self.timeouts = 0
-        self.rejected = 0
+        self.tally = tally if tally is not None else LaneTally()
 
-    def stats(self) -> dict:
-        return {"table": self.spec, "threads": self.size, "inflight": self.inflight,
-                "waiting": max(0, self.inflight - self.size), "completed": self.completed,
-                "timeouts": self.timeouts, "rejected": self.rejected}
+    @property
+    def busy(self) -> int:
+        """Threads working on a request now."""
+        return min(self.inflight, self.size)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a thread now."""
+        return max(0, self.inflight - self.size)
 
 
 class Offloader:
@@ -85,6 +110,7 @@ class Offloader:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._lanes: dict[int, Lane] = {}     # id(table) -> lane
+        self._tallies: dict[str, LaneTally] = {}   # table name -> its lanes' totals
         self._outstanding: set[Pending] = set()
         self._used = False
 
@@ -98,7 +124,11 @@ class Offloader:
         if lane is None:
             size = int(getattr(table, "lane_size", 0) or self.lane_size)
             timeout = float(getattr(table, "timeout", 0) or self.timeout)
-            lane = self._lanes[id(table)] = Lane(table.spec, size, self.lane_queue, timeout)
+            tally = self._tallies.get(table.spec)
+            if tally is None:
+                tally = self._tallies[table.spec] = LaneTally()
+            lane = self._lanes[id(table)] = Lane(table.spec, size, self.lane_queue, timeout,
+                                                 tally)
             self._used = True
         return lane
 
@@ -108,11 +138,15 @@ class Offloader:
         the lane is full."""
         lane = self.lane_for(table)
         if lane.inflight >= lane.size + lane.queue_limit:
-            lane.rejected += 1
+            lane.tally.rejected += 1
             maillog.warning(f"table {lane.spec}: {lane.inflight} requests already"
                             f" waiting for the backend -- answering RETRY")
             return retry
-        pending = Pending(lane, time.monotonic() + lane.timeout, retry)
+        queued_at = 0
+        if lane.inflight >= lane.size:      # every thread busy: it waits its turn
+            lane.tally.waits += 1
+            queued_at = time.monotonic_ns()
+        pending = Pending(lane, time.monotonic() + lane.timeout, retry, queued_at)
         lane.inflight += 1
         self._outstanding.add(pending)
         lane.executor.submit(self._run, table, flags, job, pending)
@@ -128,11 +162,13 @@ class Offloader:
         ready = []
         while True:
             try:
-                pending, reply = self._done.get_nowait()
+                pending, reply, waited_ns = self._done.get_nowait()
             except queue.Empty:
                 return ready
-            pending.lane.inflight -= 1
-            pending.lane.completed += 1
+            lane = pending.lane
+            lane.inflight -= 1
+            lane.tally.completed += 1
+            lane.tally.wait_ns += waited_ns
             if pending.reply is None:
                 pending.reply = reply
                 self._outstanding.discard(pending)
@@ -144,7 +180,7 @@ class Offloader:
         for pending in late:
             self._outstanding.discard(pending)
             pending.reply = pending.retry
-            pending.lane.timeouts += 1
+            pending.lane.tally.timeouts += 1
             maillog.warning(f"table {pending.lane.spec}: no answer from the backend"
                             f" after {pending.lane.timeout:g}s -- answering RETRY")
         return late
@@ -158,8 +194,18 @@ class Offloader:
         lane.executor.submit(close_quietly, table)
         lane.executor.shutdown(wait=False)
 
-    def stats(self) -> list[dict]:
-        return [lane.stats() for lane in self._lanes.values()]
+    def stats_by_table(self) -> dict[str, dict]:
+        """Per table name: its lanes' threads, busy threads and requests
+        waiting now, and the totals of its LaneTally."""
+        stats = {spec: {"threads": 0, "busy": 0, "waiting": 0,
+                        **{name: getattr(tally, name) for name in LaneTally.__slots__}}
+                 for spec, tally in self._tallies.items()}
+        for lane in self._lanes.values():
+            entry = stats[lane.spec]
+            entry["threads"] += lane.size
+            entry["busy"] += lane.busy
+            entry["waiting"] += lane.waiting
+        return stats
 
     def close(self) -> None:
         """Stop every lane. Once a lane has run, the wake-up descriptor stays
@@ -175,13 +221,15 @@ class Offloader:
     # -- the lane's side ----------------------------------------------------------
 
     def _run(self, table, flags: int, job, pending: Pending) -> None:
+        # pending.queued_at is set before the submit and never changed after
+        waited_ns = time.monotonic_ns() - pending.queued_at if pending.queued_at else 0
         try:
             with table.serving(flags):
                 reply = job()
         except BaseException as exc:  # the loop must hear back whatever happens
             maillog.error(f"table {table.spec}: {type(exc).__name__}: {exc}")
             reply = pending.retry
-        self._done.put((pending, reply))
+        self._done.put((pending, reply, waited_ns))
         os.eventfd_write(self._wake, 1)
 
 

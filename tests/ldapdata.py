@@ -98,6 +98,9 @@ LDIF = "\n".join([
 #: parameter files (server_host, search_base and version are added per test)
 CONFIGS = {
     "plain": "",
+    # ours: the answer cache's settings, which Postfix's ldap table ignores
+    "cached": ("proxymap_cache_ttl = 1h\nproxymap_cache_negative_ttl = 3600\n"
+               "proxymap_cache_entries = 100\n"),
     "multi": "result_attribute = maildrop, mail\n",
     "special": "special_result_attribute = pmMember pmMemberURL\n",
     "terminal": ("terminal_result_attribute = pmTerminal\n"

@@ -3,7 +3,9 @@
 Each server runs in a fresh temporary directory, listens only on a UNIX
 socket there (no TCP port to collide with other engineers or CI), runs as
 the package's own system user (PostgreSQL refuses root), is waited for
-with a bounded loop and stopped by its pid. `find_postgres()` and
+with a bounded loop and stopped by its pid; `with Server() as s:` (or
+cleanup()) stops it and removes its directory, and a server that does not
+come up leaves neither behind. `find_postgres()` and
 `find_mariadb()` return None when the binaries are missing, so a test can
 skip with the reason. slapd (`SlapdServer`) also listens on a loopback
 port the kernel picked, for the host:port forms of server_host; so do
@@ -79,6 +81,22 @@ class ServerProcess:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
+    # `with Server() as server:` stops it and removes its directory at the end
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+    def _start_or_clean_up(self, start) -> None:
+        """start() from a constructor: a server that does not come up leaves
+        neither a process nor its temporary directory behind."""
+        try:
+            start()
+        except BaseException:
+            self.cleanup()
+            raise
+
 
 class PostgresServer(ServerProcess):
     """initdb + postgres on a UNIX socket in a temporary directory."""
@@ -99,6 +117,9 @@ class PostgresServer(ServerProcess):
         if os.geteuid() == 0:
             pw = pwd.getpwnam(self.user)
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
+        self._start_or_clean_up(self._initdb_and_start)
+
+    def _initdb_and_start(self) -> None:
         subprocess.run([os.path.join(self.bin, "initdb"), "-D", self.data, "-A", "trust",
                         "-U", "postgres", "-E", "UTF8", "--locale=C"],
                        preexec_fn=_as_user(self.user), check=True, capture_output=True,
@@ -153,8 +174,11 @@ class MariadbServer(ServerProcess):
         self.socket = os.path.join(self.root, "mysqld.sock")
         self.log = os.path.join(self.root, "mysqld.log")
         self.proc: subprocess.Popen | None = None
+        self._start_or_clean_up(self._install_and_start)
+
+    def _install_and_start(self) -> None:
         subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.data}",
-                        f"--user={user}", "--auth-root-authentication-method=normal",
+                        f"--user={self.user}", "--auth-root-authentication-method=normal",
                         "--skip-test-db"], check=True, capture_output=True, timeout=300)
         self.start()
 
@@ -218,13 +242,14 @@ class SlapdServer(ServerProcess):
     ldapi:// socket there and on a loopback port; entries loaded with
     ldapadd as the rootdn. With tls=True: a self-signed certificate for
     127.0.0.1 (`cert`, its own CA) made with openssl, STARTTLS on the
-    loopback port and ldaps:// on a second one."""
+    loopback port and ldaps:// on a second one. `database`: more lines for
+    the database section (`index mail eq`)."""
 
     SUFFIX = "dc=example,dc=com"
     ROOT_DN = "cn=admin,dc=example,dc=com"
     ROOT_PW = "secret"
 
-    def __init__(self, schema: str = "", tls: bool = False):
+    def __init__(self, schema: str = "", tls: bool = False, database: str = ""):
         self.slapd = find_slapd()
         if self.slapd is None:
             raise RuntimeError("slapd is not installed (apt-get install slapd ldap-utils)")
@@ -240,8 +265,11 @@ class SlapdServer(ServerProcess):
         self.proc: subprocess.Popen | None = None
         self.tls = tls
         self.cert = os.path.join(self.root, "cert.pem")
+        self._start_or_clean_up(lambda: self._configure_and_start(schema, database))
+
+    def _configure_and_start(self, schema: str, database: str) -> None:
         tls_conf = ""
-        if tls:
+        if self.tls:
             key = os.path.join(self.root, "key.pem")
             subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
                             "-keyout", key, "-out", self.cert, "-days", "30",
@@ -256,7 +284,7 @@ class SlapdServer(ServerProcess):
                     "modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
                     f"database mdb\nsuffix \"{self.SUFFIX}\"\n"
                     f"rootdn \"{self.ROOT_DN}\"\nrootpw {self.ROOT_PW}\n"
-                    f"directory {self.db}\nmaxsize 10485760\n")
+                    f"directory {self.db}\nmaxsize 10485760\n{database}\n")
         for _ in range(3):            # bounded: another process may take the port first
             self.port, self.ldaps_port = free_loopback_ports(2)
             try:
@@ -330,7 +358,7 @@ class _CacheServer(ServerProcess):
         self.socket = os.path.join(self.root, "server.sock")
         self.log = os.path.join(self.root, "server.log")
         self.proc: subprocess.Popen | None = None
-        self.start()
+        self._start_or_clean_up(self.start)
 
     def command(self) -> list[str]:
         raise NotImplementedError

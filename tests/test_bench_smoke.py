@@ -48,14 +48,14 @@ def bench_processes(parent: str) -> set[int]:
     return found
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
+def run_quick(script: str, out) -> tuple[subprocess.CompletedProcess, set[int]]:
+    """`script --quick --out OUT` in a parent directory of its own; the
+    result and the pids of its processes still alive afterwards (killed)."""
     # a parent of our own, searchable by mail_owner (pytest's are root-only)
     parent = tempfile.mkdtemp(prefix="pmbench-smoke-", dir="/tmp")
     os.chmod(parent, 0o755)
     try:
-        result = subprocess.run([sys.executable, RUN, "--quick", "--out", str(out)],
+        result = subprocess.run([sys.executable, script, "--quick", "--out", str(out)],
                                 capture_output=True, text=True, timeout=300, cwd=ROOT,
                                 env={**os.environ, "PMBENCH_PARENT": parent})
         leftover = bench_processes(parent)
@@ -66,6 +66,13 @@ def quick_run(tmp_path_factory):
                 pass
     finally:
         shutil.rmtree(parent, ignore_errors=True)
+    return result, leftover
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result, leftover = run_quick(RUN, out)
     return result, out, leftover
 
 
@@ -186,3 +193,32 @@ def test_hit_keys_match_the_rules_they_were_made_for():
     for key in ts.lookup_keys("hash", 200, miss=1.0):
         assert int(key.split(b"@")[0][4:]) >= 1000        # a miss is outside the table
     assert ts.lookup_keys("hash", 50, seed=3) == ts.lookup_keys("hash", 50, seed=3)
+
+
+REMOTE = os.path.join(ROOT, "benchmarks", "remote.py")
+
+
+@smoke
+@pytest.mark.skipif(not glob.glob("/usr/lib/postgresql/*/bin/postgres")
+                    or not shutil.which("slapd", path="/usr/sbin:/usr/bin"),
+                    reason="needs PostgreSQL and slapd")
+def test_remote_tables_bench_quick(tmp_path):
+    """`benchmarks/remote.py --quick`: both proxymaps answered every pgsql
+    and ldap scenario with OK and NOKEY only, ratios with the cache off and
+    on were computed, each side's database connections were counted at 64
+    clients, and no process of the run outlives it."""
+    result, leftover = run_quick(REMOTE, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not leftover
+    data = json.load(open(glob.glob(str(tmp_path / "bench-remote-quick-*.json"))[0]))
+    assert {(r["table"], r["conns"]) for r in data["rows"]} == \
+        {("pgsql", 1), ("pgsql", 64), ("ldap", 1), ("ldap", 64)}
+    for rec in data["records"]:
+        where = (rec["table"], rec["conns"], rec["side"], rec["cached"])
+        assert rec["requests"] > 0 and rec["errors"] == [], where
+        assert set(rec["statuses"]) <= {"0", "1"} and rec["statuses"].get("0"), where
+        if rec["conns"] == 64:
+            assert rec["db_connections"] >= 1, where
+    for row in data["rows"]:
+        assert row["ratio_off"] > 0 and row["ratio_on"] > 0, row
+    assert "ours+cache" in result.stdout

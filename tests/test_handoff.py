@@ -18,7 +18,8 @@ import socket
 
 import pytest
 
-from master.policy import plan_hand_over
+from master.policy import (SUCCESSOR_MIN_USE, ServiceState, Settings, plan_hand_over,
+                           successor_due)
 from master.workerslot import READY, RETIRING, STARTING, WorkerSlot
 from proxymap import handoff
 from proxymap.client import read_greeting
@@ -71,6 +72,40 @@ def test_plan_only_uses_ready_workers_and_prefers_the_current_generation():
     assert shares(plan_hand_over([old, slot(5, generation=1, handed=99)], 3, 1, 100)) == \
         [(5, 1), (1, 2)]
     assert plan_hand_over([starting, retiring], 3, 0, 100) == []
+
+
+def service_with(slots, max_use: int, maxproc: int = 0) -> ServiceState:
+    state = ServiceState(None, Settings(max_use, 100, 18000, 60, maxproc, 32), "", 0)
+    state.slots = slots
+    return state
+
+
+def test_a_successor_is_started_before_the_last_worker_is_used_up():
+    max_use = 100
+    assert not successor_due(service_with([slot(1, handed=74)], max_use), 0.0)
+    assert successor_due(service_with([slot(1, handed=75)], max_use), 0.0)
+    # room left on another current worker counts; a starting one means "done"
+    assert not successor_due(service_with([slot(1, handed=90), slot(2, handed=50)],
+                                          max_use), 0.0)
+    assert not successor_due(service_with([slot(1, handed=90), slot(2, state=STARTING)],
+                                          max_use), 0.0)
+    # none with a short max_use, none at the process limit (proxywrite)
+    assert not successor_due(service_with([slot(1, handed=SUCCESSOR_MIN_USE - 1)],
+                                          SUCCESSOR_MIN_USE - 1), 0.0)
+    assert not successor_due(service_with([slot(1, handed=99)], max_use, maxproc=1), 0.0)
+    throttled = service_with([slot(1, handed=99)], max_use)
+    throttled.throttled_until = 10.0
+    assert not successor_due(throttled, 5.0) and successor_due(throttled, 11.0)
+
+
+def test_ties_go_to_the_worker_nearer_its_end_so_a_successor_waits():
+    old, successor = slot(1, handed=80), slot(2, handed=0)
+    assert shares(plan_hand_over([successor, old], 1, 0, 100)) == [(1, 1)]
+    assert shares(plan_hand_over([successor, old], 3, 0, 100)) == [(1, 2), (2, 1)]
+    nearly = slot(4, clients=1, handed=99)
+    assert shares(plan_hand_over([successor, nearly], 3, 0, 100)) == [(2, 2), (4, 1)]
+    busy = slot(3, clients=4, handed=80)
+    assert shares(plan_hand_over([busy, successor], 2, 0, 100)) == [(2, 2)]
 
 
 def test_handed_counts_every_connection_and_every_message():

@@ -344,3 +344,45 @@ def test_unix_socket_listener_reload_and_check(tmp_path):
         wait_for(lambda: not os.path.exists(f"/proc/{listener_pid}"), what="listener exit")
         with pytest.raises(OSError):
             scrape_unix(path)
+
+
+def test_pool_figures_travel_add_up_and_leave_with_an_exited_worker(tmp_path):
+    """A backend table's pool figures: through an M record, summed over two
+    workers, the current state (threads, busy, waiting, connections) left
+    out of an exited worker's totals while its counts stay; shown in the
+    status file's form, by `status` and on the listener."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from master.control import format_pool
+    lane = {"threads": 4, "busy": 4, "waiting": 2, "waits": 6, "wait_ns": 1_500_000_000,
+            "completed": 10, "timeouts": 1, "rejected": 0}
+    conns = [{"size": 4, "open": 3, "in_use": 2, "waits": 1}, {"size": 2, "open": 1,
+                                                               "in_use": 1, "waits": 0}]
+    one = TableCounters()
+    one.pool = metrics.pool_figures(lane, conns)
+    spec, back = handoff.decode_metrics(handoff.encode_metrics("pgsql:/p.cf", one))
+    assert back.pool == one.pool
+    assert handoff.decode_metrics(handoff.encode_metrics("hash:/x", TableCounters()))[1].pool \
+        == []
+    with pytest.raises(ValueError):
+        handoff.decode_metrics(handoff.encode_metrics("x", one).replace(b",1500000000,", b",1.5,"))
+    total = metrics.sum_tables({"t": one}, {"t": back.ended()})["t"]
+    form = total.as_json()["pool"]
+    assert (form["threads"], form["busy"], form["waiting"]) == (4, 4, 2)   # one live worker
+    assert (form["waits"], form["completed"], form["timeouts"]) == (12, 20, 2)  # both count
+    assert form["wait_seconds"] == 3.0
+    assert form["connections"] == {"size": 6, "open": 4, "in_use": 3, "waits": 2}
+    assert "pool" not in TableCounters().as_json()
+    assert format_pool(form) == ("threads 4 busy 4 waiting 2, waits 12 (3.000s), timeouts 2"
+                                 " rejected 0; connections 4 open of 6, 3 in use, waits 2")
+    path = tmp_path / "status"
+    path.write_text(json.dumps({"running": True, "services": {"proxymap": {
+        "workers": [], "tables": {"pgsql:/p.cf": total.as_json()}}}}))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(exporter.StatusCollector(str(path)))
+    found = samples(generate_latest(registry).decode())
+    assert table_sample(found, "pyproxymap_backend_waiting", "proxymap", "pgsql:/p.cf") == 2
+    assert table_sample(found, "pyproxymap_backend_waits_total", "proxymap", "pgsql:/p.cf") == 12
+    assert table_sample(found, "pyproxymap_backend_wait_seconds_total", "proxymap",
+                        "pgsql:/p.cf") == 3.0
+    assert table_sample(found, "pyproxymap_backend_connections_open", "proxymap",
+                        "pgsql:/p.cf") == 4

@@ -170,3 +170,51 @@ def test_unknown_type_is_still_unsupported():
     from proxymap.tables import TableOpenError, table_class
     with pytest.raises(TableOpenError, match="unsupported dictionary type: nosuchtype"):
         table_class("nosuchtype")
+
+
+def test_lane_tally_counts_waits_and_survives_a_retired_lane():
+    """In-process: a lane of one thread, three requests held on an Event:
+    one busy, two waiting (counted as waits); once released, all three
+    completed, none waiting, the wait time counted. A lane replaced by a
+    reopen of the same table adds to the same totals."""
+    import contextlib
+    import threading
+    import time as clock
+    from proxymap.offload import Offloader
+
+    class Held:
+        spec = "held:x"
+        lane_size = 1
+        timeout = 60.0
+
+        def serving(self, flags):
+            return contextlib.nullcontext()
+
+        def close(self):
+            pass
+
+    gate = threading.Event()
+    offload = Offloader(lane_queue=8)
+    table = Held()
+    try:
+        pendings = [offload.submit(table, 0, lambda: gate.wait(30) and b"status\x000\x00",
+                                   b"retry") for _ in range(3)]
+        figures = offload.stats_by_table()["held:x"]
+        assert (figures["threads"], figures["busy"], figures["waiting"], figures["waits"]) == \
+            (1, 1, 2, 2)
+        gate.set()
+        done = []
+        deadline = clock.monotonic() + 30
+        while len(done) < 3 and clock.monotonic() < deadline:     # bounded
+            done += offload.drain()
+            clock.sleep(0.01)
+        assert sorted(map(id, done)) == sorted(map(id, pendings))
+        figures = offload.stats_by_table()["held:x"]
+        assert (figures["busy"], figures["waiting"], figures["completed"]) == (0, 0, 3)
+        assert figures["wait_ns"] > 0 and figures["timeouts"] == figures["rejected"] == 0
+        offload.retire(table)
+        again = Held()
+        offload.submit(again, 0, lambda: b"status\x000\x00", b"retry")
+        assert offload.stats_by_table()["held:x"]["waits"] == 2     # the same tally
+    finally:
+        offload.close()

@@ -35,7 +35,8 @@ REMOTE_CLIENTS = ("ldap3", "redis", "psycopg", "psycopg_pool", "pymysql", "pymem
                   "pyasn1", "prometheus_client", "psutil", "daemon")
 
 RECORDER = textwrap.dedent('''\
-    """Test hook (tests/test_table_loading.py): record first imports and forks."""
+    """Test hook (tests/test_table_loading.py): record first imports, forks
+    and subprocesses."""
     import os
     import sys
 
@@ -55,9 +56,14 @@ RECORDER = textwrap.dedent('''\
                 _note(name)
             return None
 
+    def _audit(event, args):
+        if event == "subprocess.Popen":
+            _note(f"<exec {args[0]}>")
+
     if _LOG:
         sys.meta_path.insert(0, _Recorder)
         os.register_at_fork(after_in_child=lambda: _note("<forked>"))
+        sys.addaudithook(_audit)
 ''')
 
 
@@ -159,6 +165,10 @@ def test_hash_only_workers_load_no_remote_client(tmp_path):
             assert not remote_modules(names), (pid, remote_modules(names))
             assert "importlib.metadata" not in names, pid
             assert "proxymap.tables.lmdb" not in names, pid
+        # the master found libc for inotify (ldconfig -p) once, for every worker
+        assert any(name.startswith("<exec") for name in imports[master])
+        for pid in pids:
+            assert not [n for n in imports[pid] if n.startswith("<exec")], pid
 
 
 @needs_postmap

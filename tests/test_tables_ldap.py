@@ -29,12 +29,9 @@ pytestmark = pytest.mark.skipif(find_slapd() is None,
 
 @pytest.fixture(scope="module")
 def slapd():
-    server = SlapdServer(SCHEMA, tls=True)
-    try:
+    with SlapdServer(SCHEMA, tls=True) as server:
         server.add(LDIF)
         yield server
-    finally:
-        server.cleanup()
 
 
 def write_cfs(inst, server, configs, host=None, extra=""):

@@ -14,7 +14,7 @@ the server; deletes are compared with real `postmap -d`.
 import pytest
 
 from servers import MemcachedServer
-from sqldata import assert_same_answers, both, check_pool_bound
+from sqldata import assert_same_answers, both, check_outage_and_recovery, check_pool_bound
 from worker_fixture import RawClient, WorkerInstance
 from proxymap import dictflags as F
 from proxymap.tables.memcache import has_space, read_line, value_size, ReplyError
@@ -36,6 +36,9 @@ KEYS = ["alice@example.com", "ALICE@Example.COM", "bob@example.org", "with space
         "a@b.example.com", "backup-only", "100%"]
 CONFIGS = {
     "plain": "",
+    # ours: the answer cache's settings, which Postfix's memcache table ignores
+    "cached": ("proxymap_cache_ttl = 1h\nproxymap_cache_negative_ttl = 3600\n"
+               "proxymap_cache_entries = 100\n"),
     "prefix": "key_format = mc:%s\n",
     "parts": "key_format = %d/%u\n",
     "labels": "key_format = dom:%2.%1\n",
@@ -63,12 +66,9 @@ def raw_get(mc, key: bytes) -> tuple[int, bytes] | None:
 
 @pytest.fixture(scope="module")
 def mc():
-    server = MemcachedServer()
-    try:
+    with MemcachedServer() as server:
         seed(server, SEEDED)
         yield server
-    finally:
-        server.cleanup()
 
 
 def write_cfs(inst, mc, configs):
@@ -204,3 +204,30 @@ def test_64_clients_share_a_few_connections(mc, tmp_path):
     held = check_pool_bound(i, spec, lambda: connections() - before)
     print(f"FIGURES memcache: 64 clients x 3 lookups through one worker held {held}"
           f" connections (proxymap_backend_threads = 3)")
+
+
+class Reseeded:
+    """A memcached that comes back empty (it keeps nothing on disk): the
+    outage check's start() restarts it and puts the test's record back."""
+
+    def __init__(self, server, items):
+        self.server, self.items = server, items
+
+    def stop(self):
+        self.server.stop()
+
+    def start(self):
+        self.server.start()
+        seed(self.server, self.items)
+
+
+def test_memcached_down_under_load_answers_retry_and_recovers(tmp_path):
+    """memcached stopped under load: every lookup is answered RETRY within
+    proxymap_backend_timeout while a file table keeps answering; after the
+    restart lookups are found again, with the same worker."""
+    with MemcachedServer() as server:
+        items = {b"fault:alice@example.com": b"alice.local@mail.example.com"}
+        seed(server, items)
+        i = WorkerInstance(tmp_path)
+        spec = write_cfs(i, server, {"fault": "key_format = fault:%s\n"})["fault"]
+        check_outage_and_recovery(i, spec, Reseeded(server, items), "lookup failed after")

@@ -27,8 +27,7 @@ CONFIGS = dict(SQL_CONFIGS, nullcols="query = SELECT v, NULL FROM t WHERE k='%s'
 
 @pytest.fixture(scope="module")
 def my():
-    server = MariadbServer()
-    try:
+    with MariadbServer() as server:
         server.sql("CREATE DATABASE mail; CREATE USER 'postfix'@'localhost' IDENTIFIED BY"
                    " 'secret'; GRANT SELECT ON mail.* TO 'postfix'@'localhost';"
                    " CREATE USER 'pool'@'localhost' IDENTIFIED BY 'secret';"
@@ -41,8 +40,6 @@ def my():
         server.sql("INSERT INTO n VALUES " + ",".join(sql_literal((k, str(x)))
                                                       for k, x in NUMBERS), db="mail")
         yield server
-    finally:
-        server.cleanup()
 
 
 def write_cfs(inst, my, configs, extra="", user="postfix"):

@@ -7,27 +7,32 @@ UNIX socket only, stopped by pid; tests/servers.py). Real `postmap -q`
 same exit codes. Then: 64 clients of one worker hold at most
 proxymap_backend_threads database connections; the database stopped under
 load answers RETRY while a file table keeps answering, and lookups recover
-once it is back, with the same worker.
+once it is back, with the same worker; `status` shows the lane and the
+connection pool with exact figures while 64 clients wait on a held lock.
 """
 
 import pytest
 
 from servers import PostgresServer, find_postgres
 from sqldata import (KEYS, NUMBERS, ROWS, SQL_CONFIGS, assert_same_answers, both,
-                     check_outage_and_recovery, check_pool_bound, sql_literal)
-from worker_fixture import WorkerInstance
+                     check_outage_and_recovery, check_pool_bound, lookup_request,
+                     sql_literal)
+from tests.instance import temporary_instance, wait_for
+from worker_fixture import RawClient, WorkerInstance
 
 pytestmark = pytest.mark.skipif(find_postgres() is None,
                                 reason="PostgreSQL is not installed (apt-get install postgresql)")
 
 CONFIGS = dict(SQL_CONFIGS, function="select_function = lookup_v\n",
-               latin1="query = SELECT v FROM t WHERE k='%s'\nencoding = LATIN1\n")
+               latin1="query = SELECT v FROM t WHERE k='%s'\nencoding = LATIN1\n",
+               # ours: the answer cache's settings, which Postfix's pgsql table ignores
+               cached=SQL_CONFIGS["whole"] + "proxymap_cache_ttl = 1h\n"
+                      "proxymap_cache_negative_ttl = 3600\nproxymap_cache_entries = 100\n")
 
 
 @pytest.fixture(scope="module")
 def pg():
-    server = PostgresServer()
-    try:
+    with PostgresServer() as server:
         server.psql("CREATE DATABASE mail")
         server.psql("CREATE TABLE t (k text, u text, d text, v text);"
                     "CREATE TABLE n (k text, x text);"
@@ -37,8 +42,6 @@ def pg():
         server.psql("INSERT INTO n VALUES " + ",".join(sql_literal((k, str(x)))
                                                        for k, x in NUMBERS), db="mail")
         yield server
-    finally:
-        server.cleanup()
 
 
 def write_cfs(inst, pg, configs, extra="", dbname="mail"):
@@ -107,3 +110,63 @@ def test_database_down_under_load_answers_retry_and_recovers(pg, tmp_path):
     i = WorkerInstance(tmp_path)
     specs = write_cfs(i, pg, {"fault": CONFIGS["whole"]}, extra="retry_interval = 1\n")
     check_outage_and_recovery(i, specs["fault"], pg, "no PostgreSQL server answered")
+
+
+POOL_MASTER_CF = """\
+proxymap    unix  -       -       n       -       1       proxymap
+proxywrite  unix  -       -       n       -       1       proxymap
+"""
+
+
+def test_status_shows_the_pool_and_its_waits(pg, tmp_path):
+    """64 clients on a query that the test holds up with a table lock, one
+    worker of 4 lane threads: while blocked, `status --json` shows 4 busy
+    threads, 60 requests waiting and 4 connections open (PostgreSQL's own
+    count agrees); once released, 60 waits with their time, 0 busy, 64 OK.
+    Every figure is exact: no request can finish before the lock goes."""
+    import psycopg
+    pg.psql("CREATE DATABASE waittest")
+    pg.psql("CREATE TABLE t (k text, v text); INSERT INTO t VALUES"
+            " ('alice@example.com', 'alice.local@mail.example.com')", db="waittest")
+    with temporary_instance(tmp_path, master_cf=POOL_MASTER_CF) as inst:
+        spec = write_cfs(inst, pg, {"wait": CONFIGS["whole"]}, dbname="waittest")["wait"]
+        inst.write_main_cf(proxy_read_maps=f"proxy:{spec} proxy:{inst.read_table}",
+                           proxymap_backend_threads="4", proxymap_backend_queue="64",
+                           proxymap_backend_timeout="300s",
+                           proxymap_worker_busy_clients="100")
+        inst.start()
+        holder = psycopg.connect(host=pg.socket_dir, user="postgres", dbname="waittest")
+        clients = []
+        try:
+            holder.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")   # a transaction: held
+            clients = [RawClient(inst.socket_path(), timeout=120) for _ in range(64)]
+            for c in clients:
+                c.send(lookup_request(spec, b"alice@example.com"))
+
+            def pool():
+                table = inst.raw_status().get("services", {}).get("proxymap", {}) \
+                    .get("tables", {}).get(spec, {})
+                return table.get("pool")
+            blocked = wait_for(lambda: (p := pool()) and p["waiting"] == 60 and p,
+                               60, what="60 requests waiting")
+            assert (blocked["threads"], blocked["busy"], blocked["waits"]) == (4, 4, 60)
+            # psycopg_pool counts a wait for each connection it had to make
+            # (min_size 0: the 4 first requests); none waited for a busy one
+            assert blocked["connections"] == {"size": 4, "open": 4, "in_use": 4, "waits": 4}
+            assert pg.connections("waittest") == 4 + 1      # the lane's, and the holder
+            text = inst.control("status").stdout
+            assert f"table {spec}: threads 4 busy 4 waiting 60, waits 60" in text, text
+        finally:
+            holder.rollback()
+            holder.close()
+        for c in clients:
+            assert dict(c.read())[b"value"] == b"alice.local@mail.example.com"
+            c.close()
+        done = wait_for(lambda: (p := pool()) and p["completed"] == 64 and p,
+                        60, what="64 requests completed")
+        assert (done["busy"], done["waiting"], done["waits"]) == (0, 0, 60)
+        assert done["wait_seconds"] > 0 and done["timeouts"] == done["rejected"] == 0
+        assert done["connections"]["open"] == 4 and done["connections"]["in_use"] == 0
+        table = inst.status()["services"]["proxymap"]["tables"][spec]
+        assert table["requests"]["lookup"] == {"OK": 64}
+        assert table["pool"]["waits"] == 60

@@ -52,8 +52,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def rd():
-    server = RedisServer()
-    try:
+    with RedisServer() as server:
         server.client = redis.Redis(unix_socket_path=server.socket)
         for key, value in PAIRS.items():
             server.client.set(key, value)
@@ -61,8 +60,6 @@ def rd():
         server.client.set("example.com/alice", "parts value")
         server.client.execute_command("ACL", "SETUSER", "pm", "on", ">secret", "~*", "+@all")
         yield server
-    finally:
-        server.cleanup()
 
 
 def write_cfs(inst, rd, configs, extra=""):
@@ -205,16 +202,13 @@ def test_64_clients_share_a_few_connections(rd, tmp_path):
 
 
 def test_redis_down_under_load_answers_retry_and_recovers(tmp_path):
-    server = RedisServer()
-    try:
+    with RedisServer() as server:
         client = redis.Redis(unix_socket_path=server.socket)
         client.set("alice@example.com", "alice.local@mail.example.com")
         client.close()
         i = WorkerInstance(tmp_path)
         specs = write_cfs(i, server, {"fault": "retry_interval = 1\n"})
         check_outage_and_recovery(i, specs["fault"], server, "no Redis server answered")
-    finally:
-        server.cleanup()
 
 
 def test_parsing_helpers():
@@ -238,8 +232,7 @@ def test_real_verify_keeps_its_cache_in_redis(tmp_path):
     sequence over redis, the expired records deleted, the stamp updated."""
     from tests.instance import temporary_instance, wait_for
     from tests.test_real_daemons import RealPostfix
-    server = RedisServer()
-    try:
+    with RedisServer() as server:
         client = redis.Redis(unix_socket_path=server.socket)
         client.mset({"keep@example.com": "0:0:4102444800:ok", "old1@example.com": "0:0:1:ok",
                      "old2@example.com": "0:0:1:ok"})
@@ -275,17 +268,13 @@ address_verify_cache_cleanup_interval = 1s
         assert client.get("old1@example.com") is None and client.get("old2@example.com") is None
         assert "retained=1 dropped=2" in log, log
         client.close()
-    finally:
-        server.cleanup()
 
 
 def test_sentinels_name_the_master(tmp_path):
     """With `sentinels`, redis-py asks a real Redis Sentinel for the master."""
     from servers import RedisSentinel
-    master = RedisServer(port=free_port())
-    try:
-        sentinel = RedisSentinel(free_port(), master.port)
-        try:
+    with RedisServer(port=free_port()) as master:
+        with RedisSentinel(free_port(), master.port) as sentinel:
             client = redis.Redis(unix_socket_path=master.socket)
             client.set("alice@example.com", "from the master")
             i = WorkerInstance(tmp_path)
@@ -306,10 +295,6 @@ def test_sentinels_name_the_master(tmp_path):
             finally:
                 i.stop()
             client.close()
-        finally:
-            sentinel.cleanup()
-    finally:
-        master.cleanup()
 
 
 def make_certificates(directory) -> dict:
@@ -371,3 +356,20 @@ def test_tls_to_a_server_with_a_certificate_of_our_ca(tmp_path):
     finally:
         server.cleanup()
         shutil.rmtree(certs_dir, ignore_errors=True)
+
+
+def test_a_server_that_does_not_start_leaves_no_directory(monkeypatch):
+    """tests/servers.py: a redis-server that exits at once (an unknown
+    option) raises, with neither its process nor its temporary directory
+    left behind."""
+    import servers
+    made = []
+    real_mkdtemp = servers.tempfile.mkdtemp
+
+    def recording_mkdtemp(*args, **kwargs):
+        made.append(real_mkdtemp(*args, **kwargs))
+        return made[-1]
+    monkeypatch.setattr(servers.tempfile, "mkdtemp", recording_mkdtemp)
+    with pytest.raises(RuntimeError, match="exited"):
+        RedisServer(options=("--no-such-option", "x"))
+    assert len(made) == 1 and not os.path.exists(made[0])

@@ -75,8 +75,9 @@ _plugins: dict[str, str] | None = None
 
 def plugin_types() -> dict[str, str]:
     """Installed plugin table types: type name -> "module:class"; a plugin
-    never shadows a built-in type. Read once per process (the master reads
-    it before workers drop privileges, so they inherit it)."""
+    never shadows a built-in type. Read once per process, and only when a
+    type is not built in (the master's preload() reads it, before workers
+    drop privileges, when the configuration names such a type)."""
     global _plugins
     if _plugins is None:
         from importlib import metadata  # several MB of modules: only when asked

@@ -29,10 +29,24 @@ Contract (see docs/tables.md, "Table types in Python"):
   operations; default proxymap_backend_threads), `timeout` (seconds before
   a request is answered RETRY; default proxymap_backend_timeout),
   `impl_flags` (FIXED or PATTERN).
+- Optional attribute `cache_settings`: the table's own answer-cache
+  settings (dbcommon.Parameters.cache_settings(): `ttl`, `negative_ttl`,
+  `entries`), which override main.cf's for this table; the tables with a
+  parameter file set it from that file.
+- Optional method `connection_stats()`: one dict per connection pool the
+  table uses (`size`, `open`, `in_use`, `waits`, as connpool.Pool.stats()
+  gives them), shown by `status`; by default that of `self.pool` when the
+  table keeps a connpool.Pool there.
 """
 
 from __future__ import annotations
 
+# socket's codec for host names (getaddrinfo("127.0.0.1") encodes with it),
+# imported with the table types, while the interpreter's files can still be
+# read: a worker may not read them once it runs as mail_owner, and a first
+# TCP connect of an ldap, redis or tcp table then failed ("unknown
+# encoding: idna", every lookup RETRY)
+import encodings.idna  # noqa: F401
 from contextlib import contextmanager
 
 from proxymap.offload import RequestFlags
@@ -45,6 +59,7 @@ class BackendTable(Table):
     blocking = True
     lane_size = 0
     timeout = 0.0
+    cache_settings: dict = {}
 
     def __init__(self, type_name: str, name: str, flags: int, writable: bool, params):
         self._request = RequestFlags()
@@ -68,3 +83,8 @@ class BackendTable(Table):
             yield
         finally:
             self._request.value = None
+
+    def connection_stats(self) -> list[dict]:
+        """The connection pools' counters for `status` (see the module text)."""
+        pool = getattr(self, "pool", None)
+        return [pool.stats()] if pool is not None else []

@@ -14,6 +14,14 @@ Postfix's warning, and more than expansion_limit of them is a temporary
 error. The SQL tables build the legacy query from `table`, `select_field`,
 `where_field` and `additional_conditions` when `query` is not set.
 
+Ours, not Postfix's: `proxymap_cache_ttl`, `proxymap_cache_negative_ttl`
+and `proxymap_cache_entries` in a table's file (or as `name_...` in
+main.cf) set the answer cache of that table, overriding main.cf's
+proxymap_remote_cache_ttl, proxymap_remote_cache_negative_ttl and
+proxymap_answer_cache_entries (`Parameters.cache_settings`). Postfix's
+cfg_parser only looks up the names it wants, so its own tables read the
+same file and ignore these.
+
 Small pure functions; only read_parameters() reads a file.
 """
 
@@ -26,8 +34,14 @@ from proxymap import dictflags as F
 from proxymap.conventions import maillog
 from proxymap.conventions.config_error import ConfigError
 from proxymap.conventions.main_cf import split_name_value
+from proxymap.conventions.values import parse_int, parse_time
 from proxymap.tables.base import TableError, TableOpenError
 from proxymap.util.logical_lines import read_logical_lines
+
+#: a table's own answer-cache settings (see the module text): parameter ->
+#: the key of Parameters.cache_settings()
+CACHE_PARAMETERS = {"proxymap_cache_ttl": "ttl", "proxymap_cache_negative_ttl": "negative_ttl",
+                    "proxymap_cache_entries": "entries"}
 
 # template needs (db_common's DB_COMMON_KEY_* and VALUE_* bits)
 KEY_DOMAIN, KEY_USER, VALUE_DOMAIN, VALUE_USER = 1, 2, 4, 8
@@ -81,6 +95,24 @@ class Parameters:
             return False
         raise TableOpenError(f"{self.name}: bad boolean configuration: {param} = {text}")
 
+    def cache_settings(self) -> dict[str, int]:
+        """The CACHE_PARAMETERS that are set: ttl and negative_ttl in seconds
+        (main.cf's time syntax: 30, 30s, 5m), entries a count (0: no cache)."""
+        settings = {}
+        for param, key in CACHE_PARAMETERS.items():
+            text = self.get(param)
+            if text is None:
+                continue
+            try:
+                settings[key] = parse_int(text) if key == "entries" else parse_time(text)
+                if settings[key] < 0:
+                    raise ValueError(text)
+            except ValueError:
+                kind = "numerical" if key == "entries" else "time"
+                raise TableOpenError(f"{self.name}: bad {kind} configuration:"
+                                     f" {param} = {text}") from None
+        return settings
+
 
 def parse_parameters(data: bytes, path: str) -> dict[str, str]:
     """The `name = value` pairs of a table's parameter file; the last one
@@ -110,7 +142,7 @@ def read_parameters(name: str, main_cf, names: Iterable[str] | None = None) -> P
         return Parameters(name, parse_parameters(data, name), name)
     prefix = name + "_"
     values = {}
-    for param in PARAMETER_NAMES if names is None else names:
+    for param in (*(PARAMETER_NAMES if names is None else names), *CACHE_PARAMETERS):
         value = main_cf.get(prefix + param) if main_cf is not None else None
         if value is not None:
             values[param] = value

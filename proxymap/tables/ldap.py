@@ -292,6 +292,7 @@ class LdapTable(BackendTable):
         if ldap3 is None:
             raise TableOpenError(f"dictionary type ldap needs ldap3: {_IMPORT_ERROR}")
         cf = read_parameters(name, params, PARAMETER_NAMES)
+        self.cache_settings = cf.cache_settings()
         self.parser_name = name
         here = f"dict_ldap_open: {name}"
         server_host = cf.get_str("server_host", "localhost", min_len=1)

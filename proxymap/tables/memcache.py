@@ -105,6 +105,7 @@ class MemcacheTable(BackendTable):
             raise TableOpenError(f"{type_name}:{name} map is not allowed for"
                                  f" security-sensitive data")
         cf = read_parameters(name, params, PARAMETER_NAMES)
+        self.cache_settings = cf.cache_settings()
         self.key_format = cf.get_str("key_format", "%s")
         self.io_timeout = cf.get_int("timeout", 2)
         self.ttl = cf.get_int("ttl", 3600)

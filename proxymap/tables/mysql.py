@@ -64,6 +64,7 @@ class MysqlTable(BackendTable):
         if pymysql is None:
             raise TableOpenError(f"dictionary type mysql needs PyMySQL: {_IMPORT_ERROR}")
         cf = read_parameters(name, params)
+        self.cache_settings = cf.cache_settings()
         self.user = cf.get_str("user", "")
         self.password = cf.get_str("password", "")
         self.dbname = cf.get_str("dbname", "", min_len=1)
@@ -172,6 +173,9 @@ class MysqlTable(BackendTable):
             raise HostFailed() from None
         finally:
             pool.put(conn, broken)
+
+    def connection_stats(self) -> list[dict]:
+        return [pool.stats() for pool in list(self.pools.values())]
 
     def close(self) -> None:
         for pool in self.pools.values():

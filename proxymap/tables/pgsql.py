@@ -103,9 +103,20 @@ class PoolRegistry:
                 del self._pools[conninfo]
                 entry[0].close(timeout=0)
 
-    def stats(self) -> dict[str, dict]:
+    def stats(self, conninfo: str) -> dict | None:
+        """The pool of conninfo in connpool.Pool.stats()'s form (psycopg_pool's
+        own names: pool_max the bound, pool_size the connections open,
+        pool_available the idle ones, requests_queued the requests that
+        waited for one), None when there is none."""
         with self._lock:
-            return {info: entry[0].get_stats() for info, entry in self._pools.items()}
+            entry = self._pools.get(conninfo)
+            if entry is None:
+                return None
+            raw = entry[0].get_stats()
+        return {"size": raw.get("pool_max", 0),
+                "open": raw.get("pool_size", 0),
+                "in_use": raw.get("pool_size", 0) - raw.get("pool_available", 0),
+                "idle": raw.get("pool_available", 0), "waits": raw.get("requests_queued", 0)}
 
 
 POOLS = PoolRegistry()
@@ -121,6 +132,7 @@ class PgsqlTable(BackendTable):
         if psycopg is None:
             raise TableOpenError(f"dictionary type pgsql needs psycopg: {_IMPORT_ERROR}")
         cf = read_parameters(name, params)
+        self.cache_settings = cf.cache_settings()
         self.user = cf.get_str("user", "")
         self.password = cf.get_str("password", "")
         self.dbname = cf.get_str("dbname", "")
@@ -203,6 +215,12 @@ class PgsqlTable(BackendTable):
             raise HostFailed() from None
         finally:
             pool.putconn(conn)   # the pool discards a broken connection
+
+    def connection_stats(self) -> list[dict]:
+        with self._pool_lock:
+            used = [w for w, pool in self._pools.items() if pool is not None]
+        stats = (POOLS.stats(self._infos[written]) for written in used)
+        return [s for s in stats if s is not None]
 
     def close(self) -> None:
         with self._pool_lock:

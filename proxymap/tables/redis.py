@@ -130,6 +130,7 @@ class RedisTable(BackendTable):
         if redis is None:
             raise TableOpenError(f"dictionary type redis needs redis-py: {_IMPORT_ERROR}")
         cf = read_parameters(name, params, PARAMETER_NAMES)
+        self.cache_settings = cf.cache_settings()
         self.key_format = cf.get_str("key_format", "%s", min_len=1)
         self.templates = Templates.parse(name, self.key_format, "%s", cf.get_str("domain", ""))
         self.scan = scan_pattern(self.key_format)

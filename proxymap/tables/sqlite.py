@@ -53,6 +53,7 @@ class SqliteTable(BackendTable):
         if writable:
             raise TableOpenError(f"{type_name}:{name} map requires O_RDONLY access mode")
         cf = read_parameters(name, params)
+        self.cache_settings = cf.cache_settings()
         self.dbpath = cf.get_str("dbpath", "", min_len=1)
         query = cf.get_str("query", None)
         if query is None:
