@@ -32,7 +32,8 @@ deps: .venv/.installed
 	fi
 	@touch $@
 
-.venv/.installed: .apt-done setup.cfg pyproject.toml
+# pip builds the optional compiled hot path (proxymap/_hotpath.c) in place
+.venv/.installed: .apt-done setup.cfg setup.py pyproject.toml proxymap/_hotpath.c
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -56,8 +57,11 @@ stop:
 status:
 	.venv/bin/proxymap-master -c $(RUN)/etc status
 
+# The whole suite twice: on the compiled hot path (where pip could build it),
+# then on the pure-Python one that serves where it could not.
 test: deps
 	$(PY) -m pytest -q tests
+	PROXYMAP_PURE_PYTHON=1 $(PY) -m pytest -q tests
 
 bench: deps
 	$(PY) -m pip install -q -e '.[test,bench]'

@@ -13,6 +13,10 @@ start-up and shutdown cancel out, the event loop's turns stay in.
 privileges, hence two runs; PYTHONHASHSEED is fixed so that our two runs
 start alike.)
 
+Ours runs twice over: on the compiled hot path ("ours", proxymap/_hotpath.c
+where pip built it) and on the pure-Python one ("ours-pure",
+PROXYMAP_PURE_PYTHON=1).
+
 Workloads: "hot" cycles over 100 keys (answer cache hits for us), "cold"
 over 1000 keys with our answer cache off (every lookup reads the file, as
 the C proxymap always does). Both ask `hash:` with flags 64 (FOLD_FIX, no
@@ -114,14 +118,19 @@ def make_root(parent: str, name: str) -> str:
     return root
 
 
-def ours(parent: str, workload: str, count: int, run: str) -> int:
-    """Our worker's instruction total for `count` lookups of `workload`."""
-    root = make_root(parent, f"ours-{workload}-{run}")
+def ours(parent: str, workload: str, count: int, run: str, pure: bool = False) -> int:
+    """Our worker's instruction total for `count` lookups of `workload`
+    (`pure`: on the pure-Python hot path)."""
+    root = make_root(parent, f"ours{'-pure' if pure else ''}-{workload}-{run}")
     extra = "proxymap_answer_cache_entries = 0\n" if workload == "cold" else ""
     main_cf(root, f"hash:{root}/etc/map", extra)
     table = write_table(os.path.join(root, "etc"), "map")
     sock = os.path.join(root, "queue", "private", "proxymap")
     env = dict(os.environ, PYTHONHASHSEED="0")
+    if pure:
+        env["PROXYMAP_PURE_PYTHON"] = "1"
+    else:
+        env.pop("PROXYMAP_PURE_PYTHON", None)
     with open(os.path.join(root, "worker.log"), "wb") as log:
         proc = subprocess.Popen(
             [VALGRIND, "--tool=callgrind", f"--callgrind-out-file={root}/cg/ours.%p",
@@ -179,6 +188,10 @@ def c_proxymap(parent: str, workload: str, count: int, run: str) -> int:
         server.stop()
 
 
+def pure_ours(parent: str, workload: str, count: int, run: str) -> int:
+    return ours(parent, workload, count, run, pure=True)
+
+
 def _keys(workload: str) -> list[str]:
     count = 100 if workload == "hot" else KEYS
     return [f"key{n}@example.com" for n in range(count)]
@@ -188,14 +201,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lookups", type=int, default=2000)
     p.add_argument("--json", default=None)
-    p.add_argument("--only", choices=["ours", "c"], default=None)
+    p.add_argument("--only", choices=["ours", "ours-pure", "c"], default=None)
     args = p.parse_args(argv)
     parent = tempfile.mkdtemp(prefix="pm-instructions-", dir="/tmp")
     os.chmod(parent, 0o755)
     results = {}
     try:
         for workload in ("hot", "cold"):
-            for kind, run in (("ours", ours), ("c", c_proxymap)):
+            for kind, run in (("ours", ours), ("ours-pure", pure_ours), ("c", c_proxymap)):
                 if args.only in (None, kind):
                     base = run(parent, workload, WARMUP, "base")
                     more = run(parent, workload, WARMUP + args.lookups, "more")
@@ -203,10 +216,11 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(parent, ignore_errors=True)
     for name, value in results.items():
-        print(f"{name:10} {value:12,.0f} instructions per lookup")
-    if "ours cold" in results and "c cold" in results:
-        print(f"ours/C: hot {results['ours hot'] / results['c hot']:.2f},"
-              f" cold {results['ours cold'] / results['c cold']:.2f}")
+        print(f"{name:15} {value:12,.0f} instructions per lookup")
+    for kind in ("ours", "ours-pure"):
+        if f"{kind} cold" in results and "c cold" in results:
+            print(f"{kind}/C: hot {results[f'{kind} hot'] / results['c hot']:.2f},"
+                  f" cold {results[f'{kind} cold'] / results['c cold']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -298,7 +298,8 @@ def format_status(status: dict) -> str:
         return f"{PROGRAM}: the {PROGRAM} is not running"
     lines = [f"{PROGRAM}: running, pid {status['pid']}, up {format_uptime(status['uptime'])}, "
              f"configuration {status.get('config_directory', '?')}, "
-             f"generation {status.get('generation', 0)}"]
+             f"generation {status.get('generation', 0)}, "
+             f"hot path {status.get('hot_path', '?')}"]
     if status.get("reload_error"):
         lines.append(f"  last reload rejected: {status['reload_error']}")
     listener = status.get("metrics_listener")

@@ -44,7 +44,7 @@ from master.policy import (STOP_GRACE, ServiceState, Settings, fixed_values, ign
                            manage_workers, needs_another_worker, no_room_for_new_generation,
                            plan_hand_over, successor_due, used_up)
 from master.workerslot import READY, WorkerSlot, pick_worker
-from proxymap import handoff, metrics
+from proxymap import handoff, metrics, protocol
 from proxymap.allowlist import proxy_allow_set
 from proxymap.conventions import maillog
 from proxymap.conventions.config_error import ConfigError
@@ -340,7 +340,8 @@ class Master:
         listen = metrics_listen(main)
         if listen is not None:
             self.start_exporter(listen, main)
-        maillog.info(f"daemon started -- configuration {self.config_dir}")
+        maillog.info(f"daemon started -- configuration {self.config_dir}"
+                     f" -- hot path {protocol.IMPLEMENTATION}")
         self.manage(time.monotonic())
 
     def install_signals(self) -> None:
@@ -895,6 +896,8 @@ class Master:
                 "queue_directory": self.queue_directory, "generation": self.generation,
                 "reloads": self.reloads, "reload_error": self.reload_error,
                 "ready": self.ready_sent, "services": services,
+                # the workers are forked from this process: its choice is theirs
+                "hot_path": protocol.IMPLEMENTATION,
                 "metrics_listener": None if self.exporter is None else {
                     "address": self.exporter.address, "pid": self.exporter.pid}}
 

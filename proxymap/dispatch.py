@@ -54,6 +54,7 @@ is delivered (`count_delivered`).
 from __future__ import annotations
 
 import time
+from functools import partial
 from time import monotonic_ns
 
 from proxymap import dictflags as F
@@ -63,13 +64,24 @@ from proxymap.metrics import (LATENCY_BUCKET, NO_TABLE, REPLY_STATUS_OFFSET, REQ
                               WorkerMetrics, pool_figures, reply_status)
 from proxymap.offload import DeferredReply
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
-                               BadRequest, Request, encode_reply, parse_request)
+                               HOTPATH, BadRequest, Request, encode_reply, parse_request,
+                               split_hot_lookup)
 from proxymap.tables import Table, TableError, TableOpenError, open_table, strip_proxy
 from proxymap.tables.base import END, START, Unsupported, file_stamp, stamp_is_settled
 from proxymap.tables.filelock import LockBusy
 from proxymap.utf8 import is_utf8, utf8_key
 
 LOOKUP_BASE = REQUEST_BASE["lookup"]
+
+
+def configure_hotpath(module) -> None:
+    """Give the compiled hot path (proxymap/_hotpath.c) the facts its
+    hot_reply needs, from the modules that own them."""
+    module.configure(F.RQST_MASK, LOOKUP_BASE, LATENCY_BUCKET)
+
+
+if HOTPATH is not None:
+    configure_hotpath(HOTPATH)
 
 #: (table, flags) spellings kept for the hot path before it starts afresh
 HOT_SPELLINGS = 256
@@ -174,6 +186,12 @@ class Dispatcher:
         # and registry steps (which cannot answer differently: same table,
         # same flags, and a key that the full path answered before).
         self._hot: dict[tuple[bytes, bytes], tuple[Table, int]] = {}
+        #: whether hot_reply can answer anything now (the worker asks it
+        #: only then)
+        self.hot_spellings = self._hot
+        if HOTPATH is not None and not self.writable:
+            # the compiled hot_reply, called without a Python frame
+            self.hot_reply = partial(HOTPATH.hot_reply, self)
         self._hot_key: tuple[bytes, bytes] | None = None
         self._hot_table: Table | None = None
         # commit groups of this loop pass (None: no batch, every change is
@@ -285,22 +303,12 @@ class Dispatcher:
             (n0, v0), (n1, v1), (n2, v2), (n3, v3) = attrs
             if v0 == b"lookup" and n0 == b"request" and n1 == b"table" and n2 == b"flags" \
                     and n3 == b"key":
-                hot = self._hot.get((v1, v2))
-                if hot is not None:
-                    table, req_flags = hot
-                    answers, watch = table.answers, table.watch
-                    if answers is not None and watch.gen == table.watch_gen:
-                        flags = (table.flags & ~F.RQST_MASK) | (req_flags & F.RQST_MASK)
-                        reply = answers.peek((flags, v3))
-                        if reply is not None:
-                            table.flags = flags
-                            counters = table.counters       # as handle() counts below
-                            elapsed = monotonic_ns() - self.woke_at
-                            counters.requests[LOOKUP_BASE + reply[7]] += 1
-                            counters.latency[LATENCY_BUCKET[elapsed.bit_length()]] += 1
-                            counters.latency_ns += elapsed
-                            return reply
-                self._hot_key = (v1, v2)
+                spelling = (v1, v2)
+                if spelling in self._hot:
+                    reply = self._hot_hit(v1, v2, v3)
+                    if reply is not None:
+                        return reply
+                self._hot_key = spelling
         try:
             req = parse_request(attrs)
         except BadRequest as exc:
@@ -332,6 +340,44 @@ class Dispatcher:
             counters.requests[REQUEST_BASE[req.name] + reply[7]] += 1
             counters.latency[LATENCY_BUCKET[elapsed.bit_length()]] += 1
             counters.latency_ns += elapsed
+        return reply
+
+    def hot_reply(self, data: bytes) -> bytes | None:
+        """The reply to `data`, the raw bytes of one request, when they are
+        exactly one 3.6-3.10 lookup that the hot path answers (counted as
+        handle() counts it); None, with nothing counted or changed, for
+        anything else: the caller then decodes `data` and calls handle().
+        Its replies are OK or NOKEY (all that the answer cache keeps). A
+        read service with the compiled hot path has proxymap._hotpath's
+        hot_reply in its place, which behaves the same."""
+        if self.writable:
+            return None
+        parts = split_hot_lookup(data)
+        if parts is None:
+            return None
+        return self._hot_hit(parts[0], parts[1], parts[2])
+
+    def _hot_hit(self, table_name: bytes, flags_text: bytes, key: bytes) -> bytes | None:
+        """A 3.6-3.10 lookup of (table, flags) bytes spelled as one that the
+        whole path answered before, and whose answer is in the instance's
+        cache: that reply, counted; else None (nothing counted)."""
+        hot = self._hot.get((table_name, flags_text))
+        if hot is None:
+            return None
+        table, req_flags = hot
+        answers, watch = table.answers, table.watch
+        if answers is None or watch.gen != table.watch_gen:
+            return None
+        flags = (table.flags & ~F.RQST_MASK) | (req_flags & F.RQST_MASK)
+        reply = answers.peek((flags, key))
+        if reply is None:
+            return None
+        table.flags = flags
+        counters = table.counters       # as handle() counts
+        elapsed = monotonic_ns() - self.woke_at
+        counters.requests[LOOKUP_BASE + reply[7]] += 1
+        counters.latency[LATENCY_BUCKET[elapsed.bit_length()]] += 1
+        counters.latency_ns += elapsed
         return reply
 
     def _count_under_table(self, req: Request):

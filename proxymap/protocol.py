@@ -10,10 +10,21 @@ number of attributes and on the size of one list. `encode` builds a reply.
 `parse_request` checks a decoded list against the request layouts of
 Postfix 3.6-3.10 and of 3.11+ (which adds `instance_flags`), detected per
 request.
+
+`split_hot_lookup` recognises raw bytes that are exactly one 3.6-3.10
+lookup, for the worker's hot path (Dispatcher.hot_reply). That path has an
+optional compiled form, proxymap/_hotpath.c, built by `pip install` where a
+C compiler is available: `HOTPATH` is that module when it was built and the
+environment does not set PROXYMAP_PURE_PYTHON (to anything but "" or "0"),
+else None, and `IMPLEMENTATION` names the one in use (the worker logs it at
+start, `status` shows it). The pure-Python functions stay the reference:
+the compiled ones must behave exactly like them (tests/test_hotpath.py runs
+both on the same inputs).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from proxymap.conventions.parameters import DEFAULTS
@@ -264,6 +275,44 @@ def parse_request(attrs: list[tuple[bytes, bytes]]) -> Request:
     if layout == 311 and name == "open":
         req.flags = req.instance_flags
     return req
+
+
+_HOT_LOOKUP_HEAD = b"request\0lookup\0table\0"
+
+
+def split_hot_lookup_python(data: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """(table, flags, key), the raw values, when `data` is exactly one
+    complete 3.6-3.10 lookup list (request, table, flags, key in this order,
+    nothing before or after it); None for anything else, whatever it is.
+    For the worker's hot path: what Decoder.feed and parse_request would
+    make of such bytes, without the general machinery."""
+    if not data.startswith(_HOT_LOOKUP_HEAD) or not data.endswith(b"\0\0"):
+        return None
+    tokens = data.split(b"\0")
+    if len(tokens) != 10 or tokens[4] != b"flags" or tokens[6] != b"key":
+        return None
+    return tokens[3], tokens[5], tokens[7]
+
+
+#: set to anything but "" or "0": the pure-Python hot path even where the
+#: compiled one was built
+PURE_PYTHON_ENV = "PROXYMAP_PURE_PYTHON"
+
+
+def load_hotpath(environ=os.environ):
+    """The compiled hot path module, or None (not built, or not wanted)."""
+    if environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
+        return None
+    try:
+        from proxymap import _hotpath
+    except ImportError:
+        return None
+    return _hotpath
+
+
+HOTPATH = load_hotpath()
+IMPLEMENTATION = "pure Python" if HOTPATH is None else "compiled (proxymap._hotpath)"
+split_hot_lookup = split_hot_lookup_python if HOTPATH is None else HOTPATH.split_hot_lookup
 
 
 _BAD_PREFIX = b"status\0%d\0" % BAD

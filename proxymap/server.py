@@ -36,6 +36,7 @@ from proxymap.conventions.service_sockets import service_socket_path
 from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
 from proxymap.filewatch import FileWatcher
 from proxymap.offload import Offloader
+from proxymap import protocol
 from proxymap.protocol import GREETING, Decoder, ProtocolError, is_bad_reply
 from proxymap.tables import filelock, strip_proxy
 from proxymap.util import fdlimit
@@ -66,7 +67,8 @@ class Connection:
     that came after them."""
 
     __slots__ = ("sock", "fd", "decoder", "out", "_peer", "since", "events", "replied",
-                 "queue", "bad", "wait_until", "answered_at", "waiting", "held", "walks")
+                 "queue", "bad", "wait_until", "answered_at", "waiting", "held", "walks",
+                 "fresh")
 
     def __init__(self, sock: socket.socket, decoder: Decoder, peer: str = ""):
         self.sock = sock
@@ -96,6 +98,9 @@ class Connection:
         self.held = 0
         # this client's sequence positions, per table instance
         self.walks: dict = {}
+        # bytes read in this loop pass and not decoded yet: the hot path
+        # may answer them whole (Worker._answer_fresh)
+        self.fresh: bytes | None = None
 
     @property
     def peer(self) -> str:
@@ -149,6 +154,11 @@ class Worker:
         # connections that read requests in this loop pass: answered after
         # the pass's change notifications are counted (Dispatcher.refresh)
         self._readers: list[Connection] = []
+        # reads that may be one hot lookup are answered without decoding
+        # (Dispatcher.hot_reply), when the decoder's limits let them through
+        self._hot_lane = max_attrs >= 4 and not getattr(dispatcher, "writable", True)
+        self._hot_spellings = getattr(dispatcher, "hot_spellings", None)
+        self._hot_max = max_message + 1
         self.offload = getattr(dispatcher, "offload", None)
         if self.offload is not None:
             self.watch(self.offload, self._offload_done)
@@ -239,9 +249,12 @@ class Worker:
         # the loop never sleeps on a lock: a busy one defers the request
         filelock.wait_limit = 0
         dispatcher = self.dispatcher
+        # proxywrite: one sync per table and pass (nothing to do for proxymap)
+        batches = getattr(dispatcher, "writable", True)
         while not (self.stopping and not self.conns):
             waiting = self.lock_waiting
-            dispatcher.begin_batch()    # proxywrite: one sync per table and pass
+            if batches:
+                dispatcher.begin_batch()
             ready = self._poll.poll(LOCK_RETRY if waiting else TICK)
             # the start of every request's latency (proxymap/metrics.py)
             woke = dispatcher.woke_at = time.monotonic_ns()
@@ -270,7 +283,10 @@ class Worker:
                 self.dispatcher.refresh()
                 for conn in readers:
                     if self.conns.get(conn.fd) is conn:
-                        self._pump(conn)
+                        if conn.fresh is not None:
+                            self._answer_fresh(conn)
+                        else:
+                            self._pump(conn)
             # the rest (offloaded replies, the master, signals, new clients)
             # after the requests read in this pass, in the order a reading
             # connection saw them before: requests first, then completions
@@ -284,7 +300,7 @@ class Worker:
                         self._pump(conn)
             # changes of the pass are durable now: answer them (which may
             # answer requests queued behind them, in a group of their own)
-            ended = dispatcher.end_batch()
+            ended = dispatcher.end_batch() if batches else None
             while ended:
                 dispatcher.begin_batch()
                 self._deliver(ended)
@@ -341,20 +357,67 @@ class Worker:
                 self.dispatcher.metrics.connection_error()
             self._close(conn)
             return
+        if self._hot_lane and self._hot_spellings and not conn.decoder.buf \
+                and not conn.queue and len(data) <= self._hot_max:
+            conn.fresh = data       # answered after the drain, decoded then if need be
+            self._readers.append(conn)
+        elif self._decode(conn, data):
+            self._readers.append(conn)
+
+    def _decode(self, conn: Connection, data: bytes) -> bool:
+        """Feed what was read to the connection's decoder: True when there
+        are requests to answer (False: none complete, or closed)."""
         try:
             conn.queue.extend(conn.decoder.feed(data, self.max_pipeline))
         except ProtocolError as exc:
             maillog.warning(f"{exc} from {conn.peer}: closing the connection")
             self.dispatcher.metrics.connection_error()
             self._close(conn)
-            return
+            return False
         if not conn.queue:
             # ipc_timeout counts from the first byte of an unfinished request,
             # so a client trickling one byte a second cannot keep it open
             if conn.since is None:
                 conn.since = time.monotonic()
+            return False
+        return True
+
+    def _answer_fresh(self, conn: Connection) -> None:
+        """Answer the bytes read for an idle connection in this pass: when
+        they are one lookup the hot path answers, its reply is sent as
+        _pump would send it, with the same bookkeeping; otherwise they are
+        decoded and answered by _pump."""
+        data, conn.fresh = conn.fresh, None
+        reply = self.dispatcher.hot_reply(data)
+        if reply is None:
+            if self._decode(conn, data):
+                self._pump(conn)
             return
-        self._readers.append(conn)
+        self.requests += 1      # OK or NOKEY: never a BAD to count
+        try:
+            sent = conn.sock.send(reply)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._close(conn, None if exc.errno in (errno.EPIPE, errno.ECONNRESET)
+                        else f"write: {exc.strerror}")
+            return
+        now = time.monotonic()
+        conn.answered_at = now
+        if sent == len(reply):
+            conn.replied = now
+            conn.since = None
+            if self.stopping:
+                self._close(conn)
+                return
+        else:
+            # the rest when the client reads: back-pressure as in _pump
+            conn.out += reply[sent:]
+            self._poll.modify(conn.fd, select.EPOLLOUT)
+            conn.events = select.EPOLLOUT
+            conn.since = now
+        if self.on_change is not None:      # self._changed(), inline
+            self.on_change(self)
 
     def _pump(self, conn: Connection) -> None:
         """Answer the client's requests in order and send the replies.
@@ -738,7 +801,7 @@ def main(argv=None) -> int:
         except OSError as exc:
             maillog.fatal(exc.strerror)
         worker.listen_on(listener)
-        maillog.info(f"listening on {path}")
+        maillog.info(f"listening on {path} (hot path {protocol.IMPLEMENTATION})")
     worker.run()
     if channel is not None:
         channel.final_report()

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from master.pidfile import pid_alive
+from proxymap.protocol import PURE_PYTHON_ENV
 from tests.instance import MASTER, POSTMAP, temporary_instance, wait_for
 from tests.test_real_daemons import POSTFIX, RealPostfix, free_port, smtp_rcpt
 
@@ -29,6 +30,18 @@ DAEMON_DIRECTORY = "/usr/lib/postfix/sbin"
 pytestmark = [pytest.mark.interop,
               pytest.mark.skipif(os.geteuid() != 0, reason="a real Postfix master needs root"),
               pytest.mark.skipif(not os.path.exists(POSTFIX), reason="needs Postfix")]
+
+
+def passed_environment() -> str:
+    """main.cf text that hands PROXYMAP_PURE_PYTHON, when set, through
+    Postfix's master (its children get only import_environment): the
+    suite's pure-Python pass runs our program on that path here too."""
+    value = os.environ.get(PURE_PYTHON_ENV)
+    if value is None:
+        return ""
+    defaults = subprocess.run(["postconf", "-dh", "import_environment"], capture_output=True,
+                              text=True, check=True, timeout=60).stdout.strip()
+    return f"import_environment = {defaults} {PURE_PYTHON_ENV}={value}\n"
 
 
 def master_cf(port: int, proxymap_options: str = "") -> str:
@@ -99,7 +112,7 @@ def postfix_site(tmp_path, request):
         real = RealPostfix(ours.root, ours, port, f"""\
 smtpd_recipient_restrictions = check_recipient_access proxy:{rcpt}, reject
 daemon_directory = {private_daemon_directory(os.path.join(ours.root, "libexec"))}
-""")
+{passed_environment()}""")
         real.port = port
         real._write("master.cf", master_cf(port, options))
         os.makedirs(ours.queue_dir, mode=0o755, exist_ok=True)   # Postfix creates the rest
