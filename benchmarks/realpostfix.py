@@ -11,6 +11,7 @@ runs first so permission problems show up as one clear error.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +35,28 @@ def refuse_without_root(program: str) -> bool:
 
 class StartError(Exception):
     """A service did not come up; the message says why."""
+
+
+def failure_status(exc: BaseException) -> int:
+    """A benchmark's exit status for a failed start (1) or ^C/SIGTERM (130),
+    with its one-line message."""
+    if isinstance(exc, StartError):
+        print(f"bench: fatal: {exc}", file=sys.stderr)
+        return 1
+    print("bench: interrupted; stopping servers", file=sys.stderr)
+    return 130
+
+
+def stop_all(things, stop) -> None:
+    """`stop(thing)` for each of `things`, ^C ignored meanwhile; a failure is
+    a warning and the others are still stopped."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for thing in things:
+        try:
+            stop(thing)
+        except Exception as exc:  # noqa: BLE001 - keep stopping the others
+            print(f"bench: warning: stopping {getattr(thing, 'kind', thing)}: {exc}",
+                  file=sys.stderr)
 
 
 def wait_for_socket(path: str, timeout: float) -> bool:

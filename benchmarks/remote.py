@@ -43,7 +43,8 @@ import psutil  # noqa: E402
 
 from benchmarks import loadgen, report  # noqa: E402
 from benchmarks.ours import OurService  # noqa: E402
-from benchmarks.realpostfix import RealPostfix, StartError, refuse_without_root  # noqa: E402
+from benchmarks.realpostfix import (  # noqa: E402
+    RealPostfix, StartError, failure_status, refuse_without_root, stop_all)
 from benchmarks.scenarios import summarize, zipf_sequence  # noqa: E402
 from servers import PostgresServer, SlapdServer  # noqa: E402
 
@@ -324,19 +325,11 @@ def main(argv=None) -> int:
                       f, indent=1)
         print(f"\nresults: {path}")
         return 0
-    except StartError as exc:
-        print(f"bench: fatal: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted; stopping servers", file=sys.stderr)
-        return 130
+    except (StartError, KeyboardInterrupt) as exc:
+        return failure_status(exc)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for thing in reversed(started):
-            try:
-                thing.cleanup() if hasattr(thing, "cleanup") else thing.stop()
-            except Exception as exc:  # noqa: BLE001 - keep stopping the others
-                print(f"bench: warning: stopping: {exc}", file=sys.stderr)
+        stop_all(reversed(started),
+                 lambda thing: thing.cleanup() if hasattr(thing, "cleanup") else thing.stop())
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import loadgen, report, scenarios, tables  # noqa: E402
 from benchmarks.ours import OurService  # noqa: E402
-from benchmarks.realpostfix import RealPostfix, StartError, refuse_without_root  # noqa: E402
+from benchmarks.realpostfix import (  # noqa: E402
+    RealPostfix, StartError, failure_status, refuse_without_root, stop_all)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -224,19 +225,10 @@ def main(argv=None) -> int:
         print(f"\nresults: {json_path}" + (f"\nplot:    {png_path}" if plotted else
                                              "\nplot:    skipped (matplotlib not installed)"))
         return 0
-    except StartError as exc:
-        print(f"bench: fatal: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted; stopping servers", file=sys.stderr)
-        return 130
+    except (StartError, KeyboardInterrupt) as exc:
+        return failure_status(exc)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for server in servers:
-            try:
-                server.stop()
-            except Exception as exc:  # noqa: BLE001 - keep stopping the others
-                print(f"bench: warning: stopping {server.kind}: {exc}", file=sys.stderr)
+        stop_all(servers, lambda server: server.stop())
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
         else:

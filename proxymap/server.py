@@ -394,13 +394,8 @@ class Worker:
                 self._pump(conn)
             return
         self.requests += 1      # OK or NOKEY: never a BAD to count
-        try:
-            sent = conn.sock.send(reply)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._close(conn, None if exc.errno in (errno.EPIPE, errno.ECONNRESET)
-                        else f"write: {exc.strerror}")
+        sent = self._send(conn, reply)
+        if sent is None:
             return
         now = time.monotonic()
         conn.answered_at = now
@@ -418,6 +413,18 @@ class Worker:
             conn.since = now
         if self.on_change is not None:      # self._changed(), inline
             self.on_change(self)
+
+    def _send(self, conn: Connection, data) -> int | None:
+        """Bytes of `data` the socket took (0 when it is full), or None when
+        the connection failed and was closed (a vanished client silently)."""
+        try:
+            return conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            self._close(conn, None if exc.errno in (errno.EPIPE, errno.ECONNRESET)
+                        else f"write: {exc.strerror}")
+            return None
 
     def _pump(self, conn: Connection) -> None:
         """Answer the client's requests in order and send the replies.
@@ -467,13 +474,8 @@ class Worker:
                     queue.extend(decoder.feed(b"", self.max_pipeline))
                     continue
                 if conn.out:
-                    try:
-                        sent = conn.sock.send(conn.out)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
-                    except OSError as exc:
-                        self._close(conn, None if exc.errno in (errno.EPIPE, errno.ECONNRESET)
-                                    else f"write: {exc.strerror}")
+                    sent = self._send(conn, conn.out)
+                    if sent is None:
                         return
                     del conn.out[:sent]
                     if not conn.out:
