@@ -20,9 +20,13 @@ PROXYMAP_PURE_PYTHON=1).
 Workloads: "hot" cycles over 100 keys (answer cache hits for us), "cold"
 over 1000 keys with our answer cache off (every lookup reads the file, as
 the C proxymap always does). Both ask `hash:` with flags 64 (FOLD_FIX, no
-lock), as Postfix daemons do.
+lock), as Postfix daemons do. "update" goes to proxywrite: each unit is one
+durable update of a new key and the delete of that key (a `btree:` table of
+1000 keys, the flags benchmarks/loadgen.py's writers send: UTF8_REQUEST,
+LOCK, DUP_WARN), so its figure is instructions per update+delete pair.
 
-    .venv/bin/python benchmarks/instructions.py [--lookups N] [--json FILE]
+    .venv/bin/python benchmarks/instructions.py [--lookups N] [--workloads hot,cold,update]
+        [--json FILE]
 
 Needs valgrind (Debian package `valgrind`) and root (the C proxymap's
 master). Processes are stopped by pid.
@@ -43,6 +47,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.loadgen import LOOKUP_FLAGS  # noqa: E402
 from benchmarks.realpostfix import RealPostfix, wait_for_socket  # noqa: E402
 from benchmarks.servers import stop_process  # noqa: E402
 from proxymap.client import OK, ProxyClient  # noqa: E402
@@ -80,11 +85,24 @@ def run_total(out_dir: str, prefix: str, timeout: float = 120) -> int:
     raise RuntimeError(f"no callgrind totals in {out_dir}/{prefix}.*")
 
 
-def lookups(sock: str, table: str, workload: str, count: int) -> None:
-    """`count` lookups over one connection, cycling over the workload's keys."""
-    keys = _keys(workload)
+#: the workload whose units are update+delete pairs through proxywrite
+UPDATE = "update"
+
+
+def drive(sock: str, table: str, workload: str, count: int) -> None:
+    """`count` units of `workload` over one connection: lookups cycling
+    over the workload's keys, or update+delete pairs of new keys."""
     with ProxyClient(sock, timeout=120, retries=0) as client:
         client.connect()
+        if workload == UPDATE:
+            for n in range(count):
+                key = f"bench-{n}".encode()
+                for status in (client.update(table, LOOKUP_FLAGS, key, b"updated " + key)[0],
+                               client.delete(table, LOOKUP_FLAGS, key)[0]):
+                    if status != OK:
+                        raise RuntimeError(f"update/delete {key!r}: status {status}")
+            return
+        keys = _keys(workload)
         for n in range(count):
             key = keys[n % len(keys)]
             status, value = client.lookup(table, 64, key.encode())
@@ -92,13 +110,18 @@ def lookups(sock: str, table: str, workload: str, count: int) -> None:
                 raise RuntimeError(f"lookup {key}: status {status} {value!r}")
 
 
-def write_table(etc: str, name: str) -> str:
-    """A hash table of KEYS keys, built by the real postmap (main.cf exists)."""
+def write_table(etc: str, name: str, workload: str = "hot") -> str:
+    """A table of KEYS keys, built by the real postmap (main.cf exists):
+    hash for lookups, btree (owned by mail_owner, who writes it) for
+    updates."""
     path = os.path.join(etc, name)
+    kind = "btree" if workload == UPDATE else "hash"
     with open(path, "w") as f:
         f.writelines(f"key{n}@example.com value{n}\n" for n in range(KEYS))
-    subprocess.run([POSTMAP, "-c", etc, f"hash:{path}"], check=True, timeout=120)
-    return f"hash:{path}"
+    subprocess.run([POSTMAP, "-c", etc, f"{kind}:{path}"], check=True, timeout=120)
+    if workload == UPDATE:
+        shutil.chown(f"{path}.db", "postfix", "postfix")
+    return f"{kind}:{path}"
 
 
 def main_cf(root: str, table: str, extra: str = "") -> None:
@@ -106,7 +129,7 @@ def main_cf(root: str, table: str, extra: str = "") -> None:
         f.write(f"compatibility_level = 3.6\nqueue_directory = {root}/queue\n"
                 f"data_directory = {root}/data\nmail_owner = postfix\n"
                 f"myhostname = bench.localdomain\nproxy_read_maps = proxy:{table}\n"
-                f"maillog_file =\n{extra}")
+                f"proxy_write_maps = proxy:{table}\nmaillog_file =\n{extra}")
 
 
 def make_root(parent: str, name: str) -> str:
@@ -119,13 +142,15 @@ def make_root(parent: str, name: str) -> str:
 
 
 def ours(parent: str, workload: str, count: int, run: str, pure: bool = False) -> int:
-    """Our worker's instruction total for `count` lookups of `workload`
+    """Our worker's instruction total for `count` units of `workload`
     (`pure`: on the pure-Python hot path)."""
     root = make_root(parent, f"ours{'-pure' if pure else ''}-{workload}-{run}")
     extra = "proxymap_answer_cache_entries = 0\n" if workload == "cold" else ""
-    main_cf(root, f"hash:{root}/etc/map", extra)
-    table = write_table(os.path.join(root, "etc"), "map")
-    sock = os.path.join(root, "queue", "private", "proxymap")
+    kind = "btree" if workload == UPDATE else "hash"
+    main_cf(root, f"{kind}:{root}/etc/map", extra)
+    table = write_table(os.path.join(root, "etc"), "map", workload)
+    service = "proxywrite" if workload == UPDATE else "proxymap"
+    sock = os.path.join(root, "queue", "private", service)
     env = dict(os.environ, PYTHONHASHSEED="0")
     if pure:
         env["PROXYMAP_PURE_PYTHON"] = "1"
@@ -134,20 +159,21 @@ def ours(parent: str, workload: str, count: int, run: str, pure: bool = False) -
     with open(os.path.join(root, "worker.log"), "wb") as log:
         proc = subprocess.Popen(
             [VALGRIND, "--tool=callgrind", f"--callgrind-out-file={root}/cg/ours.%p",
-             *standalone_command(os.path.join(root, "etc"), "proxymap", sock)],
+             *standalone_command(os.path.join(root, "etc"), service, sock)],
             stdout=subprocess.DEVNULL, stderr=log, env=env,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         if not wait_for_socket(sock, 300):
             raise RuntimeError(f"our worker under valgrind did not greet: see {root}/worker.log")
-        lookups(sock, table, workload, count)
+        drive(sock, table, workload, count)
     finally:
         stop_process(proc, grace=120)
     return run_total(os.path.join(root, "cg"), "ours")
 
 
 def c_proxymap(parent: str, workload: str, count: int, run: str) -> int:
-    """The C proxymap's instruction total for `count` lookups of `workload`."""
+    """The C proxymap's (proxywrite's, for UPDATE) instruction total for
+    `count` units of `workload`."""
     root = os.path.join(parent, f"c-{workload}-{run}")
     cg = os.path.join(root, "cg")
     daemons = os.path.join(root, "daemons")
@@ -166,12 +192,13 @@ def c_proxymap(parent: str, workload: str, count: int, run: str) -> int:
                 f"exec {VALGRIND} --tool=callgrind --callgrind-out-file={cg}/c.%p"
                 f" {POSTFIX_DAEMONS}/proxymap \"$@\"\n")
     os.chmod(wrapper, 0o755)
-    table = f"hash:{root}/etc/map"
+    table = f"{'btree' if workload == UPDATE else 'hash'}:{root}/etc/map"
     # max_use 1: the proxymap exits by itself once our one client is done
     # (a clean exit, at which callgrind writes its file)
-    server = RealPostfix(root, [table], [], extra={"daemon_directory": daemons,
-                                                   "max_use": "1", "max_idle": "3600s"})
-    write_table(server.config_dir, "map")
+    server = RealPostfix(root, [table], [table] if workload == UPDATE else [],
+                         extra={"daemon_directory": daemons, "max_use": "1",
+                                "max_idle": "3600s"})
+    write_table(server.config_dir, "map", workload)
     server.start()
     try:
         # start() greeted on proxymap and proxywrite: two processes that
@@ -182,7 +209,8 @@ def c_proxymap(parent: str, workload: str, count: int, run: str) -> int:
         time.sleep(1)       # both files complete
         for path in glob.glob(os.path.join(cg, "c.*")):
             os.unlink(path)
-        lookups(server.socket_path(), table, workload, count)
+        drive(server.socket_path("proxywrite" if workload == UPDATE else "proxymap"), table,
+              workload, count)
         return run_total(cg, "c")
     finally:
         server.stop()
@@ -199,7 +227,10 @@ def _keys(workload: str) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lookups", type=int, default=2000)
+    p.add_argument("--lookups", type=int, default=2000,
+                   help="lookups per lookup workload (update: pairs, a quarter of this)")
+    p.add_argument("--workloads", default="hot,cold,update",
+                   help="comma-separated: hot, cold, update")
     p.add_argument("--json", default=None)
     p.add_argument("--only", choices=["ours", "ours-pure", "c"], default=None)
     args = p.parse_args(argv)
@@ -207,20 +238,24 @@ def main(argv=None) -> int:
     os.chmod(parent, 0o755)
     results = {}
     try:
-        for workload in ("hot", "cold"):
+        for workload in args.workloads.split(","):
+            count = max(1, args.lookups // 4) if workload == UPDATE else args.lookups
             for kind, run in (("ours", ours), ("ours-pure", pure_ours), ("c", c_proxymap)):
                 if args.only in (None, kind):
                     base = run(parent, workload, WARMUP, "base")
-                    more = run(parent, workload, WARMUP + args.lookups, "more")
-                    results[f"{kind} {workload}"] = (more - base) / args.lookups
+                    more = run(parent, workload, WARMUP + count, "more")
+                    results[f"{kind} {workload}"] = (more - base) / count
     finally:
         shutil.rmtree(parent, ignore_errors=True)
     for name, value in results.items():
-        print(f"{name:15} {value:12,.0f} instructions per lookup")
+        unit = "update+delete pair" if name.endswith(UPDATE) else "lookup"
+        print(f"{name:17} {value:12,.0f} instructions per {unit}")
     for kind in ("ours", "ours-pure"):
-        if f"{kind} cold" in results and "c cold" in results:
-            print(f"{kind}/C: hot {results[f'{kind} hot'] / results['c hot']:.2f},"
-                  f" cold {results[f'{kind} cold'] / results['c cold']:.2f}")
+        ratios = [f"{w} {results[f'{kind} {w}'] / results[f'c {w}']:.2f}"
+                  for w in args.workloads.split(",")
+                  if f"{kind} {w}" in results and f"c {w}" in results]
+        if ratios:
+            print(f"{kind}/C: {', '.join(ratios)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -10,7 +10,9 @@ lookups over 16 connections):
 strace and py-spy are stopped by pid. Numbers under strace are slow; only
 the call counts matter.
 
-    .venv/bin/python benchmarks/profile.py [--workload lookup|churn|verify]
+    .venv/bin/python benchmarks/profile.py [--workload lookup|churn|verify|write]
+
+"write" is run.py's update+delete scenario (proxywrite, a btree table).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def drive(server, sc, ctx):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/profile.py")
-    p.add_argument("--workload", choices=("lookup", "churn", "verify"), default="lookup")
+    p.add_argument("--workload", choices=("lookup", "churn", "verify", "write"), default="lookup")
     p.add_argument("--table", choices=("hash", "btree", "cidr", "regexp"), default="hash",
                    help="table for the lookup and churn workloads")
     p.add_argument("--conns", type=int, default=16)
@@ -92,8 +94,9 @@ def main(argv=None) -> int:
         work = os.path.join(base, "work")
         os.makedirs(work)
         ctx = scenarios.Context(ts, args.duration, 0, None, work)
-        service = "proxywrite" if args.workload == "verify" else "proxymap"
-        table = "verify" if args.workload == "verify" else args.table
+        writes = args.workload in ("verify", "write")
+        service = "proxywrite" if writes else "proxymap"
+        table = args.workload if writes else args.table
         sc = scenarios.Scenario("profile", "profile", args.workload, service, table, args.conns)
         for server in (c, ours):                     # warm up: open tables, spawn workers
             drive(server, sc, scenarios.Context(ts, 1.0, 0, None, work))

@@ -388,6 +388,64 @@ def test_writer_instance_is_not_reopened_for_its_own_writes(tmp_path):
         d.close_all()
 
 
+def delete(dispatcher, table, key):
+    attrs = [(b"request", b"delete"), (b"table", table.encode()),
+             (b"flags", str(F.LOCK | F.FOLD_FIX).encode()), (b"key", key.encode())]
+    dispatcher.refresh()
+    return dict(_decode(dispatcher.handle(attrs)))
+
+
+@pytest.mark.parametrize("kind", ["hash", "lmdb"])
+def test_watched_writer_neither_stats_nor_touches_its_file(tmp_path, monkeypatch, kind):
+    """With an inotify watch, an update or delete takes no stamp of the
+    file and leaves its mtime alone (on kernels with multigrain file times
+    a stat() after each write makes every later write slower to sync)."""
+    table = hash_table(tmp_path) if kind == "hash" else lmdb_table(tmp_path)
+    d = make_dispatcher([table], service="proxywrite")
+    try:
+        lookup(d, table, "k")
+        (instance,) = d.tables.values()
+        assert instance.watch is not None
+        stamps, touched = [], []
+        monkeypatch.setattr("proxymap.tables.base.file_stamp", lambda p: stamps.append(p))
+        monkeypatch.setattr("proxymap.tables.nulkeys.os.utime",
+                            lambda *a, **k: touched.append(a))
+        for n in range(3):
+            assert update(d, table, f"n{n}", f"v{n}")[b"status"] == b"0"
+            assert lookup(d, table, f"n{n}")[b"value"] == f"v{n}".encode()
+            assert delete(d, table, f"n{n}")[b"status"] == b"0"
+            assert lookup(d, table, f"n{n}")[b"status"] == b"1"
+        assert stamps == [] and touched == []
+        assert list(d.tables.values()) == [instance]     # not reopened either
+    finally:
+        d.close_all()
+
+
+def test_watched_writer_still_sees_a_foreign_write_after_its_own(tmp_path):
+    """Our own writes' notifications are counted in; another program's
+    write after them is still a change (the instance re-reads the file and
+    its cache forgets)."""
+    from proxymap.tables.berkeleydb import HashTable
+    table = hash_table(tmp_path)
+    d = make_dispatcher([table], service="proxywrite")
+    try:
+        assert update(d, table, "ours", "1")[b"status"] == b"0"
+        assert lookup(d, table, "k")[b"value"] == b"old"
+        other = HashTable("hash", str(tmp_path / "map"), F.LOCK, True, {})
+        try:
+            other.flags |= F.LOCK | F.SYNC_UPDATE | F.DUP_REPLACE
+            assert other.update(b"k", b"theirs")
+        finally:
+            other.close()
+        assert lookup(d, table, "k")[b"value"] == b"theirs"
+        assert update(d, table, "ours2", "2")[b"status"] == b"0"
+        assert lookup(d, table, "ours")[b"value"] == b"1"
+        assert lookup(d, table, "ours2")[b"value"] == b"2"
+        assert lookup(d, table, "k")[b"value"] == b"theirs"
+    finally:
+        d.close_all()
+
+
 # -- group commit (proxywrite) ---------------------------------------------------
 
 def lmdb_table(tmp_path):

@@ -161,16 +161,28 @@ class Table:
         self.path = path
         self._stamp = file_stamp(path)
         self._settled = own_write or stamp_is_settled(self._stamp)
-        watch = self.watch
-        if watch is not None:
+        if self.watch is not None:
             if own_write:
-                watch.drain()
-            if self.watch_gen != watch.gen and self.answers is not None:
-                # a change this instance takes in itself (a writer's or a
-                # walk's re-read under the lock): its cached answers go too,
-                # the dispatcher will not see that notification again
-                self.answers.invalidate()
-            self.watch_gen = watch.gen
+                self.watch.drain()
+            self._take_watch_gen()
+
+    def note_own_write(self) -> None:
+        """We just wrote the watched file ourselves (under the write lock):
+        the notifications that write raised are counted in and the instance
+        knows the file as it is now. The stamp is left as it was: with a
+        watch, changed() does not look at it (modified() may then also
+        count our own writes, for its log line)."""
+        self.watch.drain()
+        self._take_watch_gen()
+
+    def _take_watch_gen(self) -> None:
+        watch = self.watch
+        if self.watch_gen != watch.gen and self.answers is not None:
+            # a change this instance takes in itself (a writer's or a
+            # walk's re-read under the lock): its cached answers go too,
+            # the dispatcher will not see that notification again
+            self.answers.invalidate()
+        self.watch_gen = watch.gen
 
     def note_changes(self) -> None:
         """Count the notifications queued so far (a writer does this under
