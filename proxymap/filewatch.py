@@ -49,6 +49,12 @@ REMOTE_FILESYSTEMS = frozenset({
 
 MOUNTS = "/proc/self/mounts"
 
+#: bytes asked of the inotify descriptor per read, and the largest event it
+#: can return (struct inotify_event, 16 bytes, and a name of up to NAME_MAX
+#: bytes with its NUL)
+READ_SIZE = 65536
+MAX_EVENT = 16 + 255 + 1
+
 
 def inotify_sees_all_writes(fstype: str) -> bool:
     """Whether every change to a file on a filesystem of this type passes
@@ -204,13 +210,19 @@ class FileWatcher:
         total = 0
         while True:
             try:
-                data = os.read(self.fd, 65536)
+                data = os.read(self.fd, READ_SIZE)
             except (BlockingIOError, InterruptedError):
                 return total
             events = parse_events(data)
             total += len(events)
             for event in events:
                 self._note(event)
+            if len(data) <= READ_SIZE - MAX_EVENT:
+                # the kernel gives every queued event that fits: room for
+                # one more was left, so the queue was empty (no second
+                # read to learn it, which costs a system call and an
+                # exception per drain)
+                return total
 
     def _note(self, event) -> None:
         wd, mask = event.wd, event.mask

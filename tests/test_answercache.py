@@ -185,6 +185,37 @@ def test_in_place_write_bumps_the_generation(tmp_path, watcher):
     assert again is watch and not new
 
 
+def test_drain_reads_once_when_the_queue_fits(tmp_path, watcher, monkeypatch):
+    path = tmp_path / "map"
+    path.write_bytes(b"old")
+    watch, _ = watcher.watch(str(path))
+    with open(path, "r+b") as f:
+        f.write(b"new")
+    reads = []
+    real_read = os.read
+    monkeypatch.setattr("proxymap.filewatch.os.read",
+                        lambda fd, n: reads.append(n) or real_read(fd, n))
+    assert watcher.drain() > 0 and watch.gen > 0
+    assert len(reads) == 1          # not a second one to learn that the queue is empty
+
+
+def test_drain_counts_more_events_than_one_read_holds(tmp_path, watcher):
+    from proxymap.filewatch import READ_SIZE
+    path = tmp_path / "map"
+    path.write_bytes(b"old")
+    watch, _ = watcher.watch(str(path))
+    # alternating kinds, so the kernel does not merge them: 16 bytes each
+    events = 2 * (READ_SIZE // 16)
+    with open(path, "r+b") as f:
+        for n in range(events // 2):
+            f.write(b"x")
+            f.flush()
+            os.chmod(path, 0o600 if n % 2 else 0o644)
+    drained = watcher.drain()       # and the close's own event
+    assert drained >= events and watch.gen == drained
+    assert watcher.drain() == 0
+
+
 def test_rename_replacement_is_seen_and_the_new_file_watched(tmp_path, watcher):
     path = tmp_path / "map"
     path.write_bytes(b"one")
