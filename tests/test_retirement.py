@@ -26,26 +26,14 @@ import time
 from proxymap import handoff
 from proxymap.client import read_greeting
 from proxymap.conventions.main_cf import load_main_cf
-from proxymap.protocol import Decoder, encode
 from proxymap.server import make_worker
-from tests.instance import POSTMAP, gone, needs_postmap, temporary_instance, wait_for
+from tests.instance import (POSTMAP, gone, lookup_on, needs_postmap, temporary_instance,
+                            wait_for)
 
 #: daemon_timeout for these tests: a ping every 16/3 s to a silent worker
 #: with clients, so two pings take longer than twice the old 5 s grace
 DAEMON_TIMEOUT = "16s"
 OK_ALICE = [(b"status", b"0"), (b"value", b"alice@example.org")]
-
-
-def lookup_on(sock: socket.socket, table: str, key: bytes) -> list:
-    sock.sendall(encode([("request", "lookup"), ("table", table), ("flags", 64),
-                         ("key", key)]))
-    decoder = Decoder()
-    while True:
-        data = sock.recv(4096)
-        assert data, "connection closed before the reply"
-        replies = decoder.feed(data)
-        if replies:
-            return replies[0]
 
 
 def worker(inst, pid: int) -> dict:
