@@ -187,8 +187,10 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
             with _db_errors(self.path, "read"):
                 raise
 
+    # The write hooks run once per change: the library's errors are turned
+    # into TableError only when one is raised (no context manager per call).
     def _put(self, stored_key, stored_value, replace):
-        with _db_errors(self.path, "write"):
+        try:
             if not replace:
                 self._undo.append((stored_key, None))
                 try:
@@ -201,19 +203,28 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
             self._undo.append((stored_key, old_value))
             self._db.put(stored_key, stored_value)
             return NEW if old_value is None else REPLACED
+        except (bdb.DBError, OSError):
+            with _db_errors(self.path, "write"):
+                raise
 
     def _remove(self, stored_key):
-        with _db_errors(self.path, "write"):
+        try:
             old_value = self._db.get(stored_key)
             if old_value is None:
                 return False
             self._undo.append((stored_key, old_value))
             self._db.delete(stored_key)
             return True
+        except (bdb.DBError, OSError):
+            with _db_errors(self.path, "write"):
+                raise
 
     def _commit(self):
-        with _db_errors(self.path, "sync"):
+        try:
             self._db.sync()
+        except (bdb.DBError, OSError):
+            with _db_errors(self.path, "sync"):
+                raise
         self._undo = []
 
     next_before_first_starts = True

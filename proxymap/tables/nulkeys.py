@@ -189,14 +189,11 @@ class NulKeyTable(Table):
         one (raises LockBusy while another process holds it), and the
         file re-read if another writer changed it."""
         self._require_writable("update")
-        locked = self.lock is not None and self.lock.needed(self.flags)
-        if locked:
-            self.lock.acquire(filelock.EXCLUSIVE)
+        locked = self._exclusive()
         try:
             self._refresh()
         except BaseException:
-            if locked:
-                self.lock.release()
+            self._unlock(locked)
             raise
         self._group = [locked, False, False]
 
@@ -263,8 +260,24 @@ class NulKeyTable(Table):
             return False
         return True
 
+    def _exclusive(self) -> bool:
+        """Take the exclusive lock when the flags call for one (TableError,
+        LockBusy included, when it cannot be had); whether it was taken.
+        The write paths pair it with _unlock instead of a context manager,
+        as lookup does with the shared lock: they run once per change."""
+        lock = self.lock
+        if lock is not None and lock.needed(self.flags):
+            lock.acquire(filelock.EXCLUSIVE)
+            return True
+        return False
+
+    def _unlock(self, locked: bool) -> None:
+        if locked:
+            self.lock.release()
+
     def _update_now(self, key: bytes, value: bytes, bit: int) -> str:
-        with self._access(filelock.EXCLUSIVE):
+        locked = self._exclusive()
+        try:
             self._refresh()
             self._need_space(len(key) + len(value) + 2)
             try:
@@ -277,6 +290,8 @@ class NulKeyTable(Table):
                 raise
             if outcome != REFUSED:
                 self._remember_own_write()
+        finally:
+            self._unlock(locked)
         return outcome
 
     def delete(self, key: bytes) -> bool:
@@ -290,7 +305,8 @@ class NulKeyTable(Table):
                     self.flags = narrow(self.flags, bit)
                     return True
             return False
-        with self._access(filelock.EXCLUSIVE):
+        locked = self._exclusive()
+        try:
             self._refresh()
             self._need_space(len(key) + 1)
             for bit, stored in probes(self.flags, key):
@@ -305,6 +321,8 @@ class NulKeyTable(Table):
                     self.flags = narrow(self.flags, bit)
                     self._remember_own_write()
                     return True
+        finally:
+            self._unlock(locked)
         return False
 
     def _remember_own_write(self) -> None:
