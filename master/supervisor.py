@@ -42,7 +42,7 @@ from master import pidfile, sdnotify
 from master.master_cf import Service, load_master_cf
 from master.policy import (STOP_GRACE, ServiceState, Settings, fixed_values, ignored_changes,
                            manage_workers, needs_another_worker, no_room_for_new_generation,
-                           plan_hand_over, successor_due, used_up)
+                           plan_hand_over, retire_used_up, successor_due, use_limit)
 from master.workerslot import READY, WorkerSlot, pick_worker
 from proxymap import handoff, metrics, protocol
 from proxymap.allowlist import proxy_allow_set
@@ -474,7 +474,7 @@ class Master:
         tried: set[int] = set()
         while waiting:
             plan = plan_hand_over([s for s in state.slots if s.pid not in tried],
-                                  len(waiting), state.generation, state.settings.max_use)
+                                  len(waiting), state.generation, use_limit(state))
             if not plan:
                 break
             for slot, count in plan:
@@ -493,7 +493,7 @@ class Master:
                     client.close()
                 slot.on_handed(now, count)
                 self.status_dirty = True
-                if used_up(slot, state.settings):
+                if retire_used_up(state, slot):
                     self.retire(slot, now, "max_use reached")
         if needs_another_worker(state, now) or successor_due(state, now):
             self.spawn(state)
