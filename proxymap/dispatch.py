@@ -25,7 +25,11 @@ table without a watch (network filesystem) is stat()ed per request as
 Postfix does. Lookups of cacheable tables are answered from a bounded cache
 of recent replies (proxymap/answercache.py) while the table has had no
 change notification and no write of our own; a miss reads the table, with
-Postfix's locks, as before.
+Postfix's locks, as before. A 3.6-3.10 lookup spelled like one answered
+before takes the hot path (`hot_reply`): the cached answer, or for tables
+that read directly (Berkeley DB files) the file read at once under the same
+shared lock (`_direct_read`), without decoding, allow-list and registry
+steps, which cannot answer otherwise for the same spelling.
 Remote tables (those served off the loop) keep answers for a TTL from
 main.cf or from their own parameter file (`_answer_cache`), counting hits
 and misses per table; `note_pools` puts their lanes' and connection
