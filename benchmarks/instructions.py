@@ -19,11 +19,12 @@ PROXYMAP_PURE_PYTHON=1).
 
 Workloads: "hot" cycles over 100 keys (answer cache hits for us), "cold"
 over 1000 keys with our answer cache off (every lookup reads the file, as
-the C proxymap always does). Both ask `hash:` with flags 64 (FOLD_FIX, no
-lock), as Postfix daemons do. "update" goes to proxywrite: each unit is one
-durable update of a new key and the delete of that key (a `btree:` table of
-1000 keys, the flags benchmarks/loadgen.py's writers send: UTF8_REQUEST,
-LOCK, DUP_WARN), so its figure is instructions per update+delete pair.
+the C proxymap always does). Both ask `hash:` with flags 64 (LOCK: a shared
+flock around each read), as Postfix daemons do. "update" goes to proxywrite:
+each unit is one durable update of a new key and the delete of that key (a
+`btree:` table of 1000 keys, the flags benchmarks/loadgen.py's writers send:
+UTF8_REQUEST, LOCK, DUP_WARN), so its figure is instructions per
+update+delete pair.
 
     .venv/bin/python benchmarks/instructions.py [--lookups N] [--workloads hot,cold,update]
         [--json FILE]
