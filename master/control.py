@@ -313,6 +313,8 @@ def format_status(status: dict) -> str:
             extra += f", socket {service.get('path')} replaced by another process"
         elif service.get("socket") == "missing":
             extra += f", socket {service.get('path')} missing"
+        if not workers and service.get("min_workers") == 0:
+            extra += ", the first client starts one"
         lines.append(f"service {name} ({service.get('path')}): {len(workers)} worker(s), "
                      f"maxproc {service.get('maxproc')}{extra}")
         for w in workers:
