@@ -10,10 +10,24 @@ connection starts its first worker (watch_for_first_client: Postfix's
 master forks a service's process only once a client waits and none is
 free, and throttles a service whose process died at start-up; we do that
 for a service whose minimum is 0, proxywrite by default), when one is
-pinged (busy and silent), stopped (retiring for longer than the grace),
-killed (no first report, no progress for daemon_timeout) or retired
-(max_use, max_idle down to the minimum, an older configuration), and
-which changed parameters a reload ignores.
+pinged (busy and silent), stopped (an old one that keeps a new one from
+starting, for longer than the grace), killed (no first report, no
+progress for daemon_timeout) or retired (max_use, max_idle down to the
+minimum, an older configuration), and which changed parameters a reload
+ignores.
+
+A retired worker is never stopped or killed for taking its time: as
+Postfix's multi-server (src/master/multi_server.c, whose loop runs while
+clients are connected even past its use limit) it serves the connections
+it has until their clients close them, and exits when none is left; only
+a hung worker (daemon_timeout) is killed. Two Postfix rules follow from
+that loop. A worker that has used up max_use while its service is at its
+process limit (proxywrite: one process) keeps taking connections until it
+has none, then is retired; otherwise the service could not serve anyone
+until the old worker's clients leave. And where an old worker does keep
+the new generation from starting (a reload of a service at its process
+limit, or a removed service), it is told to stop after RETIRE_GRACE, as
+Postfix's reload and service removal end the old processes at once.
 
 The decisions are plain functions of a `ServiceState` and its
 `WorkerSlot`s and the time. They act only through `WorkerControl`, the
@@ -36,7 +50,9 @@ from proxymap.conventions import maillog
 from proxymap.conventions.mainconfig import MainConfig
 from proxymap.conventions.parameters import PARAMETERS
 
-#: seconds a retiring worker may wait for its clients to leave on their own
+#: seconds an old worker that keeps the new configuration's worker from
+#: starting (a service at its process limit, reloaded) or whose service
+#: was removed may wait for its clients to leave before it is told to stop
 RETIRE_GRACE = 5.0
 #: seconds a stopping master waits for workers before SIGKILL
 STOP_GRACE = 5.0
@@ -86,6 +102,8 @@ class ServiceState:
         self.taken_over = False
         #: request counters of the workers that have exited, by table
         self.exited_tables: dict[str, metrics.TableCounters] = {}
+        #: connections handed to its workers since the master started
+        self.handed = 0
 
     def tables(self) -> dict[str, metrics.TableCounters]:
         """Request counters by table: exited workers' and live ones' totals."""
@@ -137,7 +155,36 @@ def used_up(slot: WorkerSlot, settings: Settings) -> bool:
     return slot.handed >= settings.max_use
 
 
-def plan_hand_over(slots, count: int, generation: int, max_use: int,
+def use_limit(state: ServiceState) -> int | None:
+    """The max_use to share connections out by (plan_hand_over): none
+    while the service is at its process limit, where no successor could
+    start: there, as in Postfix's multi-server, a worker past its use
+    limit keeps taking clients until it has none left."""
+    return state.settings.max_use if state.under_limit() else None
+
+
+def retire_used_up(state: ServiceState, slot: WorkerSlot) -> bool:
+    """A READY worker that has used up max_use is retired now when a
+    successor may start, or once it has no client at all (the master's
+    count: reported open plus in transit)."""
+    return slot.state == READY and used_up(slot, state.settings) \
+        and (state.under_limit() or slot.load == 0)
+
+
+def holds_back(state: ServiceState, slot: WorkerSlot) -> bool:
+    """A retiring worker that must go for the service to go on as
+    configured: its service was removed, or it is of an older
+    configuration while no worker of the current one can start (the
+    process limit is reached). Only such a worker is told to stop after
+    RETIRE_GRACE; any other retiring worker serves its clients until they
+    leave."""
+    if state.removed:
+        return True
+    return slot.generation != state.generation and not state.current() \
+        and not state.under_limit()
+
+
+def plan_hand_over(slots, count: int, generation: int, max_use: int | None,
                    per_message: int = handoff.MAX_FDS) -> list[tuple[WorkerSlot, int]]:
     """How `count` connections accepted at once are shared out: a list of
     (worker, n) messages with 1 <= n <= per_message, in the order to send.
@@ -146,8 +193,9 @@ def plan_hand_over(slots, count: int, generation: int, max_use: int,
     before it had already been handed (the least-loaded READY worker, of
     `generation` while one has room, ties to the most handed in total),
     and no worker is given more than max_use connections in all (it is
-    retired after its last one, as when they come one by one). The
-    connections that find no worker are not in the plan: they wait."""
+    retired after its last one, as when they come one by one; None: no
+    limit, see use_limit()). The connections that find no worker are not
+    in the plan: they wait."""
     given: dict[int, int] = {}
     slot_of: dict[int, WorkerSlot] = {}
     order: list[int] = []
@@ -158,7 +206,7 @@ def plan_hand_over(slots, count: int, generation: int, max_use: int,
             if slot.state != READY:
                 continue
             extra = given.get(id(slot), 0)
-            if slot.handed + extra >= max_use:
+            if max_use is not None and slot.handed + extra >= max_use:
                 continue
             key = (slot.generation != generation, slot.load + extra, -(slot.handed + extra))
             if best_key is None or key < best_key:
@@ -254,8 +302,10 @@ def ignored_changes(fixed: Mapping[str, str], main: MainConfig) -> list[str]:
 
 def manage_workers(state: ServiceState, now: float, control: WorkerControl) -> None:
     """One pass over a service's workers: kill the hung, ping the silent,
-    stop and kill the retiring that outstay, retire the superseded and the
-    idle ones above the minimum, then start workers up to the minimum."""
+    stop and kill the old ones that hold the service back and outstay
+    (holds_back()), retire the superseded, the used-up (retire_used_up())
+    and the idle ones above the minimum, then start workers up to the
+    minimum."""
     settings = state.settings
     ping_every = max(0.2, min(settings.daemon_timeout / 3, 60.0))
     current_ready = [s for s in state.current() if s.state == READY]
@@ -279,18 +329,26 @@ def manage_workers(state: ServiceState, now: float, control: WorkerControl) -> N
                 slot.on_ping(now)
                 control.send(slot, handoff.PING)
         if slot.state == RETIRING:
-            since = now - (slot.retired_at or now)
-            if since > RETIRE_GRACE and not slot.stop_sent:
-                slot.on_stop()
-                control.send(slot, handoff.STOP)
-            elif since > RETIRE_GRACE + settings.daemon_timeout + STOP_GRACE:
-                control.kill(slot)
+            # one with clients is left alone (unless it holds the service
+            # back); one without that is still there after the grace missed
+            # its retire command (a full channel) and is told again, firmly
+            if holds_back(state, slot) or not slot.has_work:
+                since = now - (slot.retired_at or now)
+                if since > RETIRE_GRACE and not slot.stop_sent:
+                    slot.on_stop()
+                    control.send(slot, handoff.STOP)
+                elif since > RETIRE_GRACE + settings.daemon_timeout + STOP_GRACE:
+                    control.kill(slot)
             continue
         if slot.generation != state.generation and (current_ready or not settings.min_workers):
             # a service started on demand does not start a worker of the
             # new configuration just to replace an old one: the next
             # client does
             control.retire(slot, now, "configuration reloaded")
+        elif retire_used_up(state, slot):
+            control.retire(slot, now, "max_use reached")
+            if slot in current_ready:
+                current_ready.remove(slot)
         elif (slot.state == READY and slot.generation == state.generation
               and len(current_ready) > settings.min_workers
               and slot.idle_for(now) > settings.max_idle):

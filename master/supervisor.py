@@ -47,7 +47,8 @@ from master import pidfile, sdnotify
 from master.master_cf import Service, load_master_cf
 from master.policy import (STOP_GRACE, ServiceState, Settings, fixed_values, ignored_changes,
                            manage_workers, needs_another_worker, no_room_for_new_generation,
-                           plan_hand_over, successor_due, used_up, watch_for_first_client)
+                           plan_hand_over, retire_used_up, successor_due, use_limit,
+                           watch_for_first_client)
 from master.workerslot import READY, WorkerSlot, pick_worker
 from proxymap import handoff, metrics, protocol
 from proxymap.allowlist import proxy_allow_set
@@ -495,7 +496,7 @@ class Master:
         tried: set[int] = set()
         while waiting:
             plan = plan_hand_over([s for s in state.slots if s.pid not in tried],
-                                  len(waiting), state.generation, state.settings.max_use)
+                                  len(waiting), state.generation, use_limit(state))
             if not plan:
                 break
             for slot, count in plan:
@@ -513,8 +514,9 @@ class Master:
                 for client in batch:
                     client.close()
                 slot.on_handed(now, count)
+                state.handed += count
                 self.status_dirty = True
-                if used_up(slot, state.settings):
+                if retire_used_up(state, slot):
                     self.retire(slot, now, "max_use reached")
         if needs_another_worker(state, now) or successor_due(state, now):
             self.spawn(state)
@@ -913,6 +915,7 @@ class Master:
                 "type": state.service.type, "path": state.path,
                 "maxproc": state.settings.maxproc, "generation": state.generation,
                 "min_workers": state.settings.min_workers,
+                "handed": state.handed,
                 "throttled": state.throttled(now), "pending": len(state.pending),
                 "removed": state.removed, "socket_inode": state.inode,
                 "workers": [s.snapshot() for s in state.slots if s.alive],

@@ -9,7 +9,9 @@ record per message, never merged or split):
 
     master -> worker   b"C" + count, descriptors (SCM_RIGHTS) serve these clients (1 to
                                                               MAX_FDS, one message per batch)
-                       b"R"                                   retire: exit once no client is left
+                       b"R"                                   retire: take no client, serve the ones
+                                                              left until they close (or idle
+                                                              max_idle), then exit
                        b"T"                                   stop: close idle clients, exit soon
                        b"P"                                   ping: report now
                        b"L" + one descriptor (SCM_RIGHTS)   log to this maillog_file
@@ -235,10 +237,12 @@ def _close_fd(fd: int) -> None:
 class WorkerChannel:
     """Connects a proxymap `Worker` to our master over descriptor `fd`."""
 
-    def __init__(self, worker, fd: int, batch: int = 1):
+    def __init__(self, worker, fd: int, batch: int = 1, max_idle: float = 100.0):
         self.worker = worker
         #: arrivals or departures per report (report_batch())
         self.batch = batch
+        #: once retiring, a client connection idle this long is closed
+        self.max_idle = max_idle
         self.chan = socket.socket(fileno=fd)
         self.chan.setblocking(False)
         self.retiring = False
@@ -364,8 +368,15 @@ class WorkerChannel:
             self.report()
 
     def retire(self) -> None:
-        """Stop once the current clients have left (at once if there are none)."""
+        """Exit once the current clients have left (at once if there are
+        none). Until then every request on their connections is answered,
+        as by a Postfix multi-server past its use limit; the only
+        connections this worker closes itself are those idle for max_idle
+        seconds since its last reply (Postfix's own clients let go of an
+        idle connection after ipc_idle, 5 s, long before) and, as always,
+        those that leave a request or a reply unfinished for ipc_timeout."""
         self.retiring = True
+        self.worker.drain_idle = self.max_idle
         if self.worker.clients == 0:
             self.worker.shutdown()
 
@@ -402,9 +413,11 @@ def drop_privileges(user: str) -> None:
     os.setuid(pw.pw_uid)
 
 
-def attach_worker(worker, fd: int, busy_clients: int = 1) -> WorkerChannel:
+def attach_worker(worker, fd: int, busy_clients: int = 1,
+                  max_idle: float = 100.0) -> WorkerChannel:
     """Serve the clients our master passes over descriptor `fd`; report load
-    back; retire on request; stop when the master goes away. When the
+    back; retire on request (idle clients let go after `max_idle`); stop
+    when the master goes away. When the
     master asks for it ($PROXYMAP_MAIL_OWNER) and we run as root, switch to
     that account first."""
     user = os.environ.pop(OWNER_ENV, "")
@@ -414,6 +427,6 @@ def attach_worker(worker, fd: int, busy_clients: int = 1) -> WorkerChannel:
             drop_privileges(user)
         except (OSError, KeyError) as exc:
             maillog.fatal(f"cannot switch to user {user}: {exc}")
-    channel = WorkerChannel(worker, fd, report_batch(busy_clients))
+    channel = WorkerChannel(worker, fd, report_batch(busy_clients), max_idle)
     channel.start()
     return channel

@@ -150,6 +150,10 @@ class Worker:
         self.on_change = None   # called when clients or requests change
         self.on_tick = None     # called at least once a second
         self.idle_since = time.monotonic()
+        # retiring (proxymap/handoff.py): no new clients come, and a
+        # connection idle this long since our last reply is closed (None:
+        # not retiring); the others are served until their clients leave
+        self.drain_idle: float | None = None
         self._ticked = 0       # monotonic_ns of the last tick
         # connections that read requests in this loop pass: answered after
         # the pass's change notifications are counted (Dispatcher.refresh)
@@ -333,11 +337,13 @@ class Worker:
         close and reconnects quietly; a client idle that long is not about
         to send."""
         self.stopping = True
-        self._close_idle(time.monotonic())
+        self._close_idle(time.monotonic(), STOP_IDLE)
 
-    def _close_idle(self, now: float) -> None:
+    def _close_idle(self, now: float, limit: float) -> None:
+        """Close the connections that owe nothing either way and had our
+        last reply `limit` seconds ago or more."""
         for conn in list(self.conns.values()):
-            if conn.idle() and now - conn.replied >= STOP_IDLE:
+            if conn.idle() and now - conn.replied >= limit:
                 self._close(conn)
 
     # -- per-connection I/O ---------------------------------------------------------
@@ -571,7 +577,9 @@ class Worker:
                 what = "reply unread" if conn.out else "request unfinished"
                 self._close(conn, f"timeout ({what} after {self.ipc_timeout:g}s)")
         if self.stopping:
-            self._close_idle(now)
+            self._close_idle(now, STOP_IDLE)
+        elif self.drain_idle is not None:
+            self._close_idle(now, self.drain_idle)
 
     def _close(self, conn: Connection, why: str | None = None) -> None:
         if why:
@@ -793,7 +801,8 @@ def main(argv=None) -> int:
     if args.master_fd is not None:
         from proxymap.handoff import attach_worker
         channel = attach_worker(worker, args.master_fd,
-                                config.get_int("proxymap_worker_busy_clients"))
+                                config.get_int("proxymap_worker_busy_clients"),
+                                config.get_time("max_idle"))
     elif args.listen is None and multiserver.started_by_postfix(args.transport):
         multiserver.attach(worker, config, unprivileged=args.ignored_u)
     else:

@@ -38,6 +38,7 @@ from master.pidfile import pid_alive, pid_path, read_pid
 from proxymap.client import read_greeting
 from proxymap.conventions.installed_postfix import postfix_program
 from proxymap.conventions.service_sockets import service_socket_path
+from proxymap.protocol import Decoder, encode
 
 #: the real postmap(1) that builds tables and answers as Postfix does
 POSTMAP = postfix_program("postmap")
@@ -66,6 +67,20 @@ def wait_for(condition, timeout: float = 20.0, step: float = 0.05, what: str = "
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(step)
+
+
+def lookup_on(sock: socket.socket, table: str, key: bytes) -> list:
+    """One lookup (flags 64) on a connected, greeted raw socket: the reply's
+    attribute list."""
+    sock.sendall(encode([("request", "lookup"), ("table", table), ("flags", 64),
+                         ("key", key)]))
+    decoder = Decoder()
+    while True:
+        data = sock.recv(4096)
+        assert data, "connection closed before the reply"
+        replies = decoder.feed(data)
+        if replies:
+            return replies[0]
 
 
 def mail_owner() -> str:
@@ -209,9 +224,11 @@ class MasterInstance:
                 return False
         wait_for(serving, 30, what="the master to serve")
         # the greeting started proxywrite's worker (on demand): wait until
-        # the status file shows it, as tests look workers up there
-        wait_for(lambda: all(self.workers(s, "ready") for s in ("proxymap", "proxywrite")),
-                 30, what="the status file to show both services' workers")
+        # the status file was written after both greetings were handed over,
+        # so that it lists the worker (tests look workers up there)
+        wait_for(lambda: all(self.raw_status().get("services", {}).get(s, {}).get("handed")
+                             for s in ("proxymap", "proxywrite")),
+                 30, what="the status file to show both greetings handed over")
         return proc
 
     def log(self) -> str:

@@ -23,8 +23,7 @@ from master.policy import (SUCCESSOR_MIN_USE, ServiceState, Settings, plan_hand_
 from master.workerslot import READY, RETIRING, STARTING, WorkerSlot
 from proxymap import handoff
 from proxymap.client import read_greeting
-from proxymap.protocol import Decoder, encode
-from tests.instance import gone, needs_postmap, temporary_instance, wait_for
+from tests.instance import gone, lookup_on, needs_postmap, temporary_instance, wait_for
 
 
 def slot(pid: int, clients: int = 0, handed: int = 0, generation: int = 0,
@@ -255,18 +254,6 @@ def connect_while_stopped(inst, count: int) -> list[socket.socket]:
     finally:
         os.kill(master, signal.SIGCONT)
     return socks
-
-
-def lookup_on(sock: socket.socket, table: str, key: bytes) -> list:
-    sock.sendall(encode([("request", "lookup"), ("table", table), ("flags", 64),
-                         ("key", key)]))
-    decoder = Decoder()
-    while True:
-        data = sock.recv(4096)
-        assert data, "connection closed before the reply"
-        replies = decoder.feed(data)
-        if replies:
-            return replies[0]
 
 
 @needs_postmap

@@ -105,10 +105,63 @@ def test_an_idle_worker_is_never_pinged():
     assert control.calls == []
 
 
-def test_a_retiring_worker_gets_stop_after_the_grace_and_sigkill_much_later():
+def answer_pings(control: FakeControl, worker: WorkerSlot, now: float) -> None:
+    """The worker is alive: a ping sent to it is answered by a report."""
+    if ("send", worker.pid, handoff.PING) in control.calls and worker.ping_sent is not None:
+        worker.on_status(worker.status, now)
+
+
+def test_a_retired_worker_with_a_client_is_never_stopped_for_its_age():
+    """max_use (or a reload where a current worker runs beside it): the
+    retiring worker keeps its client as long as the client stays, hours
+    past the old grace, as Postfix's multi-server does."""
     state = service_state(daemon_timeout=30)
     slot(state, 1, READY)
     old = slot(state, 2, RETIRING, clients=1, retired_at=NOW)
+    control = FakeControl()
+    for t in range(0, 4 * 3600, 7):
+        manage_workers(state, NOW + t, control)
+        answer_pings(control, old, NOW + t)
+    assert old.state == RETIRING and not old.stop_sent
+    assert ("send", 2, handoff.STOP) not in control.calls
+    assert ("kill", 2) not in control.calls
+    assert control.calls.count(("send", 2, handoff.PING)) > 100     # its liveness is checked
+
+
+def test_a_retired_worker_that_stops_reporting_is_killed_after_daemon_timeout():
+    state = service_state(daemon_timeout=30)
+    slot(state, 1, READY)
+    slot(state, 2, RETIRING, clients=1, retired_at=NOW, heard=NOW)
+    control = FakeControl()
+    manage_workers(state, NOW + 29, control)
+    assert ("kill", 2) not in control.calls
+    manage_workers(state, NOW + 31, control)
+    assert ("kill", 2) in control.calls
+
+
+def test_a_retired_worker_without_clients_is_stopped_after_the_grace():
+    """Its retire command was lost (a full channel): told to stop, then
+    killed if it still does not go."""
+    state = service_state(daemon_timeout=30)
+    slot(state, 1, READY)
+    old = slot(state, 2, RETIRING, retired_at=NOW)
+    control = FakeControl()
+    manage_workers(state, NOW + RETIRE_GRACE - 0.5, control)
+    assert ("send", 2, handoff.STOP) not in control.calls
+    manage_workers(state, NOW + RETIRE_GRACE + 0.5, control)
+    assert control.calls.count(("send", 2, handoff.STOP)) == 1 and old.stop_sent
+    manage_workers(state, NOW + RETIRE_GRACE + 30 + STOP_GRACE + 1, control)
+    assert control.calls[-1] == ("kill", 2)
+
+
+@pytest.mark.parametrize("how", ["reloaded at the process limit", "service removed"])
+def test_an_old_worker_holding_the_service_back_gets_stop_after_the_grace(how):
+    state = service_state(generation=2, daemon_timeout=30, maxproc=1)
+    old = slot(state, 2, RETIRING, generation=1, clients=1, retired_at=NOW)
+    if how == "service removed":
+        state.generation = 1
+        state.removed = True
+    assert policy.holds_back(state, old)
     control = FakeControl()
     manage_workers(state, NOW + RETIRE_GRACE - 0.5, control)
     assert ("send", 2, handoff.STOP) not in control.calls
@@ -118,6 +171,44 @@ def test_a_retiring_worker_gets_stop_after_the_grace_and_sigkill_much_later():
     old.on_status(Status(clients=1, accepted=1), NOW + RETIRE_GRACE + 30)
     manage_workers(state, NOW + RETIRE_GRACE + 30 + STOP_GRACE + 1, control)
     assert control.calls[-1] == ("kill", 2)
+
+
+def test_an_old_worker_beside_a_current_one_does_not_hold_the_service_back():
+    state = service_state(generation=2, maxproc=4)
+    slot(state, 1, READY)
+    old = slot(state, 2, RETIRING, generation=1, clients=1, retired_at=NOW)
+    assert not policy.holds_back(state, old)
+    state.settings.maxproc = 2          # at the limit, but a current worker runs
+    assert not policy.holds_back(state, old)
+
+
+def test_a_used_up_worker_at_the_process_limit_serves_on_until_it_has_no_client():
+    """proxywrite (one process): as Postfix's multi-server past its use
+    limit, the worker keeps taking connections while it has clients, and
+    is retired at its first moment without one; with room for a
+    successor it is retired at once."""
+    state = service_state(max_use=3, maxproc=1)
+    writer = slot(state, 1, READY, clients=2)
+    writer.handed = 3
+    writer.status = Status(clients=2, accepted=3)
+    assert used_up(writer, state.settings)
+    assert policy.use_limit(state) is None
+    assert policy.plan_hand_over(state.slots, 2, state.generation,
+                                 policy.use_limit(state)) == [(writer, 2)]
+    control = FakeControl()
+    manage_workers(state, NOW, control)
+    assert writer.state == READY and control.calls == []
+    writer.status = Status(clients=0, accepted=3)
+    writer.handed = 4                       # one more still on its way
+    manage_workers(state, NOW + 1, control)
+    assert writer.state == READY
+    writer.status = Status(clients=0, accepted=4)
+    manage_workers(state, NOW + 2, control)
+    assert control.calls == [("retire", 1, "max_use reached")]
+    # with room for a successor, retired at once however many clients it has
+    state = service_state(max_use=3, maxproc=4)
+    reader = slot(state, 1, READY, clients=3)
+    assert policy.use_limit(state) == 3 and policy.retire_used_up(state, reader)
 
 
 def test_old_generation_is_retired_only_once_a_current_worker_is_ready():
