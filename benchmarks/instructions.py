@@ -19,8 +19,8 @@ PROXYMAP_PURE_PYTHON=1).
 
 Workloads: "hot" cycles over 100 keys (answer cache hits for us), "cold"
 over 1000 keys with our answer cache off (every lookup reads the file, as
-the C proxymap always does). Both ask `hash:` with flags 64 (FOLD_FIX, no
-lock), as Postfix daemons do.
+the C proxymap always does). Both ask `hash:` with flags 64 (LOCK: a shared
+flock around each read), as Postfix daemons do.
 
 "churn" counts instructions per session, as `make bench`'s churn
 scenario runs one: connect, greeting, open, one lookup, close, one

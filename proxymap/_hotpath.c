@@ -8,11 +8,15 @@
  *   split_hot_lookup(data)   protocol.split_hot_lookup_python
  *   hot_reply(dispatcher, data)
  *                            Dispatcher.hot_reply of a read service, with
- *                            its _hot_hit and AnswerCache.peek
+ *                            its _hot_hit, AnswerCache.peek and the direct
+ *                            read of a table file (dispatch._direct_read:
+ *                            the shared flock(2), the Berkeley DB handle's
+ *                            get, the NUL conventions, the reply encoding)
  *
- * configure() receives the facts these need (the request-flag mask, the
- * counter layout, the latency buckets) from the Python modules that own
- * them, so that no constant is spelled twice. Postfix's proxymap has no
+ * configure() and configure_reads() receive the facts these need (the
+ * request-flag mask and flag bits, the counter layout, the latency buckets,
+ * the statuses, the lock style, the process's OPEN_LOCK map) from the
+ * Python modules that own them, so that no constant is spelled twice. Postfix's proxymap has no
  * such cache; what is mirrored here is only our own Python code.
  */
 
@@ -20,6 +24,8 @@
 #include <Python.h>
 #include <string.h>
 #include <time.h>
+#include <errno.h>
+#include <sys/file.h>
 
 static const char HEAD[] = "request\0lookup\0table\0";
 #define HEAD_LEN (sizeof(HEAD) - 1)
@@ -30,9 +36,17 @@ static PyObject *not_rqst_mask;     /* int: ~RQST_MASK */
 static Py_ssize_t lookup_base;      /* metrics.REQUEST_BASE["lookup"] */
 static PyObject *latency_bucket;    /* tuple: metrics.LATENCY_BUCKET */
 
+/* set by configure_reads() */
+static unsigned long long fold_fix, try0null, try1null, lock_bit;
+static char ok_digit, nokey_digit;      /* the statuses, one digit each */
+static PyObject *flock_style;           /* str: filelock.FLOCK */
+static PyObject *lifetime_locks;        /* dict: filelock.lifetime_locks() */
+
 /* interned attribute names */
 static PyObject *s_hot, *s_woke_at, *s_answers, *s_watch, *s_gen, *s_watch_gen, *s_flags, *s_timed, *s_entries,
-    *s_stats, *s_hits, *s_counters, *s_requests, *s_latency, *s_latency_ns;
+    *s_stats, *s_hits, *s_counters, *s_requests, *s_latency, *s_latency_ns,
+    *s_direct_get, *s_lock, *s_open_locked, *s_always, *s_file_id, *s_style, *s_fd,
+    *s_put_missed;
 
 /* The value token at q (up to the next NUL, which [q, end) holds): its
  * offset and length into p; the position after its NUL. */
@@ -113,6 +127,179 @@ increment(PyObject *obj, PyObject *name, PyObject *amount, int item)
     return rc;
 }
 
+/* The truth of obj.name: 1, 0, -1 (an exception) */
+static int
+attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    int truth;
+    if (v == NULL)
+        return -1;
+    truth = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return truth;
+}
+
+/* TableLock.needed(flags) of `lock` (not None): 1, 0, -1 */
+static int
+lock_needed(PyObject *lock, unsigned long long flags)
+{
+    PyObject *file_id;
+    int truth;
+    if ((truth = attr_true(lock, s_open_locked)) != 0)
+        return truth < 0 ? -1 : 0;
+    if (!(flags & lock_bit)) {
+        if ((truth = attr_true(lock, s_always)) <= 0)
+            return truth;
+    }
+    if ((file_id = PyObject_GetAttr(lock, s_file_id)) == NULL)
+        return -1;
+    truth = PyDict_Contains(lifetime_locks, file_id);
+    Py_DECREF(file_id);
+    return truth < 0 ? -1 : !truth;
+}
+
+/* get(stored key of [key, key + len), with a NUL when nul): 1 with *value
+ * (None or the value) set, 0 when get raised an Exception (cleared), -1 on
+ * anything else */
+static int
+probe(PyObject *get, const char *key, Py_ssize_t len, int nul, PyObject **value)
+{
+    PyObject *stored = PyBytes_FromStringAndSize(NULL, len + nul);
+    if (stored == NULL)
+        return -1;
+    memcpy(PyBytes_AS_STRING(stored), key, len);
+    if (nul)
+        PyBytes_AS_STRING(stored)[len] = 0;
+    *value = PyObject_CallOneArg(get, stored);
+    Py_DECREF(stored);
+    if (*value != NULL)
+        return 1;
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyErr_Clear();
+    return 0;
+}
+
+/*
+ * dispatch._direct_read(table, flags, key): 1 with *flags_out (the flags
+ * word the lookup left) and *reply_out (the encoded 3.6-3.10 reply) set;
+ * 0 where the Python function gives None (nothing changed); -1 with an
+ * exception where it would raise.
+ */
+static int
+direct_read(PyObject *table, PyObject *flags_obj, PyObject *key_obj,
+            PyObject **flags_out, PyObject **reply_out)
+{
+    PyObject *get = NULL, *lock = NULL, *value = NULL;
+    unsigned long long flags;
+    char small[256], *key = small;
+    const char *raw;
+    Py_ssize_t len, i, vlen;
+    int locked = 0, fd = -1, rc = -1, got = 0;
+
+    if ((get = PyObject_GetAttr(table, s_direct_get)) == NULL)
+        return -1;
+    if (get == Py_None) {
+        rc = 0;
+        goto out;
+    }
+    flags = PyLong_AsUnsignedLongLong(flags_obj);
+    if (flags == (unsigned long long)-1 && PyErr_Occurred())
+        goto out;
+    raw = PyBytes_AS_STRING(key_obj);
+    len = PyBytes_GET_SIZE(key_obj);
+    if (len > (Py_ssize_t)sizeof(small) && (key = PyMem_Malloc(len)) == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    memcpy(key, raw, len);
+    if (flags & fold_fix)           /* fold_ascii: A-Z only */
+        for (i = 0; i < len; i++)
+            if (key[i] >= 'A' && key[i] <= 'Z')
+                key[i] += 'a' - 'A';
+    if ((lock = PyObject_GetAttr(table, s_lock)) == NULL)
+        goto out;
+    if (lock != Py_None && (locked = lock_needed(lock, flags)) < 0)
+        goto out;
+    if (locked) {
+        PyObject *style, *fd_obj;
+        int same;
+        if ((style = PyObject_GetAttr(lock, s_style)) == NULL)
+            goto out;
+        same = PyObject_RichCompareBool(style, flock_style, Py_EQ);
+        Py_DECREF(style);
+        if (same < 0)
+            goto out;
+        if ((fd_obj = PyObject_GetAttr(lock, s_fd)) == NULL)
+            goto out;
+        fd = PyLong_AsLong(fd_obj);
+        Py_DECREF(fd_obj);
+        if (fd == -1 && PyErr_Occurred())
+            goto out;
+        if (!same || flock(fd, LOCK_SH | LOCK_NB) != 0) {
+            rc = 0;
+            goto out;
+        }
+    }
+    /* the probes of NulKeyTable.lookup */
+    got = 1;
+    if (flags & try1null) {
+        if ((got = probe(get, key, len, 1, &value)) == 1 && value != Py_None
+                && flags & try0null)
+            flags = (flags & ~(try0null | try1null)) | try1null;
+    }
+    if (got == 1 && (value == NULL || value == Py_None) && flags & try0null) {
+        Py_CLEAR(value);
+        if ((got = probe(get, key, len, 0, &value)) == 1 && value != Py_None
+                && flags & try1null)
+            flags = (flags & ~(try0null | try1null)) | try0null;
+    }
+    if (locked && flock(fd, LOCK_UN) != 0) {
+        rc = got < 0 ? -1 : 0;
+        goto out;
+    }
+    if (got <= 0) {
+        rc = got;
+        goto out;
+    }
+    {   /* encode_reply("lookup", OK or NOKEY, value=cut_value(value)) */
+        const char *v = "", *nul;
+        char *r;
+        vlen = 0;
+        if (value != NULL && value != Py_None) {
+            if (!PyBytes_Check(value)) {
+                PyErr_SetString(PyExc_TypeError,
+                                "a table's direct_get must give bytes or None");
+                goto out;
+            }
+            v = PyBytes_AS_STRING(value);
+            vlen = PyBytes_GET_SIZE(value);
+            if ((nul = memchr(v, 0, vlen)) != NULL)
+                vlen = nul - v;
+        }
+        if ((*reply_out = PyBytes_FromStringAndSize(NULL, 17 + vlen)) == NULL)
+            goto out;
+        r = PyBytes_AS_STRING(*reply_out);
+        memcpy(r, "status\0?\0value\0", 15);
+        r[7] = value != NULL && value != Py_None ? ok_digit : nokey_digit;
+        memcpy(r + 15, v, vlen);
+        r[15 + vlen] = r[16 + vlen] = 0;
+    }
+    if ((*flags_out = PyLong_FromUnsignedLongLong(flags)) == NULL) {
+        Py_CLEAR(*reply_out);
+        goto out;
+    }
+    rc = 1;
+out:
+    if (key != small)
+        PyMem_Free(key);
+    Py_XDECREF(get);
+    Py_XDECREF(lock);
+    Py_XDECREF(value);
+    return rc;
+}
+
 /*
  * hot_reply(dispatcher, data): Dispatcher.hot_reply of a read service (its
  * hot map `_hot`, its `woke_at`): None with nothing changed, or the cached
@@ -130,14 +317,14 @@ hot_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t off[3], len[3];
     const char *p;
     struct timespec ts;
-    int differ, truth, found;
+    int differ, truth, found, direct;
 
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "hot_reply(dispatcher, data)");
         return NULL;
     }
     data = args[1];
-    if (rqst_mask == NULL) {
+    if (rqst_mask == NULL || lifetime_locks == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "proxymap._hotpath is not configured");
         return NULL;
     }
@@ -165,19 +352,21 @@ hot_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         goto none;
     }
-    /* table, req_flags = entry */
-    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2) {
-        PyErr_SetString(PyExc_ValueError, "hot map entries are (table, flags) pairs");
+    /* table, req_flags, direct = entry */
+    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3) {
+        PyErr_SetString(PyExc_ValueError, "hot map entries are (table, flags, direct) triples");
         goto done;
     }
     Py_INCREF(entry);
-    Py_SETREF(spelling, entry);     /* keeps table and req_flags alive */
+    Py_SETREF(spelling, entry);     /* keeps table, req_flags and direct alive */
     table = PyTuple_GET_ITEM(entry, 0);
     req_flags = PyTuple_GET_ITEM(entry, 1);
+    if ((direct = PyObject_IsTrue(PyTuple_GET_ITEM(entry, 2))) < 0)
+        goto done;
     if ((answers = PyObject_GetAttr(table, s_answers)) == NULL
             || (watch = PyObject_GetAttr(table, s_watch)) == NULL)
         goto done;
-    if (answers == Py_None)
+    if (answers == Py_None && !direct)
         goto none;
     if ((gen = PyObject_GetAttr(watch, s_gen)) == NULL
             || (watch_gen = PyObject_GetAttr(table, s_watch_gen)) == NULL)
@@ -200,36 +389,56 @@ hot_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(tmp2);
     if (flags == NULL)
         goto done;
-    /* AnswerCache.peek((flags, key)) */
-    if ((timed = PyObject_GetAttr(answers, s_timed)) == NULL)
-        goto done;
-    if ((truth = PyObject_IsTrue(timed)) < 0)
-        goto done;
-    if (truth)
-        goto none;
     if ((key = PyBytes_FromStringAndSize(p + off[2], len[2])) == NULL)
         goto done;
-    if ((ckey = PyTuple_Pack(2, flags, key)) == NULL)
-        goto done;
-    if ((entries = PyObject_GetAttr(answers, s_entries)) == NULL)
-        goto done;
-    if (PyDict_CheckExact(entries)) {
-        reply = PyDict_GetItemWithError(entries, ckey);
-        if (reply == NULL && PyErr_Occurred())
+    if (answers != Py_None) {
+        /* AnswerCache.peek((flags, key)) */
+        if ((timed = PyObject_GetAttr(answers, s_timed)) == NULL)
             goto done;
-        Py_XINCREF(reply);
-    } else {
-        reply = PyObject_CallMethod(entries, "get", "O", ckey);
-        if (reply == NULL)
+        if ((truth = PyObject_IsTrue(timed)) < 0)
             goto done;
-        if (reply == Py_None)
-            Py_CLEAR(reply);
+        if (truth)
+            goto none;
+        if ((ckey = PyTuple_Pack(2, flags, key)) == NULL)
+            goto done;
+        if ((entries = PyObject_GetAttr(answers, s_entries)) == NULL)
+            goto done;
+        if (PyDict_CheckExact(entries)) {
+            reply = PyDict_GetItemWithError(entries, ckey);
+            if (reply == NULL && PyErr_Occurred())
+                goto done;
+            Py_XINCREF(reply);
+        } else {
+            reply = PyObject_CallMethod(entries, "get", "O", ckey);
+            if (reply == NULL)
+                goto done;
+            if (reply == Py_None)
+                Py_CLEAR(reply);
+        }
+        if (reply != NULL && ((stats = PyObject_GetAttr(answers, s_stats)) == NULL
+                              || increment(stats, s_hits, one, 0) < 0))
+            goto done;
     }
-    if (reply == NULL || reply == Py_None)
-        goto none;
-    if ((stats = PyObject_GetAttr(answers, s_stats)) == NULL
-            || increment(stats, s_hits, one, 0) < 0)
-        goto done;
+    if (reply == NULL) {
+        /* _direct_read, kept in the cache as the whole path keys it */
+        PyObject *left = NULL;
+        int read;
+        if (!direct)
+            goto none;
+        if ((read = direct_read(table, flags, key, &left, &reply)) < 0)
+            goto done;
+        if (read == 0)
+            goto none;
+        if (answers != Py_None) {
+            PyObject *r = PyObject_CallMethodObjArgs(answers, s_put_missed, ckey, reply, NULL);
+            if (r == NULL) {
+                Py_DECREF(left);
+                goto done;
+            }
+            Py_DECREF(r);
+        }
+        Py_SETREF(flags, left);
+    }
     /* from here on, as _hot_hit after a hit */
     if (PyObject_SetAttr(table, s_flags, flags) < 0)
         goto done;
@@ -339,6 +548,44 @@ configure(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+configure_reads(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long long bits[4];
+    long status[2];
+    int i;
+    if (nargs != 8 || !PyUnicode_Check(args[6]) || !PyDict_Check(args[7])) {
+        PyErr_SetString(PyExc_TypeError, "configure_reads(fold_fix, try0null, try1null, lock,"
+                        " ok, nokey, flock_style: str, lifetime_locks: dict)");
+        return NULL;
+    }
+    for (i = 0; i < 4; i++) {
+        bits[i] = PyLong_AsUnsignedLongLong(args[i]);
+        if (bits[i] == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    for (i = 0; i < 2; i++) {
+        status[i] = PyLong_AsLong(args[4 + i]);
+        if (status[i] == -1 && PyErr_Occurred())
+            return NULL;
+        if (status[i] < 0 || status[i] > 9) {
+            PyErr_SetString(PyExc_ValueError, "a status is one digit");
+            return NULL;
+        }
+    }
+    fold_fix = bits[0];
+    try0null = bits[1];
+    try1null = bits[2];
+    lock_bit = bits[3];
+    ok_digit = (char)('0' + status[0]);
+    nokey_digit = (char)('0' + status[1]);
+    Py_INCREF(args[6]);
+    Py_XSETREF(flock_style, args[6]);
+    Py_INCREF(args[7]);
+    Py_XSETREF(lifetime_locks, args[7]);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"split_hot_lookup", split_hot_lookup, METH_O,
      "(table, flags, key) of data that is exactly one 3.6-3.10 lookup list, else None."},
@@ -346,6 +593,9 @@ static PyMethodDef methods[] = {
      "hot_reply(dispatcher, data): the hot path's reply to data, counted, or None."},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
      "configure(rqst_mask, lookup_base, latency_bucket): the facts hot_reply needs."},
+    {"configure_reads", (PyCFunction)(void (*)(void))configure_reads, METH_FASTCALL,
+     "configure_reads(fold_fix, try0null, try1null, lock, ok, nokey, flock_style,"
+     " lifetime_locks): the facts hot_reply's direct reads need."},
     {NULL, NULL, 0, NULL}
 };
 
@@ -373,6 +623,14 @@ PyInit__hotpath(void)
     INTERN(s_requests, "requests");
     INTERN(s_latency, "latency");
     INTERN(s_latency_ns, "latency_ns");
+    INTERN(s_direct_get, "direct_get");
+    INTERN(s_lock, "lock");
+    INTERN(s_open_locked, "open_locked");
+    INTERN(s_always, "always");
+    INTERN(s_file_id, "file_id");
+    INTERN(s_style, "style");
+    INTERN(s_fd, "fd");
+    INTERN(s_put_missed, "put_missed");
 #undef INTERN
     if ((one = PyLong_FromLong(1)) == NULL)
         return NULL;

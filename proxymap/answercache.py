@@ -101,6 +101,17 @@ class AnswerCache:
             self.stats.hits += 1
         return value
 
+    @property
+    def timed(self) -> bool:
+        """Entries expire (a TTL): peek() never answers."""
+        return self._timed
+
+    def put_missed(self, key, value) -> None:
+        """get() that missed, then put(): for the dispatcher's hot path,
+        which read the answer itself after peek() found none."""
+        self.stats.misses += 1
+        self.put(key, value)
+
     def put(self, key, value, *, negative: bool = False) -> None:
         """Remember value for key. An entry counts len(key) + len(value)
         bytes (bytes or str, tuples of them; None counts 0, a number 8). A

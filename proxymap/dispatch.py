@@ -25,7 +25,11 @@ table without a watch (network filesystem) is stat()ed per request as
 Postfix does. Lookups of cacheable tables are answered from a bounded cache
 of recent replies (proxymap/answercache.py) while the table has had no
 change notification and no write of our own; a miss reads the table, with
-Postfix's locks, as before.
+Postfix's locks, as before. A 3.6-3.10 lookup spelled like one answered
+before takes the hot path (`hot_reply`): the cached answer, or for tables
+that read directly (Berkeley DB files) the file read at once under the same
+shared lock (`_direct_read`), without decoding, allow-list and registry
+steps, which cannot answer otherwise for the same spelling.
 Remote tables (those served off the loop) keep answers for a TTL from
 main.cf or from their own parameter file (`_answer_cache`), counting hits
 and misses per table; `note_pools` puts their lanes' and connection
@@ -66,7 +70,8 @@ from proxymap.offload import DeferredReply
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                HOTPATH, BadRequest, Request, encode_reply, parse_request,
                                split_hot_lookup)
-from proxymap.tables import Table, TableError, TableOpenError, open_table, strip_proxy
+from proxymap.tables import Table, TableError, TableOpenError, filelock, nulkeys, open_table, \
+    strip_proxy
 from proxymap.tables.base import END, START, Unsupported, file_stamp, stamp_is_settled
 from proxymap.tables.filelock import LockBusy
 from proxymap.utf8 import is_utf8, utf8_key
@@ -76,12 +81,55 @@ LOOKUP_BASE = REQUEST_BASE["lookup"]
 
 def configure_hotpath(module) -> None:
     """Give the compiled hot path (proxymap/_hotpath.c) the facts its
-    hot_reply needs, from the modules that own them."""
+    hot_reply needs (its direct reads: _direct_read's), from the modules
+    that own them."""
     module.configure(F.RQST_MASK, LOOKUP_BASE, LATENCY_BUCKET)
+    module.configure_reads(F.FOLD_FIX, F.TRY0NULL, F.TRY1NULL, F.LOCK, OK, NOKEY,
+                           filelock.FLOCK, filelock.lifetime_locks())
 
 
 if HOTPATH is not None:
     configure_hotpath(HOTPATH)
+
+
+def _direct_read(table: Table, flags: int, key: bytes) -> tuple[int, bytes] | None:
+    """What NulKeyTable.lookup of `key` under `flags` makes of a table that
+    reads directly (Table.direct_reads), through its `direct_get`, with the
+    shared flock(2) around the read when the flags call for a lock: (the
+    flags word after the lookup, the encoded 3.6-3.10 reply, OK or NOKEY).
+    None, with nothing changed, wherever the whole path has more to do: no
+    handle, a lock busy or not flock-style, a failed read or unlock (the
+    whole path then answers with its own locking, waiting, errors)."""
+    get = table.direct_get
+    if get is None:
+        return None
+    if flags & F.FOLD_FIX:
+        key = F.fold_ascii(key)
+    lock = table.lock
+    locked = lock is not None and lock.needed(flags)
+    if locked:
+        if lock.style != filelock.FLOCK or not filelock.try_flock_shared(lock.fd):
+            return None
+    try:
+        value = None
+        if flags & F.TRY1NULL:
+            value = get(key + b"\0")
+            if value is not None and flags & F.TRY0NULL:
+                flags = nulkeys.narrow(flags, F.TRY1NULL)
+        if value is None and flags & F.TRY0NULL:
+            value = get(key)
+            if value is not None and flags & F.TRY1NULL:
+                flags = nulkeys.narrow(flags, F.TRY0NULL)
+    except Exception:
+        value = False
+    finally:
+        unlocked = not locked or filelock.try_unlock(lock.fd)
+    if not unlocked or value is False:
+        return None
+    if value is None:
+        return flags, encode_reply("lookup", NOKEY)
+    return flags, encode_reply("lookup", OK, value=nulkeys.cut_value(value))
+
 
 #: (table, flags) spellings kept for the hot path before it starts afresh
 HOT_SPELLINGS = 256
@@ -185,7 +233,10 @@ class Dispatcher:
         # the same is answered from that cache without decoding, allow-list
         # and registry steps (which cannot answer differently: same table,
         # same flags, and a key that the full path answered before).
-        self._hot: dict[tuple[bytes, bytes], tuple[Table, int]] = {}
+        # An instance that reads directly (Table.direct_reads) is led to
+        # from its first lookup on, cache or not: the hot path then reads
+        # its file itself (_direct_read), exactly as the whole path would.
+        self._hot: dict[tuple[bytes, bytes], tuple[Table, int, bool]] = {}
         #: whether hot_reply can answer anything now (the worker asks it
         #: only then)
         self.hot_spellings = self._hot
@@ -359,19 +410,29 @@ class Dispatcher:
 
     def _hot_hit(self, table_name: bytes, flags_text: bytes, key: bytes) -> bytes | None:
         """A 3.6-3.10 lookup of (table, flags) bytes spelled as one that the
-        whole path answered before, and whose answer is in the instance's
-        cache: that reply, counted; else None (nothing counted)."""
+        whole path answered before: the reply from the instance's answer
+        cache, or else, for an instance that reads directly (`direct`, see
+        _note_hot), from its file (kept in the cache, if it has one),
+        counted as handle() counts; else None (nothing counted or
+        changed)."""
         hot = self._hot.get((table_name, flags_text))
         if hot is None:
             return None
-        table, req_flags = hot
+        table, req_flags, direct = hot
         answers, watch = table.answers, table.watch
-        if answers is None or watch.gen != table.watch_gen:
+        if answers is None and not direct or watch.gen != table.watch_gen:
             return None
         flags = (table.flags & ~F.RQST_MASK) | (req_flags & F.RQST_MASK)
-        reply = answers.peek((flags, key))
+        reply = None if answers is None else answers.peek((flags, key))
         if reply is None:
-            return None
+            if not direct or answers is not None and answers.timed:
+                return None
+            read = _direct_read(table, flags, key)
+            if read is None:
+                return None
+            if answers is not None:     # keyed as the whole path keys it
+                answers.put_missed((flags, key), read[1])
+            flags, reply = read         # the flags word the lookup left
         table.flags = flags
         counters = table.counters       # as handle() counts
         elapsed = monotonic_ns() - self.woke_at
@@ -379,6 +440,18 @@ class Dispatcher:
         counters.latency[LATENCY_BUCKET[elapsed.bit_length()]] += 1
         counters.latency_ns += elapsed
         return reply
+
+    def _note_hot(self, table: Table, req: Request) -> None:
+        """After the whole path answered a 3.6-3.10 lookup from the table
+        itself: its spelling leads the hot path to the instance. `direct`
+        when the hot path may read the file too (direct_reads, and no UTF-8
+        layer, whose key check the hot path does not make)."""
+        if self._hot_key is None or table.watch is None or req.layout != 37:
+            return
+        if len(self._hot) >= HOT_SPELLINGS:
+            self._hot.clear()   # a client trying many spellings
+        self._hot[self._hot_key] = (table, req.flags, table.direct_reads and not (
+            self.smtputf8 and table.utf8_layer))
 
     def _count_under_table(self, req: Request):
         """The counters of the request's table when it is on the
@@ -480,7 +553,13 @@ class Dispatcher:
             if table in groups:     # anything else sees the group's changes durable
                 self._end_group(table)
         if answers is None:
-            return self._run(table, req, walks, flags)
+            if name != "lookup" or not table.direct_reads:
+                return self._run(table, req, walks, flags)
+            self._answered = False
+            reply = self._run(table, req, walks, flags)
+            if self._answered:
+                self._note_hot(table, req)
+            return reply
         if name == "lookup":
             # the reply is a function of the flags word, the key and the
             # file, and the file has not changed since the entry was made
@@ -491,11 +570,7 @@ class Dispatcher:
                 reply = self._run(table, req, walks, flags)
                 if self._answered:
                     answers.put(ckey, reply)
-                    if self._hot_key is not None and table.watch is not None \
-                            and req.layout == 37:
-                        if len(self._hot) >= HOT_SPELLINGS:
-                            self._hot.clear()   # a client trying many spellings
-                        self._hot[self._hot_key] = (table, req.flags)
+                    self._note_hot(table, req)
             return reply
         if name == "sequence":
             return self._run(table, req, walks, flags)

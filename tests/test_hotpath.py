@@ -20,6 +20,7 @@ from proxymap import protocol
 from proxymap.dispatch import Dispatcher, configure_hotpath
 from proxymap.filewatch import FileWatcher
 from proxymap.protocol import Decoder, encode, split_hot_lookup_python
+from tests.instance import POSTMAP
 from tests.test_answercache import settle
 
 try:
@@ -325,7 +326,7 @@ def test_both_hot_replies_raise_alike_on_a_broken_hot_map(table_file):
         d = make_dispatcher(table)
         try:
             d.handle(list(Decoder().feed(request(table, b"key1"))[0]))
-            [(spelling, (instance, flags))] = d._hot.items()
+            [(spelling, (instance, flags, direct))] = d._hot.items()
             instance.watch = None       # no watch where one was: a bug, not an answer
             with pytest.raises(AttributeError):
                 hot(d, request(table, b"key1"))
@@ -349,3 +350,218 @@ def test_status_names_the_hot_path_in_use():
               "hot_path": protocol.IMPLEMENTATION}
     assert format_status(status).splitlines()[0].endswith(
         f", hot path {protocol.IMPLEMENTATION}")
+
+
+# -- direct reads (Berkeley DB files, answer cache on or off) ----------------------------
+
+needs_postmap = pytest.mark.skipif(POSTMAP is None, reason="real Postfix postmap not installed")
+
+DB_SOURCE = ("".join(f"key{n} value{n}\n" for n in range(20)) + "Folded v\n"
+             + "long" + "x" * 300 + " long value\n" + "nonascii\xe9 v\xe9\n")
+DB_KEYS = ([f"key{n}".encode() for n in range(24)]
+           + [b"folded", b"FOLDED", b"Key3", b"nokey", b"", b"long" + b"x" * 300,
+              b"LONG" + b"X" * 300, "nonascii\xe9".encode(), b"\xff\xfe"])
+DB_FLAG_WORDS = [F.LOCK | F.FOLD_FIX, F.FOLD_FIX, 0, F.LOCK, F.LOCK | F.FOLD_FIX | F.TRY1NULL,
+                 F.FOLD_FIX | F.TRY0NULL, F.LOCK | F.TRY0NULL | F.TRY1NULL,
+                 F.FOLD_FIX | F.UTF8_REQUEST, 0xFFFFFFFF]
+
+
+def build_db(src, type_name: str, variant: str, source: str) -> None:
+    """The real postmap's file for `src` holding `source` (a main.cf next
+    to it)."""
+    cf = src.parent / "cf"
+    if not cf.exists():
+        cf.mkdir()
+        (cf / "main.cf").write_text(f"compatibility_level = 3.6\nqueue_directory = {src.parent}\n"
+                                    f"data_directory = {src.parent}\nmail_owner = postfix\n"
+                                    "myhostname = test.localdomain\n")
+    src.write_text(source)
+    done = subprocess.run([POSTMAP, "-c", str(cf), *([variant] if variant else []),
+                           f"{type_name}:{src}"], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+DB_VARIANTS = [("hash", ""), ("hash", "-N"), ("hash", "-n"), ("btree", "")]
+
+
+@pytest.fixture(scope="module")
+def db_templates(tmp_path_factory):
+    """Per (type, variant): the file of DB_SOURCE and that of a changed
+    source, each built once (postmap takes a while to start)."""
+    if POSTMAP is None:
+        return {}
+    base = tmp_path_factory.mktemp("db")
+    out = {}
+    for type_name, variant in DB_VARIANTS:
+        files = []
+        for n, source in enumerate((DB_SOURCE, DB_SOURCE + "added v\nkey3 changed\n")):
+            src = base / f"{type_name}{variant}-{n}"
+            build_db(src, type_name, variant, source)
+            files.append(f"{src}.db")
+        out[type_name, variant] = files
+    return out
+
+
+def install_db(template: str, src) -> None:
+    """Put a built file in place as a writer would rewrite it (same inode)."""
+    shutil.copyfile(template, f"{src}.db")
+    settle(f"{src}.db")
+
+
+@pytest.fixture(params=DB_VARIANTS, ids=lambda p: p[0] + p[1])
+def db_file(tmp_path, request, db_templates):
+    if POSTMAP is None:
+        pytest.skip("real Postfix postmap not installed")
+    type_name, variant = request.param
+    src = tmp_path / "map"
+    install_db(db_templates[type_name, variant][0], src)
+    return f"{type_name}:{src}", src, db_templates[type_name, variant]
+
+
+def whole_reply(d: Dispatcher, data: bytes):
+    """The whole path alone: no spelling ever leads to the hot path."""
+    d._hot.clear()
+    return None
+
+
+def hot_answers(d: Dispatcher) -> int:
+    return sum(sum(c.requests) for c in d.metrics.tables.values())
+
+
+@needs_postmap
+@needs_compiled
+@pytest.mark.parametrize("cache_entries", [0, 8])
+def test_direct_reads_agree_with_the_whole_path_on_a_random_workload(db_file, cache_entries):
+    """Three dispatchers on the same Berkeley DB file get the same requests:
+    one answers through the whole path only, one through the pure-Python
+    hot path and one through the compiled one. Every reply, counter, cache
+    figure and instance flags word stays the same, across flag words
+    (locks, folding, NUL conventions, a UTF-8 layer), keys found or not,
+    long keys and a rebuild of the file."""
+    table, src, templates = db_file
+    dispatchers = [make_dispatcher(table, cache_entries=cache_entries) for _ in range(3)]
+    forms = (whole_reply, pure_reply, compiled_reply)
+    rng = random.Random(13)
+    hot = 0
+    try:
+        for n in range(2000):
+            if n % 700 == 699:          # a rebuild: all three see its notification
+                install_db(templates[n // 700 % 2 == 0], src)
+            spelling = rng.choice(DB_FLAG_WORDS)
+            flags = str(spelling).encode() if rng.random() < 0.9 else b"0%d" % spelling
+            data = request(table, rng.choice(DB_KEYS), flags)
+            replies = []
+            for d, form in zip(dispatchers, forms):
+                d.refresh()
+                reply = form(d, data)
+                if reply is None:
+                    [attrs] = Decoder().feed(data)
+                    reply = d.handle(attrs)
+                elif form is pure_reply:
+                    hot += 1
+                replies.append(reply)
+            assert replies[0] == replies[1] == replies[2], data
+            states = [state(d, table) for d in dispatchers]
+            assert states[0] == states[1] == states[2], data
+        assert hot > 1000       # the hot path answered most, directly or from the cache
+        if cache_entries:
+            assert dispatchers[0].cache_stats.misses > 100
+    finally:
+        for d in dispatchers:
+            d.close_all()
+
+
+def warmed(table: str, cache_entries: int = 0) -> Dispatcher:
+    d = make_dispatcher(table, cache_entries=cache_entries)
+    d.handle(list(Decoder().feed(request(table, b"key1"))[0]))
+    assert d._hot and list(d._hot.values())[0][2] is True     # a direct instance
+    return d
+
+
+@needs_postmap
+@pytest.mark.parametrize("hot", [pure_reply, pytest.param(
+    lambda d, data: compiled.hot_reply(d, data), marks=needs_compiled, id="compiled")])
+def test_direct_reads_leave_a_busy_lock_to_the_whole_path(db_file, hot, monkeypatch):
+    import fcntl
+    from proxymap.tables import filelock
+    monkeypatch.setattr(filelock, "wait_limit", 0)      # as in the worker's loop
+    table, src, _ = db_file
+    d = warmed(table)
+    d.handle(list(Decoder().feed(request(table, b"key1", F.FOLD_FIX))[0]))
+    holder = os.open(f"{src}.db", os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        before = state(d, table)
+        assert hot(d, request(table, b"key2")) is None
+        assert state(d, table) == before
+        assert d.handle(list(Decoder().feed(request(table, b"key2"))[0]), may_wait=True) is None
+        # a lookup without LOCK needs no lock: read at once
+        assert hot(d, request(table, b"key2", F.FOLD_FIX)) == b"status\x000\x00value\x00value2\x00\x00"
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        assert hot(d, request(table, b"KEY2")) == b"status\x000\x00value\x00value2\x00\x00"
+        # and it gave its shared lock back
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(holder)
+        d.close_all()
+
+
+@needs_postmap
+@pytest.mark.parametrize("hot", [pure_reply, pytest.param(
+    lambda d, data: compiled.hot_reply(d, data), marks=needs_compiled, id="compiled")])
+def test_direct_reads_leave_what_they_cannot_do_to_the_whole_path(db_file, hot, monkeypatch):
+    """No handle, a lock not of the flock style, a read that fails: None
+    with nothing changed (the whole path answers with its own errors); an
+    exception that is not an Exception goes through, the lock given back;
+    a handle that gives no bytes is a TypeError in both forms."""
+    import fcntl
+    from berkeleydb import db as bdb
+    from proxymap.tables import filelock
+    from proxymap.tables.berkeleydb import _BerkeleyTable
+    table, src, _ = db_file
+    d = warmed(table)
+    [(instance, _, _)] = d._hot.values()
+    data = request(table, b"key3")
+    try:
+        before = state(d, table)
+        saved = instance.lock.style
+        instance.lock.style = filelock.FCNTL
+        assert hot(d, data) is None
+        instance.lock.style = saved
+
+        def failing(_key):
+            raise bdb.DBError(5, "Input/output error")
+        monkeypatch.setattr(_BerkeleyTable, "direct_get", property(lambda self: failing))
+        assert hot(d, data) is None
+        monkeypatch.setattr(_BerkeleyTable, "direct_get", property(lambda self: None))
+        assert hot(d, data) is None
+        assert state(d, table) == before
+
+        def interrupted(_key):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(_BerkeleyTable, "direct_get", property(lambda self: interrupted))
+        with pytest.raises(KeyboardInterrupt):
+            hot(d, data)
+        holder = os.open(f"{src}.db", os.O_RDONLY)
+        try:
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)    # given back
+        finally:
+            os.close(holder)
+        monkeypatch.setattr(_BerkeleyTable, "direct_get", property(lambda self: lambda k: "text"))
+        with pytest.raises(TypeError):
+            hot(d, data)
+        monkeypatch.undo()
+        assert hot(d, data) == b"status\x000\x00value\x00value3\x00\x00"
+    finally:
+        d.close_all()
+
+
+@needs_postmap
+def test_a_closed_instance_is_never_read_directly(db_file):
+    table, _, _ = db_file
+    d = warmed(table)
+    forms = [pure_reply] + ([compiled_reply] if compiled is not None else [])
+    [(instance, _, _)] = d._hot.values()
+    d.close_all()
+    for hot in forms:
+        assert hot(d, request(table, b"key1")) is None

@@ -72,6 +72,11 @@ class Table:
     answers = None
     watch = None
     watch_gen = 0
+    #: lookups are NulKeyTable.lookup over one storage call, `direct_get`
+    #: (stored key -> stored value or None, raising on a failure): the
+    #: dispatcher's hot path may read through it (Dispatcher._direct_read)
+    direct_reads = False
+    direct_get = None
 
     @classmethod
     def member_specs(cls, name: str) -> list[str]:

@@ -180,6 +180,15 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
             self._db = _open_db(*self._open_args)
         self.remember_file(self.path)
 
+    direct_reads = True
+
+    @property
+    def direct_get(self):
+        """The handle's own get (None while there is no handle): what
+        _get calls, without the translation of its errors."""
+        db = self._db
+        return None if db is None else db.get
+
     def _get(self, stored_key):
         try:   # the hot path: no context manager here
             return self._db.get(stored_key)

@@ -70,6 +70,30 @@ def lock(fd: int, style: str, op: str, wait: bool = True) -> bool:
     return True
 
 
+def lifetime_locks() -> dict[tuple[int, int], int]:
+    """The (device, inode) -> holders map of the OPEN_LOCKs this process
+    holds (TableLock.needed consults it), for the compiled hot path."""
+    return _lifetime_locks
+
+
+def try_flock_shared(fd: int) -> bool:
+    """A shared flock(2) on `fd` without waiting: False when another holder
+    has it exclusively, or the call failed (no exception), for the
+    dispatcher's hot path (which leaves both cases to the whole path)."""
+    try:
+        return lock(fd, FLOCK, SHARED, wait=False)
+    except OSError:
+        return False
+
+
+def try_unlock(fd: int) -> bool:
+    """flock(2) LOCK_UN on `fd`: False when the call failed (no exception)."""
+    try:
+        return lock(fd, FLOCK, UNLOCK)
+    except OSError:
+        return False
+
+
 def open_for_rebuild(path: str, style: str) -> int:
     """Open (or create, mode 0644 less the umask) a table file that is about
     to be rebuilt and take its exclusive lock, waiting for readers to let
