@@ -31,12 +31,10 @@ The master accepts every connection waiting on a listener before it hands
 any over, and passes a worker's share in one message (`send_clients()`):
 one wake-up of the worker per batch instead of one per connection. The
 worker greets each new client at once, in the same loop pass. A worker
-reports its load once a few clients have left (report_batch()), not at
-every one, and never for an arrival: the master counts the connections it
-handed that the worker has not reported yet (WorkerSlot.in_transit), so
-its count of a worker's connections is right without one, and a report
-per connection would only wake the master once or twice more per
-connection.
+reports its load once a few clients have arrived or left (report_batch()),
+not at every one: the master counts the connections it handed that the
+worker has not reported yet (WorkerSlot.in_transit), so a report per
+connection would only wake the master twice more per connection.
 
 `attach_worker()` is the worker half (called by proxymap/server.py);
 `send_clients()`, `send_command()` and `read_messages()` are used by both.
@@ -151,20 +149,19 @@ def send_descriptor(chan: socket.socket, kind: bytes, fd: int) -> None:
 
 
 def report_batch(busy_clients: int) -> int:
-    """How many departures a worker lets pass before it reports: an eighth
-    of proxymap_worker_busy_clients (4 of the default 32), 1 when that is
-    lower. Until then the master's count of the worker's active load is
-    high by fewer than that many connections, far from the threshold at
-    which it starts another worker."""
+    """How many arrivals, or departures, a worker lets pass before it
+    reports: an eighth of proxymap_worker_busy_clients (4 of the default
+    32), 1 when that is lower. Until then the master's count of the
+    worker's active load is off by fewer than that many connections, far
+    from the threshold at which it starts another worker."""
     return max(1, busy_clients // 8)
 
 
-def report_due(left: int, batch: int, now: float, last_sent: float) -> bool:
+def report_due(arrived: int, left: int, batch: int, now: float, last_sent: float) -> bool:
     """Whether a worker's change of load is worth a report now: `batch`
-    clients have left since the last report (report_batch()), or
-    REPORT_INTERVAL has passed. Arrivals alone never are: the master
-    counts what it hands over (WorkerSlot.in_transit)."""
-    return left >= batch or now - last_sent >= REPORT_INTERVAL
+    clients have arrived or left since the last report (report_batch()),
+    or REPORT_INTERVAL has passed."""
+    return arrived >= batch or left >= batch or now - last_sent >= REPORT_INTERVAL
 
 
 def send_command(chan: socket.socket, command: bytes) -> None:
@@ -252,9 +249,10 @@ class WorkerChannel:
         self._last: Status | None = None
         self._last_sent = 0.0
         self._metrics_sent = 0.0
-        #: clients now, as of the last on_change, and how many left since
-        #: the last report
+        #: clients now, as of the last on_change, and how many arrived and
+        #: left since the last report
         self._clients = 0
+        self._arrived = 0
         self._left = 0
 
     def start(self) -> None:
@@ -267,13 +265,16 @@ class WorkerChannel:
             clients = worker.clients
             if clients < self._clients:
                 self._left += self._clients - clients
+            elif clients > self._clients:
+                self._arrived += clients - self._clients
             self._clients = clients
             # The master's choice of worker needs the number of clients,
             # but it counts the ones it handed itself: a report per batch of
-            # departures keeps its count close. Request counters only show
-            # progress (daemon_timeout), so they travel at most every
-            # REPORT_INTERVAL instead of costing a message per request.
-            if report_due(self._left, self.batch, time.monotonic(), self._last_sent):
+            # arrivals or departures keeps its count close. Request counters
+            # only show progress (daemon_timeout), so they travel at most
+            # every REPORT_INTERVAL instead of costing a message per request.
+            if report_due(self._arrived, self._left, self.batch, time.monotonic(),
+                          self._last_sent):
                 self.report()
             if self.retiring and clients == 0:
                 worker.shutdown()
@@ -306,7 +307,7 @@ class WorkerChannel:
             self.chan.send(encode_status(status))
             self._last = status
             self._last_sent = now
-            self._left = 0
+            self._arrived = self._left = 0
             if tables:
                 self._metrics_sent = now
             while tables:

@@ -116,23 +116,16 @@ def test_handed_counts_every_connection_and_every_message():
     assert (snap["handed"], snap["handoffs"]) == (6, 2)
 
 
-def test_reports_are_due_after_a_batch_of_departures_never_for_arrivals():
+def test_reports_are_due_after_a_batch_of_arrivals_or_departures():
     assert handoff.report_batch(32) == 4            # the default busy threshold
     assert handoff.report_batch(4) == handoff.report_batch(1) == 1
     batch = 4
-    assert not handoff.report_due(0, batch, 10.0, 9.9)
-    assert not handoff.report_due(3, batch, 10.0, 9.9)
-    assert handoff.report_due(4, batch, 10.0, 9.9)
-    assert handoff.report_due(1, 1, 10.0, 9.9)      # a low threshold: every departure
-    assert handoff.report_due(0, batch, 10.0, 10.0 - handoff.REPORT_INTERVAL)
-
-
-def test_the_master_counts_arrivals_that_were_never_reported():
-    """No report for an arrival: the master's count of a worker's
-    connections includes those it handed since the last report."""
-    s = slot(1, clients=2, handed=5)
-    s.handed += 3                                   # three more handed, not reported
-    assert s.in_transit == 3 and s.load == 5 and s.active_load == 3
+    assert not handoff.report_due(0, 0, batch, 10.0, 9.9)
+    assert not handoff.report_due(3, 3, batch, 10.0, 9.9)
+    assert handoff.report_due(4, 0, batch, 10.0, 9.9)
+    assert handoff.report_due(0, 4, batch, 10.0, 9.9)
+    assert handoff.report_due(1, 0, 1, 10.0, 9.9)   # a low threshold: every change
+    assert handoff.report_due(0, 0, batch, 10.0, 10.0 - handoff.REPORT_INTERVAL)
 
 
 # -- the record -------------------------------------------------------------------------
