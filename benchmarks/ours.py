@@ -63,7 +63,7 @@ class OurService(ServerInstance):
             finally:
                 log.close()
         for service in ("proxymap", "proxywrite"):
-            if not wait_for_socket(self.socket_path(service), 30):
+            if not wait_for_socket(self.socket_path(service), 30, greet=service == "proxymap"):
                 raise StartError(f"ours: {self.socket_path(service)} does not greet")
 
     def _master_pid(self) -> int | None:

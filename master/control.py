@@ -3,7 +3,8 @@
 This is our counterpart of Postfix's postfix(1) command and postfix-script
 for the proxymap services: `start` detaches a master and returns only when
 every service greets its clients (like `master -w`, but checked from the
-outside too), `stop` and `reload` signal the process named in the locked
+outside too; a service started on demand only has its socket checked: a
+greeting would start its worker), `stop` and `reload` signal the process named in the locked
 pid file, `status` shows the workers, `run` stays in the foreground (for
 systemd), `check` validates main.cf and master.cf, and `config` is a small
 postconf(1).
@@ -16,12 +17,13 @@ import json
 import os
 import select
 import signal
+import stat
 import sys
 import time
 
 from master import pidfile
-from master.supervisor import (PROGRAM, Master, load_configuration, not_served, socket_state,
-                               status_path)
+from master.supervisor import (PROGRAM, Master, load_configuration, not_served,
+                               service_settings, socket_state, status_path)
 from proxymap import add_version_option
 from proxymap.conventions import maillog
 from proxymap.conventions.config_error import ConfigError
@@ -141,11 +143,25 @@ def cmd_start(args) -> int:
     deadline = time.monotonic() + START_TIMEOUT
     for service in config.services:
         path = service.socket_path(config.main)
-        problem = check_greeting(path, max(0.5, deadline - time.monotonic()))
+        if not service_settings(config.main, service).min_workers:
+            # no worker until a client comes: a greeting would start one
+            problem = socket_missing(path)
+        else:
+            problem = check_greeting(path, max(0.5, deadline - time.monotonic()))
         if problem:
             _abandon(daemon_pid)
             raise Failure(problem)
     return 0
+
+
+def socket_missing(path: str) -> str | None:
+    """None when `path` is a socket file (a service started on demand is
+    checked so at `start`), else the reason."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"stat {path}: {exc.strerror}"
+    return None if stat.S_ISSOCK(mode) else f"{path}: not a socket"
 
 
 def _read_report(fd: int, timeout: float) -> str:
@@ -313,6 +329,8 @@ def format_status(status: dict) -> str:
             extra += f", socket {service.get('path')} replaced by another process"
         elif service.get("socket") == "missing":
             extra += f", socket {service.get('path')} missing"
+        if not workers and service.get("min_workers") == 0:
+            extra += ", the first client starts one"
         lines.append(f"service {name} ({service.get('path')}): {len(workers)} worker(s), "
                      f"maxproc {service.get('maxproc')}{extra}")
         for w in workers:

@@ -2,13 +2,18 @@
 
 Postfix's master decides in master_spawn.c and master_avail.c when a
 service gets another process and when one is thrown away; ours decides
-the same things for its pre-forked workers: which worker gets a
-connection (workerslot.pick_worker), when another worker is started
-(all current ones busy, fewer than the minimum, not throttled, under
-maxproc), when one is pinged (busy and silent), stopped (an old one that
-keeps a new one from starting, for longer than the grace), killed (no
-first report, no progress for daemon_timeout) or retired (max_use,
-max_idle, an older configuration), and which changed parameters a reload
+the same things for its workers: which worker gets a connection
+(workerslot.pick_worker), when another worker is started (all current
+ones busy, fewer than the service's minimum, not throttled, under
+maxproc), when the master itself watches a service's socket so that a
+connection starts its first worker (watch_for_first_client: Postfix's
+master forks a service's process only once a client waits and none is
+free, and throttles a service whose process died at start-up; we do that
+for a service whose minimum is 0, proxywrite by default), when one is
+pinged (busy and silent), stopped (an old one that keeps a new one from
+starting, for longer than the grace), killed (no first report, no
+progress for daemon_timeout) or retired (max_use, max_idle down to the
+minimum, an older configuration), and which changed parameters a reload
 ignores.
 
 A retired worker is never stopped or killed for taking its time: as
@@ -45,8 +50,6 @@ from proxymap.conventions import maillog
 from proxymap.conventions.mainconfig import MainConfig
 from proxymap.conventions.parameters import PARAMETERS
 
-#: workers kept per service even when idle
-MIN_WORKERS = 1
 #: seconds an old worker that keeps the new configuration's worker from
 #: starting (a service at its process limit, reloaded) or whose service
 #: was removed may wait for its clients to leave before it is told to stop
@@ -74,6 +77,10 @@ class Settings:
     #: One event loop serves many clients; a worker per core or so is what
     #: helps throughput, a worker per handful of clients only costs memory.
     busy_clients: int
+    #: workers kept even when idle (proxymap_read_min_workers,
+    #: proxymap_write_min_workers); 0: the first worker starts when a
+    #: client connects and the last one leaves after max_idle
+    min_workers: int = 1
 
 
 class ServiceState:
@@ -96,6 +103,8 @@ class ServiceState:
         self.taken_over = False
         #: request counters of the workers that have exited, by table
         self.exited_tables: dict[str, metrics.TableCounters] = {}
+        #: connections handed to its workers since the master started
+        self.handed = 0
 
     def tables(self) -> dict[str, metrics.TableCounters]:
         """Request counters by table: exited workers' and live ones' totals."""
@@ -253,6 +262,19 @@ def needs_another_worker(state: ServiceState, now: float) -> bool:
     return state.under_limit() and not state.throttled(now) and not state.removed
 
 
+def watch_for_first_client(state: ServiceState, now: float) -> bool:
+    """The service has no worker that can take a connection, and a
+    connection would start one: the master watches the socket itself,
+    accepts the client, and it waits for the fork (needs_another_worker).
+    Not while a worker is starting (the client would only wait for that
+    one), nor while the service is throttled after a failed start (clients
+    wait in the listen backlog until service_throttle_time has passed, as
+    with Postfix's master: no fork per connection), nor at maxproc, nor
+    for a removed service."""
+    return (not state.current() and state.under_limit() and not state.throttled(now)
+            and not state.removed)
+
+
 def no_room_for_new_generation(state: ServiceState) -> bool:
     """After a reload: the service is at maxproc (proxywrite), so its old
     workers must go before a worker of the new configuration can start."""
@@ -283,7 +305,8 @@ def manage_workers(state: ServiceState, now: float, control: WorkerControl) -> N
     """One pass over a service's workers: kill the hung, ping the silent,
     stop and kill the old ones that hold the service back and outstay
     (holds_back()), retire the superseded, the used-up (retire_used_up())
-    and the idle extras, then start workers up to the minimum."""
+    and the idle ones above the minimum, then start workers up to the
+    minimum."""
     settings = state.settings
     ping_every = max(0.2, min(settings.daemon_timeout / 3, 60.0))
     current_ready = [s for s in state.current() if s.state == READY]
@@ -318,19 +341,22 @@ def manage_workers(state: ServiceState, now: float, control: WorkerControl) -> N
                 elif since > RETIRE_GRACE + settings.daemon_timeout + STOP_GRACE:
                     control.kill(slot)
             continue
-        if slot.generation != state.generation and current_ready:
+        if slot.generation != state.generation and (current_ready or not settings.min_workers):
+            # a service started on demand does not start a worker of the
+            # new configuration just to replace an old one: the next
+            # client does
             control.retire(slot, now, "configuration reloaded")
         elif retire_used_up(state, slot):
             control.retire(slot, now, "max_use reached")
             if slot in current_ready:
                 current_ready.remove(slot)
         elif (slot.state == READY and slot.generation == state.generation
-              and len(current_ready) > MIN_WORKERS
+              and len(current_ready) > settings.min_workers
               and slot.idle_for(now) > settings.max_idle):
             control.retire(slot, now, "max_idle reached")
             current_ready.remove(slot)
     if state.removed or state.throttled(now):
         return
-    while len(state.current()) < MIN_WORKERS and state.under_limit():
+    while len(state.current()) < settings.min_workers and state.under_limit():
         if control.spawn(state) is None:
             break

@@ -18,8 +18,13 @@ What it mirrors from Postfix:
   loop only (the handlers just wake the loop's epoll via set_wakeup_fd).
 
 Where it differs: a bad configuration at reload is rejected and the old
-one keeps running (Postfix's master would die); workers are pre-forked
-(at least one per service) and respawned when they die.
+one keeps running (Postfix's master would die); the read service's
+workers are pre-forked (proxymap_read_min_workers, 1) and respawned when
+they die. A service whose minimum is 0 (proxywrite by default,
+proxymap_write_min_workers) is started as Postfix's master starts every
+service: the master watches its socket while it has no worker, and the
+first client makes it fork one (policy.watch_for_first_client); the
+worker leaves after max_idle without clients.
 
 The loop is on `select.epoll` directly, and accepted connections stay
 plain descriptors from accept() to the hand-over message (no socket
@@ -49,7 +54,8 @@ from master import pidfile, sdnotify
 from master.master_cf import Service, load_master_cf
 from master.policy import (STOP_GRACE, ServiceState, Settings, fixed_values, ignored_changes,
                            manage_workers, needs_another_worker, no_room_for_new_generation,
-                           plan_hand_over, retire_used_up, successor_due, use_limit)
+                           plan_hand_over, retire_used_up, successor_due, use_limit,
+                           watch_for_first_client)
 from master.workerslot import READY, WorkerSlot, pick_worker
 from proxymap import handoff, metrics, protocol
 from proxymap.allowlist import proxy_allow_set
@@ -165,7 +171,10 @@ def load_configuration(config_dir: str, warn=None, workers: bool = False,
     ConfigError (one line, file and line) on any problem, including the
     numbers the master itself needs. With `workers` (check, reload) also
     the values only workers read, so a reload cannot replace serving
-    workers by ones that die at startup."""
+    workers by ones that die at startup; a service whose first worker
+    starts only on demand (min_workers 0) has them checked always, so that
+    `start` still refuses a configuration its worker would die of, instead
+    of the first client finding out."""
     main = load_main_cf(config_dir, warn=warn)
     services = load_master_cf(config_dir, main, warn=warn,
                               path=service_file(main, services_from))
@@ -186,8 +195,8 @@ def load_configuration(config_dir: str, warn=None, workers: bool = False,
     for service in services:
         if service.type == "unix" and is_proxymap_command(service):
             try:
-                service_settings(main, service)       # raises on bad -o values
-                if workers:
+                settings = service_settings(main, service)     # raises on bad -o values
+                if workers or not settings.min_workers:
                     check_worker_settings(main, service)
             except ConfigError as exc:
                 if exc.filename:                  # a main.cf value: already located
@@ -241,7 +250,20 @@ def service_settings(main: MainConfig, service: Service) -> Settings:
         maxproc = 1                                 # the single updater
     return Settings(cfg.get_int("max_use"), cfg.get_time("max_idle"),
                     cfg.get_time("daemon_timeout"), cfg.get_time("service_throttle_time"),
-                    maxproc, cfg.get_int("proxymap_worker_busy_clients"))
+                    maxproc, cfg.get_int("proxymap_worker_busy_clients"),
+                    cfg.get_int(min_workers_parameter(cfg, service.name)))
+
+
+def min_workers_parameter(cfg: MainConfig, name: str) -> str:
+    """The parameter that says how many workers of service `name` are kept
+    when idle: the write service's (0 by default: most sites never update
+    a table through proxywrite, and a worker started on demand costs its
+    first client a fork of the preloaded master), else the read service's
+    (1: lookups come all the time and want no wait)."""
+    from proxymap.server import WRITE_SERVICE, role_of
+    if role_of(name, cfg) == WRITE_SERVICE:
+        return "proxymap_write_min_workers"
+    return "proxymap_read_min_workers"
 
 
 def same_definition(a: Service, b: Service) -> bool:
@@ -526,6 +548,7 @@ class Master:
                 for client in batch:
                     os.close(client)
                 slot.on_handed(now, count)
+                state.handed += count
                 self.status_dirty = True
                 if retire_used_up(state, slot):
                     self.retire(slot, now, "max_use reached")
@@ -698,7 +721,8 @@ class Master:
             if state.removed and not state.alive():
                 del self.services[key]
         if not self.ready_sent and all(
-                any(s.state == READY for s in st.slots) for st in self.services.values()):
+                any(s.state == READY for s in st.slots) or not st.settings.min_workers
+                for st in self.services.values()):
             self.ready_sent = True
             sdnotify.ready()
             if self.on_ready is not None:
@@ -715,8 +739,11 @@ class Master:
             waiting = list(state.pending)
             state.pending.clear()
             self.hand_over(state, waiting)
+        if state.pending and watch_for_first_client(state, now):
+            self.spawn(state)       # clients waited out a throttle or a retirement
         ready = pick_worker(state.slots, state.generation) is not None
-        self.set_listening(state, ready and not state.pending)
+        self.set_listening(state, (ready or watch_for_first_client(state, now))
+                           and not state.pending)
 
     # -- reload ---------------------------------------------------------------------
 
@@ -926,6 +953,8 @@ class Master:
             services[state.name] = {
                 "type": state.service.type, "path": state.path,
                 "maxproc": state.settings.maxproc, "generation": state.generation,
+                "min_workers": state.settings.min_workers,
+                "handed": state.handed,
                 "throttled": state.throttled(now), "pending": len(state.pending),
                 "removed": state.removed, "socket_inode": state.inode,
                 "workers": [s.snapshot() for s in state.slots if s.alive],

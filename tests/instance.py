@@ -202,7 +202,9 @@ class MasterInstance:
                        preexec_fn=None) -> subprocess.Popen:
         """`proxymap-master run --stderr` with its log in self.log_path; with
         `wait`, returns once both services greet. `preexec_fn` runs in the
-        child before exec (e.g. to set a resource limit)."""
+        child before exec (e.g. to set a resource limit). Greeting both
+        services starts proxywrite's worker (started on demand): tests
+        that want the fresh "no worker" state use start()."""
         log = open(self.log_path, "ab")
         proc = subprocess.Popen([MASTER, "-c", self.config_dir, "run", "--stderr"],
                                 stdout=log, stderr=log, stdin=subprocess.DEVNULL,
@@ -221,6 +223,12 @@ class MasterInstance:
             except OSError:
                 return False
         wait_for(serving, 30, what="the master to serve")
+        # the greeting started proxywrite's worker (on demand): wait until
+        # the status file was written after both greetings were handed over,
+        # so that it lists the worker (tests look workers up there)
+        wait_for(lambda: all(self.raw_status().get("services", {}).get(s, {}).get("handed")
+                             for s in ("proxymap", "proxywrite")),
+                 30, what="the status file to show both greetings handed over")
         return proc
 
     def log(self) -> str:

@@ -205,6 +205,9 @@ def test_start_serves_postmap_and_stop_ends_everything(instance):
     assert result.returncode == 0, result.stderr
     assert instance.lookup("k1", instance.write_table) is None
     assert instance.lookup("k2", instance.write_table) == "v2"
+    # proxywrite's worker was started on demand by that delete; the status
+    # file shows it at the master's next write
+    wait_for(lambda: instance.workers("proxywrite", "ready"), 20, what="the proxywrite worker")
     status = instance.status()
     assert status["running"] and status["pid"] == pid
     assert status["config_directory"] == instance.config_dir
@@ -269,10 +272,24 @@ def test_start_fails_with_reason_when_workers_cannot_start(instance):
              what="the failed master to go away")
 
 
-def test_run_in_foreground_throttles_a_command_that_dies_at_startup(instance):
-    instance.write_main_cf(service_throttle_time="60s")
+def test_start_refuses_what_an_on_demand_worker_would_die_of(instance):
+    """proxywrite has no worker at start (proxymap_write_min_workers 0), so
+    its worker settings are checked then, with file and line, not left for
+    the first client to find out."""
     instance.write_master_cf("proxymap unix - - n - - proxymap\n"
                              "proxywrite unix - - n - 1 proxymap -o ipc_timeout=bogus\n")
+    result = instance.control("start")
+    assert result.returncode != 0
+    assert f"{instance.config_dir}/master.cf: line 2: service proxywrite:" in result.stderr
+    assert "ipc_timeout" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_in_foreground_throttles_a_command_that_dies_at_startup(instance):
+    instance.write_main_cf(service_throttle_time="60s")
+    # pre-forked (minimum 1), so the master forks it at start and sees it die
+    instance.write_master_cf("proxymap unix - - n - - proxymap\n"
+                             "proxywrite unix - - n - 1 proxymap -o proxymap_write_min_workers=1"
+                             " -o ipc_timeout=bogus\n")
     instance.run_foreground(wait=False)
     wait_for(lambda: "bad command startup -- throttling" in instance.log(), 30,
              what="the throttling warning")
@@ -282,6 +299,83 @@ def test_run_in_foreground_throttles_a_command_that_dies_at_startup(instance):
     assert instance.lookup("bob") == "bob@example.org"
     wait_for(lambda: instance.raw_status()["services"]["proxywrite"]["throttled"], 10,
              what="the status file to show the throttled service")
+
+
+# -- services started on demand -------------------------------------------------------------
+
+def test_proxywrite_starts_on_demand_and_leaves_after_max_idle(instance):
+    """A fresh master has no proxywrite worker; a client makes it fork one
+    and waits for it; idle for max_idle, the worker exits and the service
+    is back to none; the next real Postfix client starts another."""
+    instance.write_main_cf(max_idle="1s")
+    pid = instance.start()
+    status = instance.status()
+    assert status["services"]["proxywrite"]["workers"] == []
+    assert status["services"]["proxywrite"]["min_workers"] == 0
+    assert len(status["services"]["proxymap"]["workers"]) == 1     # the read service is pre-forked
+    assert worker_pids(pid, "proxywrite") == [] and len(worker_pids(pid)) == 1
+    text = instance.control("status").stdout
+    assert (f"service proxywrite ({instance.socket_path('proxywrite')}): 0 worker(s), "
+            f"maxproc 1, the first client starts one") in text
+    # a client arrives: it waits for the fork and is greeted by the new worker;
+    # while it stays connected the worker is not idle
+    (held,) = hold_connections(instance.socket_path("proxywrite"), 1)
+    try:
+        (writer,) = wait_for(lambda: instance.workers("proxywrite", "ready"), 20,
+                             what="the on-demand worker")
+        assert worker_pids(pid, "proxywrite") == [writer["pid"]]
+        # real postmap through proxywrite, served by that worker
+        result = instance.delete("k1")
+        assert result.returncode == 0, result.stderr
+        assert instance.lookup("k1", instance.write_table) is None
+        assert {w["pid"] for w in instance.workers("proxywrite")} == {writer["pid"]}
+    finally:
+        held.close()
+    # max_idle without a client: the worker leaves, none replaces it
+    wait_for(lambda: gone(writer["pid"]), 30, what="the idle worker to exit")
+    wait_for(lambda: instance.raw_status()["services"]["proxywrite"]["workers"] == [], 20,
+             what="the status to show no proxywrite worker")
+    assert "0 worker(s)" in instance.control("status").stdout
+    # the next client, a real postmap, starts another from nothing
+    result = instance.delete("k2")
+    assert result.returncode == 0, result.stderr
+    assert instance.lookup("k2", instance.write_table) is None
+    assert instance.lookup("k3", instance.write_table) == "v3"
+    assert "Traceback" not in instance.log()
+
+
+def test_an_on_demand_worker_that_dies_at_startup_throttles_the_service(instance):
+    """The first client makes the master fork; the worker dies before its
+    first report; the service is throttled: more clients wait in the
+    backlog instead of each costing a fork (Postfix's master does the same)."""
+    instance.write_main_cf(service_throttle_time="60s")
+    # an argument the worker's own parser refuses: nothing the master checks
+    instance.write_master_cf("proxymap unix - - n - - proxymap\n"
+                             "proxywrite unix - - n - 1 proxymap --no-such-option\n")
+    instance.run_foreground(wait=False)
+    wait_for(lambda: instance.workers("proxymap", "ready"), 20, what="a proxymap worker")
+    assert "bad command startup" not in instance.log()            # nothing forked yet
+    clients = []
+    try:
+        first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        clients.append(first)
+        first.connect(instance.socket_path("proxywrite"))
+        wait_for(lambda: "bad command startup -- throttling" in instance.log(), 30,
+                 what="the throttling warning")
+        wait_for(lambda: instance.raw_status()["services"]["proxywrite"]["throttled"], 10,
+                 what="the status file to show the throttled service")
+        for _ in range(3):
+            more = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            clients.append(more)
+            more.connect(instance.socket_path("proxywrite"))      # into the backlog
+        # a round trip through the master's loop after those connections
+        assert instance.lookup("bob") == "bob@example.org"
+        log = instance.log()
+        assert log.count("bad command startup -- throttling") == 1, log
+        assert instance.raw_status()["services"]["proxywrite"]["workers"] == []
+    finally:
+        for sock in clients:
+            sock.close()
 
 
 def test_check_reports_file_and_line(instance):
@@ -618,7 +712,9 @@ def test_systemd_notifications(instance, tmp_path):
 
 def test_stop_is_bounded_when_a_worker_does_not_cooperate(instance):
     instance.start()
-    (writer,) = [w["pid"] for w in instance.workers("proxywrite")]
+    assert greeting_of(instance.socket_path("proxywrite")).startswith(b"protocol")  # starts it
+    (writer,) = wait_for(lambda: [w["pid"] for w in instance.workers("proxywrite")], 20,
+                         what="the proxywrite worker")
     os.kill(writer, signal.SIGSTOP)
     try:
         result = instance.control("stop")

@@ -386,3 +386,28 @@ def test_pool_figures_travel_add_up_and_leave_with_an_exited_worker(tmp_path):
                         "pgsql:/p.cf") == 3.0
     assert table_sample(found, "pyproxymap_backend_connections_open", "proxymap",
                         "pgsql:/p.cf") == 4
+
+
+def test_a_service_without_a_worker_is_shown_as_such(tmp_path):
+    """proxywrite started on demand and not started yet: `status` says 0
+    workers and that the first client starts one, the listener exports a
+    workers gauge of 0 (not a missing series)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from master.control import format_status
+    status = {"running": True, "pid": 1, "uptime": 5, "generation": 0, "services": {
+        "proxymap": {"path": "/q/private/proxymap", "maxproc": 100, "min_workers": 1,
+                     "workers": [{"pid": 7, "generation": 0, "state": "ready", "clients": 0,
+                                  "requests": 3}]},
+        "proxywrite": {"path": "/q/private/proxywrite", "maxproc": 1, "min_workers": 0,
+                       "workers": []}}}
+    lines = format_status(status).splitlines()
+    assert "service proxywrite (/q/private/proxywrite): 0 worker(s), maxproc 1, the first " \
+           "client starts one" in lines
+    assert "service proxymap (/q/private/proxymap): 1 worker(s), maxproc 100" in lines
+    path = tmp_path / "status"
+    path.write_text(json.dumps(status))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(exporter.StatusCollector(str(path)))
+    found = samples(generate_latest(registry).decode())
+    assert found[("pyproxymap_workers", (("service", "proxywrite"),))] == 0
+    assert found[("pyproxymap_workers", (("service", "proxymap"),))] == 1

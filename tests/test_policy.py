@@ -8,9 +8,9 @@ import pytest
 
 from master import policy
 from master.master_cf import Service
-from master.policy import (MIN_WORKERS, RETIRE_GRACE, STARTUP_TIMEOUT, STOP_GRACE, ServiceState,
+from master.policy import (RETIRE_GRACE, STARTUP_TIMEOUT, STOP_GRACE, ServiceState,
                            Settings, manage_workers, needs_another_worker,
-                           no_room_for_new_generation, used_up)
+                           no_room_for_new_generation, used_up, watch_for_first_client)
 from master.workerslot import READY, RETIRING, STARTING, WorkerSlot
 from proxymap import handoff
 from proxymap.handoff import Status
@@ -231,14 +231,14 @@ def test_idle_extras_retire_after_max_idle_but_the_minimum_stays():
     manage_workers(state, NOW, control)
     retired = [c for c in control.calls if c[0] == "retire"]
     assert retired == [("retire", 1, "max_idle reached"), ("retire", 2, "max_idle reached")]
-    assert len([s for s in state.slots if s.state == READY]) == MIN_WORKERS
+    assert len([s for s in state.slots if s.state == READY]) == 1      # the minimum
 
 
 def test_minimum_workers_started_unless_throttled_removed_or_at_maxproc():
     state = service_state()
     control = FakeControl()
     manage_workers(state, NOW, control)
-    assert control.calls == [("spawn", "proxymap")] * MIN_WORKERS
+    assert control.calls == [("spawn", "proxymap")]                   # the minimum, 1
 
     for blocked in ("throttled", "removed", "maxproc"):
         state = service_state(maxproc=1)
@@ -317,3 +317,82 @@ def test_a_reload_ignores_a_new_queue_directory(tmp_path):
         "to change queue_directory, stop and start the proxymap master"]
     (tmp_path / "main.cf").write_text("queue_directory = /q/one\nmail_owner = b\n")
     assert policy.ignored_changes(at_start, load_main_cf(str(tmp_path), warn=lambda m: None)) == []
+
+
+# -- services started on demand (min_workers 0: proxywrite by default) ------------------
+
+def test_a_service_started_on_demand_gets_no_worker_until_a_client_comes():
+    state = service_state(min_workers=0)
+    control = FakeControl()
+    manage_workers(state, NOW, control)
+    assert control.calls == [] and state.slots == []
+    assert watch_for_first_client(state, NOW)           # the master watches the socket
+    assert needs_another_worker(state, NOW)             # and a client makes it fork
+    control.spawn(state)
+    assert not watch_for_first_client(state, NOW)       # that one is starting: wait for it
+    assert not needs_another_worker(state, NOW)
+
+
+def test_a_read_service_with_a_minimum_is_not_watched_for_a_first_client():
+    state = service_state(min_workers=2)
+    control = FakeControl()
+    manage_workers(state, NOW, control)
+    assert control.calls == [("spawn", "proxymap")] * 2
+    for s in state.slots:
+        s.on_status(Status(), NOW)
+    assert not watch_for_first_client(state, NOW)
+
+
+def test_the_last_idle_worker_of_an_on_demand_service_leaves_after_max_idle():
+    state = service_state(min_workers=0, max_idle=10)
+    only = slot(state, 1, READY, idle_since=NOW - 5)
+    control = FakeControl()
+    manage_workers(state, NOW, control)
+    assert control.calls == []                          # idle 5 s of 10
+    manage_workers(state, NOW + 6, control)
+    assert control.calls == [("retire", 1, "max_idle reached")]   # and no replacement
+    assert only.state == RETIRING
+    # a client arriving while it leaves starts a new one (under maxproc:
+    # a retiring worker takes no new client)
+    assert watch_for_first_client(state, NOW + 6)
+    state.slots.remove(only)                            # it exited
+    manage_workers(state, NOW + 7, control)
+    assert control.calls == [("retire", 1, "max_idle reached")]   # back to "no worker"
+    assert watch_for_first_client(state, NOW + 7)
+
+
+def test_a_busy_worker_of_an_on_demand_service_is_not_retired_for_idleness():
+    state = service_state(min_workers=0, max_idle=10)
+    slot(state, 1, READY, clients=1, heard=NOW + 99)       # and reporting
+    control = FakeControl()
+    manage_workers(state, NOW + 100, control)
+    assert control.calls == []
+
+
+def test_a_failed_on_demand_start_throttles_the_socket_watch():
+    state = service_state(min_workers=0, throttle_time=60)
+    state.throttle(NOW)                                 # the worker died before its report
+    assert not watch_for_first_client(state, NOW + 1)   # clients wait in the backlog
+    assert not needs_another_worker(state, NOW + 1)     # no fork per connection
+    control = FakeControl()
+    manage_workers(state, NOW + 1, control)
+    assert control.calls == []
+    assert watch_for_first_client(state, NOW + 61)      # throttle over: the next client forks
+
+
+def test_on_demand_watch_stops_at_maxproc_and_for_a_removed_service():
+    state = service_state(min_workers=0, maxproc=1)
+    slot(state, 1, RETIRING, retired_at=NOW)            # the single writer, leaving
+    assert not watch_for_first_client(state, NOW)
+    state = service_state(min_workers=0)
+    state.removed = True
+    assert not watch_for_first_client(state, NOW)
+
+
+def test_an_on_demand_service_retires_its_old_generation_without_a_successor():
+    state = service_state(generation=2, min_workers=0)
+    slot(state, 1, READY, generation=1)
+    control = FakeControl()
+    manage_workers(state, NOW, control)
+    assert control.calls == [("retire", 1, "configuration reloaded")]
+    assert watch_for_first_client(state, NOW)           # the next client starts generation 2

@@ -174,6 +174,12 @@ declare("proxymap_max_request_size", "1048576", LONG, low=1, readers=(WORKER,), 
 # Our own: open connections at which a worker counts as busy; the master
 # starts another worker when every worker of a service is busy.
 declare("proxymap_worker_busy_clients", "32", INT, low=1, readers=(MASTER, WORKER), own=True)
+# Our own: workers the master keeps per service when idle, by the
+# service's role (master/policy.py): the read service is pre-forked, the
+# write service's first worker starts when a client connects (as Postfix's
+# master starts every service) and leaves after max_idle.
+declare("proxymap_read_min_workers", "1", INT, low=0, readers=(MASTER,), own=True)
+declare("proxymap_write_min_workers", "0", INT, low=0, readers=(MASTER,), own=True)
 # Our own: the master.cf-format file proxymap-master takes its services
 # from (beside Postfix's master, a file of its own; -m FILE overrides).
 declare("proxymap_master_cf", "$config_directory/master.cf", readers=(MASTER,), own=True)
