@@ -26,8 +26,23 @@ each unit is one durable update of a new key and the delete of that key (a
 UTF8_REQUEST, LOCK, DUP_WARN), so its figure is instructions per
 update+delete pair.
 
-    .venv/bin/python benchmarks/instructions.py [--lookups N] [--workloads hot,cold,update]
-        [--json FILE]
+"churn" counts instructions per session, as `make bench`'s churn
+scenario runs one: connect, greeting, open, one lookup, close, one
+session after the other. Here the master is part of the cost, so each
+side runs whole under callgrind: ours as `proxymap-master run` (its
+workers are forked, not exec'd, so callgrind follows them into their own
+files), the C side as Postfix's master (the daemon directory's `master`
+is a wrapper too) with its proxymap processes. The figure is the sum over
+every process's file: master, the workers or proxymap processes that
+served and those started when `max_use` (100, the default on both sides)
+retired one, so a retirement's fork and start-up are spread over the
+sessions as they are in production. The sessions per second are lower
+under valgrind, so the loops' timer turns (ours: 0.5 s master, 1 s
+worker) weigh a little more than on a bare machine; they are a small
+part (see docs/performance.md).
+
+    .venv/bin/python benchmarks/instructions.py [--lookups N] [--sessions N]
+                                                [--workload hot|cold|update|churn] [--json FILE]
 
 Needs valgrind (Debian package `valgrind`) and root (the C proxymap's
 master). Processes are stopped by pid.
@@ -52,6 +67,7 @@ from benchmarks.loadgen import LOOKUP_FLAGS  # noqa: E402
 from benchmarks.realpostfix import RealPostfix, wait_for_socket  # noqa: E402
 from benchmarks.servers import stop_process  # noqa: E402
 from proxymap.client import OK, ProxyClient  # noqa: E402
+from benchmarks.servers import MASTER_CF  # noqa: E402
 from proxymap.server import standalone_command  # noqa: E402
 
 VALGRIND = shutil.which("valgrind") or "/usr/bin/valgrind"
@@ -59,6 +75,8 @@ CALLGRIND_CONTROL = shutil.which("callgrind_control") or "/usr/bin/callgrind_con
 POSTFIX_DAEMONS = "/usr/lib/postfix/sbin"
 POSTMAP = "/usr/sbin/postmap"
 WARMUP = 300
+#: churn sessions of the base run (at least one max_use retirement: 100)
+WARMUP_SESSIONS = 150
 KEYS = 1000
 TOTALS = re.compile(r"^(?:totals|summary):\s+(\d+)", re.M)
 
@@ -84,6 +102,33 @@ def run_total(out_dir: str, prefix: str, timeout: float = 120) -> int:
                 pass
         time.sleep(0.2)
     raise RuntimeError(f"no callgrind totals in {out_dir}/{prefix}.*")
+
+
+def sessions(sock: str, table: str, count: int) -> None:
+    """`count` churn sessions, one after the other: connect, greeting,
+    open, one lookup, close."""
+    keys = _keys("cold")
+    for n in range(count):
+        with ProxyClient(sock, timeout=120, retries=0) as client:
+            client.connect()
+            client.open(table, 64)
+            status, value = client.lookup(table, 64, keys[n % len(keys)].encode())
+            if status != OK:
+                raise RuntimeError(f"lookup: status {status} {value!r}")
+
+
+def run_totals(out_dir: str, prefix: str, timeout: float = 120) -> int:
+    """The sum of the instruction totals of every callgrind file
+    `prefix`.* in out_dir, once no process that writes one is left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return sum(callgrind_total(path)
+                       for path in glob.glob(os.path.join(out_dir, f"{prefix}.*")))
+        except (RuntimeError, OSError):
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
 
 
 #: the workload whose units are update+delete pairs through proxywrite
@@ -142,6 +187,17 @@ def make_root(parent: str, name: str) -> str:
     return root
 
 
+def ours_environment(pure: bool) -> dict:
+    """Our processes' environment: a fixed hash seed (both runs start
+    alike), the compiled or the pure-Python hot path."""
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    if pure:
+        env["PROXYMAP_PURE_PYTHON"] = "1"
+    else:
+        env.pop("PROXYMAP_PURE_PYTHON", None)
+    return env
+
+
 def ours(parent: str, workload: str, count: int, run: str, pure: bool = False) -> int:
     """Our worker's instruction total for `count` units of `workload`
     (`pure`: on the pure-Python hot path)."""
@@ -152,11 +208,7 @@ def ours(parent: str, workload: str, count: int, run: str, pure: bool = False) -
     table = write_table(os.path.join(root, "etc"), "map", workload)
     service = "proxywrite" if workload == UPDATE else "proxymap"
     sock = os.path.join(root, "queue", "private", service)
-    env = dict(os.environ, PYTHONHASHSEED="0")
-    if pure:
-        env["PROXYMAP_PURE_PYTHON"] = "1"
-    else:
-        env.pop("PROXYMAP_PURE_PYTHON", None)
+    env = ours_environment(pure)
     with open(os.path.join(root, "worker.log"), "wb") as log:
         proc = subprocess.Popen(
             [VALGRIND, "--tool=callgrind", f"--callgrind-out-file={root}/cg/ours.%p",
@@ -172,27 +224,39 @@ def ours(parent: str, workload: str, count: int, run: str, pure: bool = False) -
     return run_total(os.path.join(root, "cg"), "ours")
 
 
-def c_proxymap(parent: str, workload: str, count: int, run: str) -> int:
-    """The C proxymap's (proxywrite's, for UPDATE) instruction total for
-    `count` units of `workload`."""
-    root = os.path.join(parent, f"c-{workload}-{run}")
+def daemons_under_callgrind(root: str, wrapped: dict[str, str]) -> tuple[str, str]:
+    """(callgrind output directory, daemon_directory) under `root`: the
+    daemon directory links Postfix's daemons, except those named in
+    `wrapped`, which are scripts that start the real one under callgrind
+    writing to cg/PREFIX.PID (prefix: the value)."""
     cg = os.path.join(root, "cg")
     daemons = os.path.join(root, "daemons")
     for d in (cg, daemons):
         os.makedirs(d, exist_ok=True)
     os.chmod(cg, 0o777)
     for name in os.listdir(POSTFIX_DAEMONS):
-        if name != "proxymap":
+        if name not in wrapped:
             os.symlink(os.path.join(POSTFIX_DAEMONS, name), os.path.join(daemons, name))
-    wrapper = os.path.join(daemons, "proxymap")
-    with open(wrapper, "w") as f:
-        # callgrind opens its file at start (as root) and again at exit,
-        # after proxymap has become mail_owner: that user must own it (the
-        # exec keeps the pid, so $$ is valgrind's %p)
-        f.write(f"#!/bin/sh\n: > {cg}/c.$$ && chown postfix {cg}/c.$$\n"
-                f"exec {VALGRIND} --tool=callgrind --callgrind-out-file={cg}/c.%p"
-                f" {POSTFIX_DAEMONS}/proxymap \"$@\"\n")
-    os.chmod(wrapper, 0o755)
+    for name, prefix in wrapped.items():
+        wrapper = os.path.join(daemons, name)
+        with open(wrapper, "w") as f:
+            # callgrind opens its file at start (as root) and again at exit,
+            # after a daemon has become mail_owner: that user must own it
+            # (the exec keeps the pid, so $$ is valgrind's %p); valgrind's
+            # own messages go to a file, not to the stderr that `postfix
+            # start` waits on
+            f.write(f"#!/bin/sh\n: > {cg}/{prefix}.$$ && chown postfix {cg}/{prefix}.$$\n"
+                    f"exec {VALGRIND} --tool=callgrind --callgrind-out-file={cg}/{prefix}.%p"
+                    f" --log-file={cg}/{prefix}-log.%p {POSTFIX_DAEMONS}/{name} \"$@\"\n")
+        os.chmod(wrapper, 0o755)
+    return cg, daemons
+
+
+def c_proxymap(parent: str, workload: str, count: int, run: str) -> int:
+    """The C proxymap's (proxywrite's, for UPDATE) instruction total for
+    `count` units of `workload`."""
+    root = os.path.join(parent, f"c-{workload}-{run}")
+    cg, daemons = daemons_under_callgrind(root, {"proxymap": "c"})
     table = f"{'btree' if workload == UPDATE else 'hash'}:{root}/etc/map"
     # max_use 1: the proxymap exits by itself once our one client is done
     # (a clean exit, at which callgrind writes its file)
@@ -202,10 +266,11 @@ def c_proxymap(parent: str, workload: str, count: int, run: str) -> int:
     write_table(server.config_dir, "map", workload)
     server.start()
     try:
-        # start() greeted on proxymap and proxywrite: two processes that
-        # exit (max_use 1) and leave their files; our client gets a fresh one
+        # start() greeted on proxymap only (proxywrite starts on demand):
+        # one process that exits (max_use 1) and leaves its file; our
+        # client gets a fresh one
         deadline = time.monotonic() + 120
-        while len(glob.glob(os.path.join(cg, "c.*"))) < 2 and time.monotonic() < deadline:
+        while not glob.glob(os.path.join(cg, "c.*")) and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(1)       # both files complete
         for path in glob.glob(os.path.join(cg, "c.*")):
@@ -215,6 +280,49 @@ def c_proxymap(parent: str, workload: str, count: int, run: str) -> int:
         return run_total(cg, "c")
     finally:
         server.stop()
+
+
+def ours_churn(parent: str, count: int, run: str, pure: bool = False) -> int:
+    """Instructions of our master and all its workers for `count` sessions."""
+    root = make_root(parent, f"ours{'-pure' if pure else ''}-churn-{run}")
+    main_cf(root, f"hash:{root}/etc/map")
+    table = write_table(os.path.join(root, "etc"), "map")
+    with open(os.path.join(root, "etc", "master.cf"), "w") as f:
+        f.write(MASTER_CF)
+    sock = os.path.join(root, "queue", "private", "proxymap")
+    env = ours_environment(pure)
+    master = os.path.join(os.path.dirname(sys.executable), "proxymap-master")
+    with open(os.path.join(root, "master.log"), "wb") as log:
+        proc = subprocess.Popen(
+            [VALGRIND, "--tool=callgrind", f"--callgrind-out-file={root}/cg/ours.%p",
+             # a forked worker's file starts at the fork: without this it
+             # would repeat the master's counts up to then
+             "--zero-before=PyOS_AfterFork_Child",
+             master, "-c", os.path.join(root, "etc"), "run", "--stderr"],
+            stdout=subprocess.DEVNULL, stderr=log, env=env, stdin=subprocess.DEVNULL)
+    try:
+        if not wait_for_socket(sock, 300):
+            raise RuntimeError(f"our master under valgrind did not greet: see {root}/master.log")
+        sessions(sock, table, count)
+    finally:
+        stop_process(proc, grace=300)
+    return run_totals(os.path.join(root, "cg"), "ours")
+
+
+def c_churn(parent: str, count: int, run: str) -> int:
+    """Instructions of Postfix's master and its proxymap processes for
+    `count` sessions."""
+    root = os.path.join(parent, f"c-churn-{run}")
+    cg, daemons = daemons_under_callgrind(root, {"proxymap": "c", "master": "m"})
+    table = f"hash:{root}/etc/map"
+    server = RealPostfix(root, [table], [], extra={"daemon_directory": daemons})
+    write_table(server.config_dir, "map")
+    server.start()
+    try:
+        sessions(server.socket_path(), table, count)
+    finally:
+        server.stop()
+    return run_totals(cg, "c") + run_totals(cg, "m")
 
 
 def pure_ours(parent: str, workload: str, count: int, run: str) -> int:
@@ -230,33 +338,44 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lookups", type=int, default=2000,
                    help="lookups per lookup workload (update: pairs, a quarter of this)")
-    p.add_argument("--workloads", default="hot,cold,update",
-                   help="comma-separated: hot, cold, update")
+    p.add_argument("--sessions", type=int, default=400, help="churn sessions (default 400)")
     p.add_argument("--json", default=None)
     p.add_argument("--only", choices=["ours", "ours-pure", "c"], default=None)
+    p.add_argument("--workload", choices=["hot", "cold", UPDATE, "churn"], action="append",
+                   default=None, help="repeatable (default: all four)")
     args = p.parse_args(argv)
     parent = tempfile.mkdtemp(prefix="pm-instructions-", dir="/tmp")
     os.chmod(parent, 0o755)
     results = {}
+    per_session = {"ours": ours_churn, "ours-pure": lambda *a: ours_churn(*a, pure=True),
+                   "c": c_churn}
     try:
-        for workload in args.workloads.split(","):
+        for workload in args.workload or ("hot", "cold", UPDATE, "churn"):
             count = max(1, args.lookups // 4) if workload == UPDATE else args.lookups
             for kind, run in (("ours", ours), ("ours-pure", pure_ours), ("c", c_proxymap)):
-                if args.only in (None, kind):
+                if args.only not in (None, kind):
+                    continue
+                if workload == "churn":
+                    base = per_session[kind](parent, WARMUP_SESSIONS, "base")
+                    more = per_session[kind](parent, WARMUP_SESSIONS + args.sessions, "more")
+                    results[f"{kind} churn"] = (more - base) / args.sessions
+                else:
                     base = run(parent, workload, WARMUP, "base")
                     more = run(parent, workload, WARMUP + count, "more")
                     results[f"{kind} {workload}"] = (more - base) / count
+                print(f"{kind} {workload}: {results[f'{kind} {workload}']:,.0f}",
+                      file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
+    units = {"churn": "session", UPDATE: "update+delete pair"}
     for name, value in results.items():
-        unit = "update+delete pair" if name.endswith(UPDATE) else "lookup"
+        unit = units.get(name.split()[-1], "lookup")
         print(f"{name:17} {value:12,.0f} instructions per {unit}")
     for kind in ("ours", "ours-pure"):
-        ratios = [f"{w} {results[f'{kind} {w}'] / results[f'c {w}']:.2f}"
-                  for w in args.workloads.split(",")
-                  if f"{kind} {w}" in results and f"c {w}" in results]
-        if ratios:
-            print(f"{kind}/C: {', '.join(ratios)}")
+        for workload in ("hot", "cold", UPDATE, "churn"):
+            if f"{kind} {workload}" in results and f"c {workload}" in results:
+                print(f"{kind}/C {workload}: "
+                      f"{results[f'{kind} {workload}'] / results[f'c {workload}']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -94,7 +94,8 @@ class ServiceState:
         self.listener: socket.socket | None = None
         self.listening = False
         self.slots: list[WorkerSlot] = []
-        self.pending: deque[socket.socket] = deque()
+        #: accepted connections (descriptors) waiting for a worker
+        self.pending: deque[int] = deque()
         self.throttled_until = 0.0
         self.removed = False
         #: (st_dev, st_ino) of the socket file we bound

@@ -15,7 +15,7 @@ What it mirrors from Postfix:
 * max_use / max_idle / daemon_timeout / ipc_timeout semantics, enforced
   here from the workers' load reports;
 * signals: SIGHUP reload, SIGTERM/SIGINT/SIGQUIT stop, handled in the main
-  loop only (the handlers just wake the selector via set_wakeup_fd).
+  loop only (the handlers just wake the loop's epoll via set_wakeup_fd).
 
 Where it differs: a bad configuration at reload is rejected and the old
 one keeps running (Postfix's master would die); the read service's
@@ -25,6 +25,13 @@ proxymap_write_min_workers) is started as Postfix's master starts every
 service: the master watches its socket while it has no worker, and the
 first client makes it fork one (policy.watch_for_first_client); the
 worker leaves after max_idle without clients.
+
+The loop is on `select.epoll` directly, and accepted connections stay
+plain descriptors from accept() to the hand-over message (no socket
+object per connection); the policy's pass over the workers runs when
+something it decides on changed (a worker ready, exited, lost; a
+connection waiting) and otherwise every MANAGE_INTERVAL, not after every
+wake-up: a churn of short sessions wakes the master twice per session.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import grp
 import json
 import os
 import pwd
-import selectors
+import select
 import signal
 import socket
 import sys
@@ -72,6 +79,9 @@ LOOP_TICK = 0.5
 STATUS_INTERVAL = 0.1
 #: connections accepted in one go before they are handed over
 ACCEPT_BATCH = 64
+#: seconds between the policy's passes when nothing prompts one (its
+#: timed rules: pings every 0.2 s at the most, the rest in seconds)
+MANAGE_INTERVAL = 0.1
 
 
 def status_path(queue_directory: str) -> str:
@@ -284,7 +294,14 @@ class Master:
         self.verbose = verbose
         self.services: dict[tuple[str, str], ServiceState] = {}
         self.by_pid: dict[int, WorkerSlot] = {}
-        self.selector = selectors.DefaultSelector()
+        #: the loop's epoll and what each descriptor in it is:
+        #: fd -> ("signal" | "listener" | "worker", object)
+        self.poll = select.epoll()
+        self.handlers: dict[int, tuple[str, object]] = {}
+        #: something the policy decides on changed: pass over the workers
+        #: now rather than at the next MANAGE_INTERVAL
+        self.manage_due = True
+        self.managed_at = 0.0
         self.generation = 0
         self.forks = 0
         self.reloads = 0
@@ -373,7 +390,19 @@ class Master:
                        signal.SIGCHLD):
             signal.signal(signum, _note_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        self.selector.register(self.wake_r, selectors.EVENT_READ, ("signal", None))
+        self.watch(self.wake_r, "signal", None)
+
+    def watch(self, fd: int, kind: str, obj) -> None:
+        """Wake the loop when `fd` is readable; it dispatches on `kind`."""
+        self.poll.register(fd, select.EPOLLIN)
+        self.handlers[fd] = (kind, obj)
+
+    def unwatch(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            try:
+                self.poll.unregister(fd)
+            except (OSError, ValueError):
+                pass
 
     def socket_path(self, service: Service) -> str:
         return service_socket_path(self.queue_directory, service.name, service.private)
@@ -430,8 +459,11 @@ class Master:
         """Serve until stopped; returns the exit status."""
         while not self.stopping:
             timeout = STATUS_INTERVAL if self.status_dirty else LOOP_TICK
-            for key, _ in self.selector.select(timeout):
-                kind, obj = key.data
+            for fd, _ in self.poll.poll(timeout):
+                handler = self.handlers.get(fd)
+                if handler is None:
+                    continue        # unwatched by an earlier one of this batch
+                kind, obj = handler
                 if kind == "signal":
                     self.handle_signals()
                 elif kind == "listener":
@@ -450,7 +482,8 @@ class Master:
                 self.child_exited = False
                 self.reaped_at = now
                 self.reap()
-            self.manage(now)
+            if self.manage_due or now - self.managed_at >= MANAGE_INTERVAL:
+                self.manage(now)
             self.write_status(now)
         return self.shutdown()
 
@@ -473,8 +506,9 @@ class Master:
 
     def accept(self, state: ServiceState) -> None:
         """Accept every connection waiting (at most ACCEPT_BATCH), then hand
-        them over together: a worker's share travels in one message."""
-        clients = []
+        them over together: a worker's share travels in one message. They
+        are descriptors, never socket objects: the master only passes them on."""
+        clients: list[int] = []
         while len(clients) < ACCEPT_BATCH and state.listener is not None and state.listening:
             try:
                 client = self.accept_guard.accept(state.listener)
@@ -487,7 +521,7 @@ class Master:
         if clients:
             self.hand_over(state, clients)
 
-    def hand_over(self, state: ServiceState, clients: list[socket.socket]) -> bool:
+    def hand_over(self, state: ServiceState, clients: list[int]) -> bool:
         """Share `clients` out among the ready workers (policy.plan_hand_over:
         least-loaded first, max_use respected), several to a message; those
         no worker can take now wait in state.pending. True when all went."""
@@ -512,7 +546,7 @@ class Master:
                         self.channel_lost(slot)
                     continue
                 for client in batch:
-                    client.close()
+                    os.close(client)
                 slot.on_handed(now, count)
                 state.handed += count
                 self.status_dirty = True
@@ -523,6 +557,7 @@ class Master:
         if waiting:
             state.pending.extend(waiting)
             self.set_listening(state, False)
+            self.manage_due = True          # until a worker takes them
             return False
         return True
 
@@ -530,9 +565,9 @@ class Master:
         if state.listener is None or on == state.listening:
             return
         if on:
-            self.selector.register(state.listener, selectors.EVENT_READ, ("listener", state))
+            self.watch(state.listener.fileno(), "listener", state)
         else:
-            self.selector.unregister(state.listener)
+            self.unwatch(state.listener.fileno())
         state.listening = on
 
     # -- workers ----------------------------------------------------------------------
@@ -565,7 +600,7 @@ class Master:
         slot = WorkerSlot(pid, service.name, state.generation, chan=master_end)
         state.slots.append(slot)
         self.by_pid[pid] = slot
-        self.selector.register(master_end, selectors.EVENT_READ, ("worker", slot))
+        self.watch(master_end.fileno(), "worker", slot)
         self.status_dirty = True
         maillog.debug(f"service {service.name}: started worker pid {pid}")
         return slot
@@ -583,7 +618,10 @@ class Master:
                     spec, counters = handoff.decode_metrics(data)
                     slot.tables[spec] = counters     # that worker's totals so far
                 else:
+                    was = slot.state
                     slot.on_status(handoff.decode_status(data), now)
+                    if slot.state != was:            # ready: it may take connections
+                        self.manage_due = True
             except ValueError as exc:
                 maillog.warning(f"worker pid {slot.pid}: {exc}")
                 continue
@@ -593,13 +631,11 @@ class Master:
 
     def channel_lost(self, slot: WorkerSlot) -> None:
         if slot.chan is not None:
-            try:
-                self.selector.unregister(slot.chan)
-            except (KeyError, ValueError):
-                pass
+            self.unwatch(slot.chan.fileno())
             slot.chan.close()
             slot.chan = None
         slot.on_channel_lost(time.monotonic())
+        self.manage_due = True
 
     def send(self, slot: WorkerSlot, command: bytes) -> None:
         if slot.chan is None:
@@ -640,6 +676,7 @@ class Master:
                 maillog.warning(f"reaped unknown process pid {pid}")
                 continue
             self.on_exit(slot, status)
+            self.manage_due = True
 
     def on_exit(self, slot: WorkerSlot, status: int) -> None:
         self.worker_readable(slot)      # its last reports, sent before it exited
@@ -672,6 +709,8 @@ class Master:
     # -- policy -----------------------------------------------------------------------
 
     def manage(self, now: float) -> None:
+        self.manage_due = False
+        self.managed_at = now
         self.check_sockets(now)
         exporter = self.exporter
         if exporter is not None and exporter.pid is None and now >= exporter.restart_at \
@@ -765,7 +804,7 @@ class Master:
                 state.listener.close()
                 state.listener = None
                 for client in state.pending:
-                    client.close()
+                    os.close(client)
                 state.pending.clear()
                 for slot in state.alive():
                     self.retire(slot, now, "service removed")
@@ -877,7 +916,7 @@ class Master:
                 state.listener.close()
                 state.listener = None
             for client in state.pending:
-                client.close()
+                os.close(client)
             state.pending.clear()
         for slot in list(self.by_pid.values()):
             self.send(slot, handoff.STOP)
@@ -899,7 +938,7 @@ class Master:
             self.reap()
             if not self.by_pid:
                 break
-            self.selector.select(0.05)
+            self.poll.poll(0.05)
             try:
                 os.read(self.wake_r, 512)
             except BlockingIOError:

@@ -126,15 +126,14 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     return master_end, worker_end
 
 
-def send_clients(chan: socket.socket, clients) -> None:
-    """Pass `clients` (1 to MAX_FDS sockets) over `chan` in one message. The
-    caller closes its own copies afterwards. Raises BlockingIOError when the
-    channel is full, OSError when it is dead; either way none was passed."""
+def send_clients(chan: socket.socket, clients: list[int]) -> None:
+    """Pass `clients` (1 to MAX_FDS descriptors) over `chan` in one message.
+    The caller closes its own copies afterwards. Raises BlockingIOError when
+    the channel is full, OSError when it is dead; either way none was passed."""
     if not 0 < len(clients) <= MAX_FDS:
         raise ValueError(f"{len(clients)} clients in one message (1 to {MAX_FDS})")
-    fds = array.array("i", [client.fileno() for client in clients])
     chan.sendmsg([CLIENT + bytes([len(clients)])],
-                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", clients).tobytes())])
 
 
 def clients_in_record(data: bytes) -> int:

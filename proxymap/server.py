@@ -240,7 +240,7 @@ class Worker:
                 raise
             if sock is None:
                 return
-            self.add_client(sock)
+            self.add_client(socket.socket(listener.family, listener.type, 0, fileno=sock))
 
     # -- the loop -------------------------------------------------------------
 

@@ -134,7 +134,7 @@ def test_several_clients_travel_in_one_record():
     master_end, worker_end = handoff.channel_pair()
     pairs = [socket.socketpair() for _ in range(3)]
     try:
-        handoff.send_clients(master_end, [a for a, _ in pairs])
+        handoff.send_clients(master_end, [a.fileno() for a, _ in pairs])
         worker_end.setblocking(False)
         records, eof = handoff.read_messages(worker_end)
         assert not eof and len(records) == 1
@@ -149,7 +149,7 @@ def test_several_clients_travel_in_one_record():
         with pytest.raises(ValueError):
             handoff.send_clients(master_end, [])
         with pytest.raises(ValueError):
-            handoff.send_clients(master_end, [pairs[0][0]] * (handoff.MAX_FDS + 1))
+            handoff.send_clients(master_end, [pairs[0][0].fileno()] * (handoff.MAX_FDS + 1))
     finally:
         master_end.close()
         worker_end.close()

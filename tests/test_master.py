@@ -47,7 +47,7 @@ def test_descriptor_passing_over_seqpacket_keeps_records_apart():
     master_end, worker_end = handoff.channel_pair()
     a, b = socket.socketpair()
     try:
-        handoff.send_clients(master_end, [a])
+        handoff.send_clients(master_end, [a.fileno()])
         handoff.send_command(master_end, handoff.RETIRE)
         worker_end.setblocking(False)
         records, eof = handoff.read_messages(worker_end)

@@ -58,12 +58,19 @@ class AcceptGuard:
             except OSError:
                 self.spare = None
 
-    def accept(self, listener: socket.socket) -> socket.socket | None:
-        """The next client, or None when none is waiting. Clients met at the
-        descriptor limit are closed on the way. Other errors raise OSError."""
+    def accept(self, listener: socket.socket) -> int | None:
+        """The next client's descriptor (blocking, close-on-exec), or None
+        when none is waiting. Clients met at the descriptor limit are closed
+        on the way. Other errors raise OSError.
+
+        A descriptor, not a socket object: our master only passes it on to
+        a worker, and the socket object that socket.accept() builds (and
+        the enum look-ups it does for family and type) is most of what an
+        accept costs in Python. `_accept` is the C method socket.accept()
+        itself calls (accept4 with SOCK_CLOEXEC)."""
         while True:
             try:
-                client, _ = listener.accept()
+                client, _ = listener._accept()
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as exc:
@@ -87,11 +94,11 @@ class AcceptGuard:
             os.close(self.spare)
             self.spare = None
         try:
-            client, _ = listener.accept()
+            client, _ = listener._accept()
         except OSError:
             self._reserve()
             return False
-        client.close()
+        os.close(client)
         self.refused += 1
         self._reserve()
         return True
