@@ -23,9 +23,11 @@ Where this child differs from Postfix's: one process multiplexes many
 clients, so it reports TAKEN only while it counts as busy (as many open
 connections as proxymap_worker_busy_clients), not around every request;
 the master then adds a process only when the ones it has are loaded
-(after its first client it reports TAKEN and AVAILABLE once, so that the
-master counts a use and a later abnormal exit is not taken for a bad
-startup). On
+(when it accepts its first client it reports TAKEN and AVAILABLE once, so
+that the master counts a use and a later abnormal exit is not taken for a
+bad startup: reported at the accept, before any reply, it has reached the
+master whatever happens to the child after its first client has its
+answer). On
 end-of-file it finishes the requests in progress (ours close each
 connection right after a reply) instead of dropping clients at once.
 The daemon_timeout watchdog is an alarm(2) set again on every tick of the
@@ -106,8 +108,8 @@ class PostfixChild:
         self.reported = AVAILABLE          # what the master assumes at fork
         # Postfix's master counts a use at each TAKEN -> AVAILABLE change and
         # throttles the service when a child with no use dies abnormally
-        # ("bad command startup"): after the first client, one such change
-        # is sent even if the child was never busy
+        # ("bad command startup"): at the first accepted client, one such
+        # change is sent even if the child never becomes busy
         self.proven = False
         self.idle_since = time.monotonic()
         self.done = False
@@ -142,7 +144,7 @@ class PostfixChild:
             if self.used >= self.max_use:
                 self.finish("max_use reached")
                 return
-        if not self.proven and self.used:
+        if not self.proven and self.worker.accepted:
             self.proven = True
             self.report(TAKEN)
         self.report(TAKEN if clients >= self.busy_clients else AVAILABLE)

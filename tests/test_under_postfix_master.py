@@ -202,3 +202,30 @@ def test_daemon_timeout_watchdog_ends_a_stuck_child(postfix_site):
     # it had served a client: not taken for a bad startup, no throttling
     assert "bad command startup" not in site.real.log()
     assert site.lookup("bob") == "bob@example.org"        # a fresh child serves
+
+
+@pytest.mark.parametrize("postfix_site", [" -o daemon_timeout=2s"], indirect=True)
+def test_child_stuck_while_its_first_client_is_connected_is_not_a_bad_startup(postfix_site):
+    """The use the master counts is reported when a child accepts its first
+    client, not when that client leaves: a child stopped while its first
+    client is still connected, and killed by the watchdog, is not taken for
+    a bad startup, and the service is not throttled."""
+    import signal
+    import time
+    from proxymap.client import ProxyClient
+    from proxymap.protocol import OK
+    site = postfix_site
+    path = os.path.join(site.ours.queue_dir, "private", "proxymap")
+    client = ProxyClient(path, timeout=30, retries=0)
+    try:
+        assert client.lookup(site.ours.read_table, 0, b"alice") == (OK, b"alice@example.org")
+        (child,) = wait_for(lambda: site.children("proxymap"), what="our proxymap child")
+        os.kill(child, signal.SIGSTOP)
+        time.sleep(3)             # > daemon_timeout while it cannot run
+        os.kill(child, signal.SIGCONT)
+        wait_for(lambda: f"pid {child} killed by signal {int(signal.SIGALRM)}" in site.real.log(),
+                 30, what="the master's log line")
+    finally:
+        client.close()
+    assert "bad command startup" not in site.real.log(), site.real.log()
+    assert site.lookup("bob") == "bob@example.org"        # a fresh child serves
