@@ -69,7 +69,7 @@ from proxymap.metrics import (LATENCY_BUCKET, NO_TABLE, REPLY_STATUS_OFFSET, REQ
 from proxymap.offload import DeferredReply
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                HOTPATH, BadRequest, Request, encode_reply, parse_request,
-                               split_hot_lookup)
+                               split_hot_lookup, split_hot_open)
 from proxymap.tables import Table, TableError, TableOpenError, filelock, nulkeys, open_table, \
     strip_proxy
 from proxymap.tables.base import END, START, Unsupported, file_stamp, stamp_is_settled
@@ -77,6 +77,7 @@ from proxymap.tables.filelock import LockBusy
 from proxymap.utf8 import is_utf8, utf8_key
 
 LOOKUP_BASE = REQUEST_BASE["lookup"]
+OPEN_BASE = REQUEST_BASE["open"]
 
 
 def configure_hotpath(module) -> None:
@@ -244,6 +245,14 @@ class Dispatcher:
             # the compiled hot_reply, called without a Python frame
             self.hot_reply = partial(HOTPATH.hot_reply, self)
         self._hot_key: tuple[bytes, bytes] | None = None
+        # Prepared open replies (open_reply): (table bytes, flags bytes) of a
+        # 3.6-3.10 open that the whole path answered from a watched
+        # instance -> [instance, its flags word, the reply for that word].
+        # Every short-lived client (a one-shot postmap -q, an smtpd that
+        # exits) opens its table first; the answer is the instance's flags
+        # word, the same bytes for each of them while the instance stands.
+        self._opens: dict[tuple[bytes, bytes], list] = {}
+        self._open_key: tuple[bytes, bytes] | None = None
         self._hot_table: Table | None = None
         # commit groups of this loop pass (None: no batch, every change is
         # synced on its own): table -> its GroupedReply list; and replies
@@ -360,6 +369,11 @@ class Dispatcher:
                     if reply is not None:
                         return reply
                 self._hot_key = spelling
+        self._open_key = None
+        if len(attrs) == 3 and not self.writable:
+            (n0, v0), (n1, v1), (n2, v2) = attrs
+            if v0 == b"open" and n0 == b"request" and n1 == b"table" and n2 == b"flags":
+                self._open_key = (v1, v2)
         try:
             req = parse_request(attrs)
         except BadRequest as exc:
@@ -441,6 +455,46 @@ class Dispatcher:
         counters.latency_ns += elapsed
         return reply
 
+    def open_reply(self, data: bytes) -> bytes | None:
+        """The reply to `data`, the raw bytes of one request, when they are
+        exactly a 3.6-3.10 open spelled like one the whole path answered
+        from an instance that still stands unchanged (the registry has it,
+        no change notification since): that instance's flags word, as
+        find_table and _answer would give it, counted as handle() counts.
+        None, with nothing counted or changed, for anything else: the
+        caller then decodes `data` and calls handle()."""
+        opens = self._opens
+        if not opens:
+            return None
+        spelling = split_hot_open(data)
+        if spelling is None:
+            return None
+        entry = opens.get(spelling)
+        if entry is None:
+            return None
+        table = entry[0]
+        if table.watch.gen != table.watch_gen or self.tables.get(table.regkey) is not table:
+            del opens[spelling]      # the whole path reopens or retries it
+            return None
+        if entry[1] != table.flags:  # lookups change the request bits of the word
+            entry[1] = table.flags
+            entry[2] = encode_reply("open", OK, 37, flags=table.flags)
+        reply = entry[2]
+        counters = table.counters       # as handle() counts
+        elapsed = monotonic_ns() - self.woke_at
+        counters.requests[OPEN_BASE + reply[REPLY_STATUS_OFFSET]] += 1
+        counters.latency[LATENCY_BUCKET[elapsed.bit_length()]] += 1
+        counters.latency_ns += elapsed
+        return reply
+
+    def _note_open(self, table: Table, reply: bytes) -> None:
+        """After the whole path answered a 3.6-3.10 open from watched
+        instance `table`: later opens spelled the same get `reply` from
+        open_reply while the instance stands."""
+        if len(self._opens) >= HOT_SPELLINGS:
+            self._opens.clear()     # a client trying many spellings
+        self._opens[self._open_key] = [table, table.flags, reply]
+
     def _note_hot(self, table: Table, req: Request) -> None:
         """After the whole path answered a 3.6-3.10 lookup from the table
         itself: its spelling leads the hot path to the instance. `direct`
@@ -516,7 +570,10 @@ class Dispatcher:
             # 3.11 uses the request's word as it is
             flags = req.flags | WRITE_FLAGS.get(name, 0)
         elif name == "open":
-            return encode_reply(name, OK, 37, flags=table.flags)
+            reply = encode_reply(name, OK, 37, flags=table.flags)
+            if self._open_key is not None and table.watch is not None:
+                self._note_open(table, reply)
+            return reply
         else:
             flags = ((table.flags & ~F.RQST_MASK) | (req.flags & F.RQST_MASK)
                      | WRITE_FLAGS.get(name, 0))

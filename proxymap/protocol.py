@@ -294,6 +294,23 @@ def split_hot_lookup_python(data: bytes) -> tuple[bytes, bytes, bytes] | None:
     return tokens[3], tokens[5], tokens[7]
 
 
+_HOT_OPEN_HEAD = b"request\0open\0table\0"
+
+
+def split_hot_open(data: bytes) -> tuple[bytes, bytes] | None:
+    """(table, flags), the raw values, when `data` is exactly one complete
+    open list spelled as 3.6-3.10 clients send it (request, table, flags in
+    this order, nothing before or after it); None for anything else. For
+    the worker's prepared open reply (Dispatcher.open_reply): what
+    Decoder.feed would make of such bytes, without the general machinery."""
+    if not data.startswith(_HOT_OPEN_HEAD) or not data.endswith(b"\0\0"):
+        return None
+    tokens = data.split(b"\0")
+    if len(tokens) != 8 or tokens[4] != b"flags":
+        return None
+    return tokens[3], tokens[5]
+
+
 #: set to anything but "" or "0": the pure-Python hot path even where the
 #: compiled one was built
 PURE_PYTHON_ENV = "PROXYMAP_PURE_PYTHON"

@@ -390,11 +390,14 @@ class Worker:
 
     def _answer_fresh(self, conn: Connection) -> None:
         """Answer the bytes read for an idle connection in this pass: when
-        they are one lookup the hot path answers, its reply is sent as
+        they are one lookup the hot path answers (or an open with a prepared
+        reply, Dispatcher.open_reply), its reply is sent as
         _pump would send it, with the same bookkeeping; otherwise they are
         decoded and answered by _pump."""
         data, conn.fresh = conn.fresh, None
         reply = self.dispatcher.hot_reply(data)
+        if reply is None:       # a client's first request: often an open
+            reply = self.dispatcher.open_reply(data)
         if reply is None:
             if self._decode(conn, data):
                 self._pump(conn)
