@@ -1114,11 +1114,20 @@ def warm_worker_start(main: MainConfig) -> None:
     every 100 clients): the installed Postfix's release, which costs a
     `postconf` run (MainConfig.postfix_release), and inotify_simple's
     search for the C library, which costs an `ldconfig -p` run; and the
-    worker's argument parser (proxymap.server.argument_parser)."""
+    worker's argument parser (proxymap.server.argument_parser). As root,
+    also the C library's group database look-up that a worker's switch to
+    mail_owner needs (initgroups, handoff.drop_privileges): loaded here once,
+    not in every worker."""
     try:
         main.postfix_release()
     except ConfigError:
         pass            # the worker says so, with file and line
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam(main.get("mail_owner"))
+            os.getgrouplist(owner.pw_name, owner.pw_gid)
+        except (KeyError, OSError):
+            pass        # load_configuration has said what is wrong
     from proxymap import server
     from proxymap.filewatch import FileWatcher
     FileWatcher().close()
