@@ -327,8 +327,11 @@ def is_bad_reply(reply: bytes) -> bool:
 def encode_reply(name: str | None, status: int, layout: int = 37,
                  flags: int = 0, key: bytes = b"", value: bytes = b"") -> bytes:
     """The reply list for request `name` (None: unknown request, status only)."""
-    if name == "lookup" and layout == 37:
-        return b"status\0%d\0value\0%s\0\0" % (status, value)
+    if layout == 37:
+        if name == "lookup":
+            return b"status\0%d\0value\0%s\0\0" % (status, value)
+        if name == "update" or name == "delete":    # REPLY_37: the status alone
+            return b"status\0%d\0\0" % status
     pairs = [("status", status)]
     if name is None:
         return encode(pairs)

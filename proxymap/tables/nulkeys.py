@@ -242,10 +242,13 @@ class NulKeyTable(Table):
             raise
 
     def update(self, key: bytes, value: bytes) -> bool:
-        self._require_writable("update")
-        key = self.fold(key)
-        bit = write_bit(self.flags, self.default_write)
-        self.flags = narrow(self.flags, bit)
+        if not self.writable:
+            self._require_writable("update")
+        flags = self.flags
+        if flags & F.FOLD_FIX:   # every NUL-convention table is FIXED (Table.fold)
+            key = F.fold_ascii(key)
+        bit = write_bit(flags, self.default_write)
+        self.flags = narrow(flags, bit)
         if self._group is not None:
             self._need_space(len(key) + len(value) + 2)
             outcome = self._grouped(self._put, encode(bit, key), encode(bit, value),
@@ -295,8 +298,10 @@ class NulKeyTable(Table):
         return outcome
 
     def delete(self, key: bytes) -> bool:
-        self._require_writable("delete")
-        key = self.fold(key)
+        if not self.writable:
+            self._require_writable("delete")
+        if self.flags & F.FOLD_FIX:   # as in update
+            key = F.fold_ascii(key)
         if self._group is not None:
             self._need_space(len(key) + 1)
             for bit, stored in probes(self.flags, key):
@@ -399,16 +404,17 @@ def storage_errors(path: str, action: str, library_error: type[Exception],
 SPACE_MARGIN = 128 * 1024
 
 
-def require_space(path: str, nbytes: int) -> None:
+def require_space(path: str, nbytes: int, directory: str | None = None) -> None:
     """Refuse (TableError, so RETRY) a change of `nbytes` bytes to the file
     at `path` when its filesystem has less free space than the change may
     need. Berkeley DB without an environment has no log to undo a write cut
     short: a page it could not add leaves the others pointing at nothing
     (db_verify: bad prev_pgno, unterminated leaf chain), so we do not start
     a write that may not fit. Space counts as the unprivileged user sees it
-    (f_bavail), the one proxywrite runs as."""
+    (f_bavail), the one proxywrite runs as. `directory`: path's directory,
+    where the caller knows it (`os.path.dirname(path) or "."`)."""
     try:
-        st = os.statvfs(os.path.dirname(path) or ".")
+        st = os.statvfs(directory or os.path.dirname(path) or ".")
     except OSError:
         return      # the write itself will tell
     free = st.f_bavail * st.f_frsize
