@@ -263,14 +263,15 @@ class Dispatcher:
             self.hot_reply = partial(HOTPATH.hot_reply, self)
         self._hot_key: tuple[bytes, ...] | None = None
         self._hot_table: Table | None = None
-        # The write lane (the write service's hot path): (request, table,
-        # flags) bytes of a 3.6-3.10 update or delete -> a HotWrite, once a
+        # The write lane (the write service's hot path): the attribute names
+        # and the request, table and flags bytes of a 3.6-3.10 update or
+        # delete -> a HotWrite, once a
         # change so spelled went through the whole path. A later change
         # spelled the same goes straight to the instance's update/delete,
         # without parse_request, allow-list and registry steps (which
         # cannot answer differently for the same spelling). Emptied
         # whenever an instance is closed (_close).
-        self._hot_writes: dict[tuple[bytes, bytes, bytes], HotWrite] = {}
+        self._hot_writes: dict[tuple[bytes, ...], HotWrite] = {}
         # commit groups of this loop pass (None: no batch, every change is
         # synced on its own): table -> its GroupedReply list; and replies
         # whose group has ended, for the worker to deliver
@@ -440,18 +441,15 @@ class Dispatcher:
         groups as usual). Else it does what _answer and _operate do for
         such a request: the same flags word, the UTF-8 layer's key check,
         the instance's update or delete, the same reply."""
+        # the names are part of the spelling: one dict look-up checks them
+        # all (only lists that parse_request took as such are ever noted)
         if len(attrs) == 5:
             (n0, v0), (n1, v1), (n2, v2), (n3, key), (n4, value) = attrs
-            if n4 != b"value" or v0 != b"update":
-                return None
+            spelling = (n0, v0, n1, v1, n2, v2, n3, n4)
         else:
             (n0, v0), (n1, v1), (n2, v2), (n3, key) = attrs
-            if v0 != b"delete":
-                return None
             value = None
-        if n0 != b"request" or n1 != b"table" or n2 != b"flags" or n3 != b"key":
-            return None
-        spelling = (v0, v1, v2)
+            spelling = (n0, v0, n1, v1, n2, v2, n3)
         self._hot_key = spelling    # for _note_hot_write, when the whole path runs
         hot = self._hot_writes.get(spelling)
         if hot is None:

@@ -171,10 +171,11 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         # here (exclusive to write, shared to walk), so a new handle sees a
         # quiet file.
         # Under OPEN_LOCK nobody else could write since we opened it.
-        self.note_changes()
         watch = self.watch
-        if watch is not None and watch.gen == self.watch_gen and self._db is not None:
-            return      # not changed(), in the fewest steps: the usual case
+        if watch is not None:       # note_changes() and not changed(), inline:
+            watch.watcher.drain()   # the usual case, in the fewest steps
+            if watch.gen == self.watch_gen and self._db is not None:
+                return
         if (self.lock is not None and self.lock.open_locked or self._unsynced
                 or not self.changed()):
             return

@@ -279,13 +279,18 @@ class NulKeyTable(Table):
             self.lock.release()
 
     def _update_now(self, key: bytes, value: bytes, bit: int) -> str:
-        locked = self._exclusive()
+        # _exclusive, encode and _unlock inline: this runs once per change
+        lock = self.lock
+        locked = lock is not None and lock.needed(self.flags)
+        if locked:
+            lock.acquire(filelock.EXCLUSIVE)
         try:
             self._refresh()
             self._need_space(len(key) + len(value) + 2)
+            if bit == F.TRY1NULL:
+                key, value = key + b"\0", value + b"\0"
             try:
-                outcome = self._put(encode(bit, key), encode(bit, value),
-                                    bool(self.flags & F.DUP_REPLACE))
+                outcome = self._put(key, value, bool(self.flags & F.DUP_REPLACE))
                 if outcome != REFUSED:
                     self._commit()
             except TableError:
@@ -294,7 +299,8 @@ class NulKeyTable(Table):
             if outcome != REFUSED:
                 self._remember_own_write()
         finally:
-            self._unlock(locked)
+            if locked:
+                lock.release()
         return outcome
 
     def delete(self, key: bytes) -> bool:
@@ -310,7 +316,10 @@ class NulKeyTable(Table):
                     self.flags = narrow(self.flags, bit)
                     return True
             return False
-        locked = self._exclusive()
+        lock = self.lock     # _exclusive and _unlock inline, as in _update_now
+        locked = lock is not None and lock.needed(self.flags)
+        if locked:
+            lock.acquire(filelock.EXCLUSIVE)
         try:
             self._refresh()
             self._need_space(len(key) + 1)
@@ -327,7 +336,8 @@ class NulKeyTable(Table):
                     self._remember_own_write()
                     return True
         finally:
-            self._unlock(locked)
+            if locked:
+                lock.release()
         return False
 
     def _remember_own_write(self) -> None:
@@ -350,8 +360,11 @@ class NulKeyTable(Table):
         permitted (a file we do not own), the stamp is still taken as our
         own: treating it as unsettled would reopen the table, and lose its
         sequence cursor, after every update."""
-        if self.watch is not None:
-            self.note_own_write()
+        watch = self.watch
+        if watch is not None:     # note_own_write(), inline
+            watch.watcher.drain()
+            if self.watch_gen != watch.gen:
+                self._take_watch_gen()
             return
         try:
             st = os.stat(self.path)
