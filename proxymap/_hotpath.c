@@ -129,8 +129,23 @@ static PyObject *one;      /* the int 1 */
 static int
 increment(PyObject *obj, PyObject *name, PyObject *amount, int item)
 {
-    PyObject *old = item ? PyObject_GetItem(obj, name) : PyObject_GetAttr(obj, name), *new;
+    PyObject *old, *new;
     int rc;
+    if (item && PyList_CheckExact(obj) && PyLong_CheckExact(name)) {
+        /* a list's item at an index within it: the list's own slot */
+        Py_ssize_t i = PyLong_AsSsize_t(name);
+        if (i >= 0 && i < PyList_GET_SIZE(obj)) {
+            if ((new = PyNumber_Add(PyList_GET_ITEM(obj, i), amount)) == NULL)
+                return -1;
+            old = PyList_GET_ITEM(obj, i);
+            PyList_SET_ITEM(obj, i, new);
+            Py_DECREF(old);
+            return 0;
+        }
+        if (i == -1 && PyErr_Occurred())
+            PyErr_Clear();      /* out of range: as PyObject_GetItem says it */
+    }
+    old = item ? PyObject_GetItem(obj, name) : PyObject_GetAttr(obj, name);
     if (old == NULL)
         return -1;
     new = PyNumber_Add(old, amount);
@@ -358,9 +373,13 @@ hot_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(hot);
         Py_RETURN_NONE;
     }
-    spelling = Py_BuildValue("(y#y#)", p + off[0], len[0], p + off[1], len[1]);
-    if (spelling == NULL)
+    if ((spelling = PyTuple_New(2)) == NULL)
         return NULL;
+    for (found = 0; found < 2; found++) {
+        if ((tmp = PyBytes_FromStringAndSize(p + off[found], len[found])) == NULL)
+            goto done;
+        PyTuple_SET_ITEM(spelling, found, tmp);
+    }
     entry = PyDict_GetItemWithError(hot, spelling);      /* borrowed */
     if (entry == NULL) {
         if (PyErr_Occurred())
@@ -496,12 +515,16 @@ hot_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         nbits = (int64_t)_PyLong_NumBits(elapsed);
         if (nbits < 0 && PyErr_Occurred())
             goto done;
-        if ((bits = PyLong_FromLongLong(nbits)) == NULL)
-            goto done;
-        index = PyObject_GetItem(latency_bucket, bits);
-        Py_DECREF(bits);
-        if (index == NULL)
-            goto done;
+        if (nbits >= 0 && nbits < PyTuple_GET_SIZE(latency_bucket)) {
+            index = Py_NewRef(PyTuple_GET_ITEM(latency_bucket, nbits));
+        } else {
+            if ((bits = PyLong_FromLongLong(nbits)) == NULL)
+                goto done;
+            index = PyObject_GetItem(latency_bucket, bits);
+            Py_DECREF(bits);
+            if (index == NULL)
+                goto done;
+        }
     }
     if ((seq = PyObject_GetAttr(counters, s_latency)) == NULL
             || increment(seq, index, one, 1) < 0)
