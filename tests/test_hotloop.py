@@ -283,3 +283,70 @@ def test_a_full_socket_leaves_the_rest_for_epollout(table_file, fast):
         assert not partial.out and partial.events == select.EPOLLIN and partial.since is None
     finally:
         side.close()
+
+
+def warmed_side(table: str, fast: bool) -> Side:
+    """A side whose client 0 has made key1's spelling hot."""
+    side = Side(make_dispatcher(table), fast)
+    side.clients[0].send(request(table, b"key1"))
+    side.one_pass([(0, select.EPOLLIN)])
+    side.read_replies(0)
+    assert side.dispatcher._hot
+    return side
+
+
+@needs_compiled
+@pytest.mark.parametrize("fast", [False, True], ids=["python", "compiled"])
+def test_a_reset_connection_is_a_read_error(table_file, fast, caplog):
+    """A client gone with replies unread: the next read fails (ECONNRESET),
+    the connection is closed with one warning, nothing is counted."""
+    table, _ = table_file
+    side = warmed_side(table, fast)
+    try:
+        side.clients[1].send(request(table, b"key1"))
+        side.one_pass([(1, select.EPOLLIN)])        # answered, reply left unread
+        requests = side.worker.requests
+        side.clients[1].close()
+        side.one_pass([(1, select.EPOLLIN | select.EPOLLHUP)])
+        assert side.conn(1) is None and side.worker.requests == requests
+        assert "read: Connection reset by peer: closing the connection" in caplog.text
+    finally:
+        side.close()
+
+
+@needs_compiled
+@pytest.mark.parametrize("fast", [False, True], ids=["python", "compiled"])
+def test_a_failed_send_closes_quietly(table_file, fast, caplog):
+    """The client went away after sending: the hot reply's send fails with
+    EPIPE and the connection is closed without a warning, the request
+    counted (as the Python path counts it)."""
+    table, _ = table_file
+    side = warmed_side(table, fast)
+    try:
+        requests = side.worker.requests
+        side.clients[1].send(request(table, b"key1"))
+        side.clients[1].close()
+        caplog.clear()
+        side.one_pass([(1, select.EPOLLIN | select.EPOLLHUP)])
+        assert side.conn(1) is None and side.worker.requests == requests + 1
+        assert "closing the connection" not in caplog.text
+    finally:
+        side.close()
+
+
+@needs_compiled
+@pytest.mark.parametrize("fast", [False, True], ids=["python", "compiled"])
+def test_a_stopping_worker_closes_after_the_hot_reply(table_file, fast):
+    table, _ = table_file
+    side = warmed_side(table, fast)
+    try:
+        side.worker.stopping = True
+        side.clients[1].send(request(table, b"key2"))
+        side.clients[2].send(request(table, b"key1"))
+        side.one_pass([(1, select.EPOLLIN), (2, select.EPOLLIN)])
+        side.read_replies(1)
+        side.read_replies(2)
+        assert side.conn(1) is None and side.conn(2) is None
+        assert side.got[2].endswith(b"status\0000\0value\0value1\0\0")
+    finally:
+        side.close()
