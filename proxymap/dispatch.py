@@ -69,7 +69,7 @@ from proxymap.metrics import (LATENCY_BUCKET, NO_TABLE, REPLY_STATUS_OFFSET, REQ
 from proxymap.offload import DeferredReply
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                HOTPATH, BadRequest, Request, encode_reply, parse_request,
-                               split_hot_lookup)
+                               split_hot_change, split_hot_lookup)
 from proxymap.tables import Table, TableError, TableOpenError, filelock, nulkeys, open_table, \
     strip_proxy
 from proxymap.tables.base import END, START, Unsupported, file_stamp, stamp_is_settled
@@ -197,6 +197,24 @@ class GroupedReply(DeferredReply):
         self.failed = failed
 
 
+class HotWrite:
+    """What the write lane (Dispatcher._hot_write) knows of one spelling of
+    a 3.6-3.10 update or delete: the instance, the flags bits the request
+    adds to the instance's word (its RQST_MASK bits and WRITE_FLAGS),
+    whether the UTF-8 layer checks keys, and the replies, made once."""
+
+    __slots__ = ("table", "name", "add_flags", "utf8", "done", "not_found", "base")
+
+    def __init__(self, table: Table, req: Request, utf8: bool):
+        self.table = table
+        self.name = req.name
+        self.add_flags = (req.flags & F.RQST_MASK) | WRITE_FLAGS[req.name]
+        self.utf8 = utf8
+        self.done = encode_reply(req.name, OK)
+        self.not_found = encode_reply(req.name, NOKEY)
+        self.base = REQUEST_BASE[req.name]
+
+
 class Dispatcher:
     """Turns decoded requests into encoded replies for one service role."""
 
@@ -243,8 +261,19 @@ class Dispatcher:
         if HOTPATH is not None and not self.writable:
             # the compiled hot_reply, called without a Python frame
             self.hot_reply = partial(HOTPATH.hot_reply, self)
-        self._hot_key: tuple[bytes, bytes] | None = None
+        self._hot_key: tuple[bytes, ...] | None = None
         self._hot_table: Table | None = None
+        # The write lane (the write service's hot path): the attribute names
+        # and the request, table and flags bytes of a 3.6-3.10 update or
+        # delete -> a HotWrite, once a
+        # change so spelled went through the whole path. A later change
+        # spelled the same goes straight to the instance's update/delete,
+        # without parse_request, allow-list and registry steps (which
+        # cannot answer differently for the same spelling). Emptied
+        # whenever an instance is closed (_close).
+        self._hot_writes: dict[tuple[bytes, ...], HotWrite] = {}
+        if self.writable:       # what hot_reply can answer on the write service
+            self.hot_spellings = self._hot_writes
         # commit groups of this loop pass (None: no batch, every change is
         # synced on its own): table -> its GroupedReply list; and replies
         # whose group has ended, for the worker to deliver
@@ -350,7 +379,12 @@ class Dispatcher:
         instead (ask again later); without, RETRY. `client` names the
         connection, for instances that hold a lock while someone uses them."""
         self._hot_key = None
-        if len(attrs) == 4 and not self.writable:
+        if self.writable:
+            if 4 <= len(attrs) <= 5:
+                reply = self._hot_write(attrs)
+                if reply is not None:
+                    return reply
+        elif len(attrs) == 4:
             (n0, v0), (n1, v1), (n2, v2), (n3, v3) = attrs
             if v0 == b"lookup" and n0 == b"request" and n1 == b"table" and n2 == b"flags" \
                     and n3 == b"key":
@@ -380,9 +414,8 @@ class Dispatcher:
             self._count_under_table(req)
             reply = encode_reply(req.name, RETRY, req.layout)
         except Exception as exc:  # a bug must not cost the client its answer
-            maillog.error(f"{req.name} {req.table}: unexpected {type(exc).__name__}: {exc}")
-            self._count_under_table(req).errors += 1
-            reply = encode_reply(req.name, RETRY, req.layout)
+            reply = self._unexpected(req.name, req.table, exc, self._count_under_table(req),
+                                     req.layout)
         counters = self._counters
         if counters is not None:     # None: offloaded, counted when the reply is there
             # inline, in as few steps as can be: this runs for every request
@@ -393,6 +426,83 @@ class Dispatcher:
             counters.latency_ns += elapsed
         return reply
 
+    @staticmethod
+    def _unexpected(name: str, table: str, exc: Exception, counters, layout: int) -> bytes:
+        """The RETRY of a request that met a bug (logged, counted under
+        `counters`): a bug must not cost the client its answer."""
+        maillog.error(f"{name} {table}: unexpected {type(exc).__name__}: {exc}")
+        counters.errors += 1
+        return encode_reply(name, RETRY, layout)
+
+    def _hot_write(self, attrs: list[tuple[bytes, bytes]]) -> bytes | None:
+        """The reply of a 3.6-3.10 update or delete spelled like one that
+        the whole path made before (the write lane, see __init__), counted
+        as handle() counts; None, with nothing changed, for anything else
+        or wherever the whole path has more to do (a change notification
+        since, a commit group, a busy lock: it then waits, reopens or
+        groups as usual). Else it does what _answer and _operate do for
+        such a request: the same flags word, the UTF-8 layer's key check,
+        the instance's update or delete, the same reply."""
+        # the names are part of the spelling: one dict look-up checks them
+        # all (only lists that parse_request took as such are ever noted)
+        if len(attrs) == 5:
+            (n0, v0), (n1, v1), (n2, v2), (n3, key), (n4, value) = attrs
+            spelling = (n0, v0, n1, v1, n2, v2, n3, n4)
+        else:
+            (n0, v0), (n1, v1), (n2, v2), (n3, key) = attrs
+            value = None
+            spelling = (n0, v0, n1, v1, n2, v2, n3)
+        self._hot_key = spelling    # for _note_hot_write, when the whole path runs
+        hot = self._hot_writes.get(spelling)
+        if hot is None:
+            return None
+        table = hot.table
+        if table.watch.gen != table.watch_gen or self._groups is not None and table.groups_writes:
+            return None
+        flags = (table.flags & ~F.RQST_MASK) | hot.add_flags
+        saved, table.flags = table.flags, flags
+        try:
+            if hot.utf8:
+                key = utf8_key(key, bool(flags & F.FOLD_FIX and flags & F.FIXED))
+            if key is None:     # Postfix's UTF-8 layer: not done
+                reply = hot.done
+            elif value is None:
+                reply = hot.done if table.delete(key) else hot.not_found
+            else:
+                reply = hot.done if table.update(key, value) else hot.not_found
+        except LockBusy:
+            table.flags = saved     # the whole path waits for it, as it does
+            return None
+        except TableError as exc:
+            maillog.warning(exc.reason)
+            reply = encode_reply(hot.name, exc.status)
+        except Exception as exc:
+            reply = self._unexpected(hot.name, v1.decode("utf-8", "surrogateescape"), exc,
+                                     table.counters, 37)
+        finally:
+            answers = table.answers
+            if answers is not None:     # a write of our own, done or not
+                answers.invalidate()
+        counters = table.counters       # as handle() counts
+        elapsed = monotonic_ns() - self.woke_at
+        counters.requests[hot.base + reply[7]] += 1
+        counters.latency[LATENCY_BUCKET[elapsed.bit_length()]] += 1
+        counters.latency_ns += elapsed
+        return reply
+
+    def _note_hot_write(self, table: Table, req: Request) -> None:
+        """After the whole path made a 3.6-3.10 update or delete of an
+        instance (done or not): its spelling leads the write lane to the
+        instance, unless the whole path has more to do for it each time
+        (an OPEN_LOCK instance notes its clients, a table served off the
+        loop, a file without a watch is stat()ed)."""
+        if self._hot_key is None or req.layout != 37 or req.flags & F.OPEN_LOCK \
+                or table.watch is None or table.blocking or isinstance(table, SurrogateTable):
+            return
+        if len(self._hot_writes) >= HOT_SPELLINGS:
+            self._hot_writes.clear()    # a client trying many spellings
+        self._hot_writes[self._hot_key] = HotWrite(table, req, self.smtputf8 and table.utf8_layer)
+
     def hot_reply(self, data: bytes) -> bytes | None:
         """The reply to `data`, the raw bytes of one request, when they are
         exactly one 3.6-3.10 lookup that the hot path answers (counted as
@@ -400,9 +510,13 @@ class Dispatcher:
         anything else: the caller then decodes `data` and calls handle().
         Its replies are OK or NOKEY (all that the answer cache keeps). A
         read service with the compiled hot path has proxymap._hotpath's
-        hot_reply in its place, which behaves the same."""
+        hot_reply in its place, which behaves the same. On the write
+        service: the reply of the write lane (_hot_write) to bytes that are
+        one update or delete list (never BAD; `hot_spellings` is then the
+        lane's), for a worker whose hot lane serves writes too."""
         if self.writable:
-            return None
+            attrs = split_hot_change(data)
+            return None if attrs is None else self._hot_write(attrs)
         parts = split_hot_lookup(data)
         if parts is None:
             return None
@@ -552,6 +666,14 @@ class Dispatcher:
                         answers.invalidate()
             if table in groups:     # anything else sees the group's changes durable
                 self._end_group(table)
+        if name == "update" or name == "delete":     # (on the write service)
+            try:        # a write of our own, done or not: what was read may differ
+                reply = self._run(table, req, walks, flags)
+            finally:
+                if answers is not None:
+                    answers.invalidate()
+            self._note_hot_write(table, req)
+            return reply
         if answers is None:
             if name != "lookup" or not table.direct_reads:
                 return self._run(table, req, walks, flags)
@@ -572,12 +694,7 @@ class Dispatcher:
                     answers.put(ckey, reply)
                     self._note_hot(table, req)
             return reply
-        if name == "sequence":
-            return self._run(table, req, walks, flags)
-        try:        # a write of our own, done or not: what was read may differ
-            return self._run(table, req, walks, flags)
-        finally:
-            answers.invalidate()
+        return self._run(table, req, walks, flags)     # a sequence step
 
     def _run(self, table: Table, req: Request, walks: dict, flags: int) -> bytes:
         if req.layout == 37:
@@ -783,6 +900,7 @@ class Dispatcher:
             table.watch_gen = watch.gen
 
     def _close(self, table: Table) -> None:
+        self._hot_writes.clear()    # no write lane leads to a closed instance
         if self._groups and table in self._groups:
             self._end_group(table)
         table.answers = None        # no hot path leads to a closed instance

@@ -30,8 +30,9 @@ from __future__ import annotations
 import errno
 import os
 import select
+import struct
 
-from inotify_simple import INotify, flags as IN, parse_events
+from inotify_simple import INotify, flags as IN
 
 from proxymap.conventions import maillog
 
@@ -54,6 +55,13 @@ MOUNTS = "/proc/self/mounts"
 #: bytes with its NUL)
 READ_SIZE = 65536
 MAX_EVENT = 16 + 255 + 1
+#: struct inotify_event's fixed part: wd, mask, cookie, len (of the name)
+EVENT_HEADER = struct.Struct("iIII")
+
+# the mask bits _note tests, as plain ints (an IntEnum member costs a
+# lookup and an enum operation on every event)
+_Q_OVERFLOW, _IGNORED = int(IN.Q_OVERFLOW), int(IN.IGNORED)
+_CREATED = int(IN.CREATE | IN.MOVED_TO)
 
 
 def inotify_sees_all_writes(fstype: str) -> bool:
@@ -213,10 +221,15 @@ class FileWatcher:
                 data = os.read(self.fd, READ_SIZE)
             except (BlockingIOError, InterruptedError):
                 return total
-            events = parse_events(data)
-            total += len(events)
-            for event in events:
-                self._note(event)
+            # struct inotify_event by struct inotify_event, without making
+            # an object of each (inotify_simple.parse_events's namedtuples)
+            unpack, note, pos, end = EVENT_HEADER.unpack_from, self._note, 0, len(data)
+            while pos < end:
+                wd, mask, _, size = unpack(data, pos)
+                pos += 16 + size
+                note(wd, mask, os.fsdecode(data[pos - size:pos].split(b"\0", 1)[0])
+                     if size else "")
+                total += 1
             if len(data) <= READ_SIZE - MAX_EVENT:
                 # the kernel gives every queued event that fits: room for
                 # one more was left, so the queue was empty (no second
@@ -224,20 +237,19 @@ class FileWatcher:
                 # exception per drain)
                 return total
 
-    def _note(self, event) -> None:
-        wd, mask = event.wd, event.mask
-        if mask & IN.Q_OVERFLOW:            # lost some: everything may have changed
+    def _note(self, wd: int, mask: int, name: str) -> None:
+        if mask & _Q_OVERFLOW:            # lost some: everything may have changed
             for watch in self._watches.values():
                 watch.gen += 1
             return
         names = self._dirs.get(wd)
         if names is not None:
-            watch = names.get(event.name)
+            watch = names.get(name)
             if watch is not None:
                 watch.gen += 1
-                if mask & (IN.CREATE | IN.MOVED_TO) and not self._add_file(watch):
+                if mask & _CREATED and not self._add_file(watch):
                     self._abandon(watch)    # a new file under the name, not watchable
-            if mask & IN.IGNORED:            # the directory itself went away
+            if mask & _IGNORED:              # the directory itself went away
                 del self._dirs[wd]
                 for path, dwd in list(self._dir_wds.items()):
                     if dwd == wd:
@@ -250,7 +262,7 @@ class FileWatcher:
             return
         for watch in watches:
             watch.gen += 1
-        if mask & IN.IGNORED:
+        if mask & _IGNORED:
             del self._files[wd]
             for watch in watches:
                 if watch.file_wd == wd:

@@ -12,7 +12,9 @@ Postfix 3.6-3.10 and of 3.11+ (which adds `instance_flags`), detected per
 request.
 
 `split_hot_lookup` recognises raw bytes that are exactly one 3.6-3.10
-lookup, for the worker's hot path (Dispatcher.hot_reply). That path has an
+lookup, for the worker's hot path (Dispatcher.hot_reply), and
+`split_hot_change` those of one list as long as an update or delete, for
+the write service's (pure Python only). The lookup path has an
 optional compiled form, proxymap/_hotpath.c, built by `pip install` where a
 C compiler is available: `HOTPATH` is that module when it was built and the
 environment does not set PROXYMAP_PURE_PYTHON (to anything but "" or "0"),
@@ -294,6 +296,20 @@ def split_hot_lookup_python(data: bytes) -> tuple[bytes, bytes, bytes] | None:
     return tokens[3], tokens[5], tokens[7]
 
 
+def split_hot_change(data: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The attribute list of `data` when it is exactly one complete list of
+    four or five attributes (as many as a 3.6-3.10 delete or update has),
+    as Decoder.feed would decode it; None for anything else. For the write
+    service's hot path (Dispatcher.hot_reply), which checks the names."""
+    if not data.endswith(b"\0\0"):
+        return None
+    tokens = data.split(b"\0")
+    n = len(tokens)
+    if n != 12 and n != 10 or b"" in tokens[0:-2:2]:
+        return None
+    return list(zip(tokens[0:-2:2], tokens[1:-2:2]))
+
+
 #: set to anything but "" or "0": the pure-Python hot path even where the
 #: compiled one was built
 PURE_PYTHON_ENV = "PROXYMAP_PURE_PYTHON"
@@ -327,8 +343,11 @@ def is_bad_reply(reply: bytes) -> bool:
 def encode_reply(name: str | None, status: int, layout: int = 37,
                  flags: int = 0, key: bytes = b"", value: bytes = b"") -> bytes:
     """The reply list for request `name` (None: unknown request, status only)."""
-    if name == "lookup" and layout == 37:
-        return b"status\0%d\0value\0%s\0\0" % (status, value)
+    if layout == 37:
+        if name == "lookup":
+            return b"status\0%d\0value\0%s\0\0" % (status, value)
+        if name == "update" or name == "delete":    # REPLY_37: the status alone
+            return b"status\0%d\0\0" % status
     pairs = [("status", status)]
     if name is None:
         return encode(pairs)

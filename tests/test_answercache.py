@@ -477,6 +477,140 @@ def test_watched_writer_still_sees_a_foreign_write_after_its_own(tmp_path):
         d.close_all()
 
 
+# -- the write lane (proxywrite) -------------------------------------------------
+
+def delete(dispatcher, table, key, refresh=True, **kwargs):
+    attrs = [(b"request", b"delete"), (b"table", table.encode()),
+             (b"flags", str(F.LOCK | F.FOLD_FIX).encode()), (b"key", key.encode())]
+    if refresh:
+        dispatcher.refresh()
+    reply = dispatcher.handle(attrs, **kwargs)
+    return reply if reply is None else dict(_decode(reply))
+
+
+def _count_parses(monkeypatch):
+    from proxymap import dispatch
+    calls = []
+    real = dispatch.parse_request
+
+    def spy(attrs):
+        calls.append(attrs[0][1])
+        return real(attrs)
+
+    monkeypatch.setattr(dispatch, "parse_request", spy)
+    return calls
+
+
+def test_write_lane_gives_the_full_paths_answers_and_counts(tmp_path, monkeypatch):
+    table = hash_table(tmp_path)
+    d = make_dispatcher([table], service="proxywrite")
+    parses = _count_parses(monkeypatch)
+    try:
+        assert update(d, table, "K1", "v1")[b"status"] == b"0"
+        assert delete(d, table, "absent")[b"status"] == b"1"
+        assert parses == [b"update", b"delete"]     # the whole path, once each
+        assert update(d, table, "K1", "v2")[b"status"] == b"0"
+        assert update(d, table, "k2", "w")[b"status"] == b"0"
+        assert delete(d, table, "K2")[b"status"] == b"0"
+        assert delete(d, table, "k2")[b"status"] == b"1"
+        assert parses == [b"update", b"delete"]     # the lane: no decoding
+        assert lookup(d, table, "k1")[b"value"] == b"v2"    # FOLD_FIX, as the whole path
+        assert lookup(d, table, "k2")[b"status"] == b"1"
+        counters = d.metrics.table(table)
+        assert sum(counters.requests) == 8
+        assert sum(counters.latency) == 8
+    finally:
+        d.close_all()
+
+
+def test_write_lane_keeps_a_foreign_write_seen_late(tmp_path):
+    """Another program writes the file after our last drain: the lane's
+    change re-reads the file under the exclusive lock (the table's own
+    refresh), so that write is not lost; notified before, the lane leaves
+    the request to the whole path, which reopens the instance."""
+    from proxymap.tables.berkeleydb import HashTable
+    table = hash_table(tmp_path)
+    d = make_dispatcher([table], service="proxywrite")
+
+    def foreign(key):
+        other = HashTable("hash", str(tmp_path / "map"), F.LOCK, True, {})
+        try:
+            other.flags |= F.LOCK | F.SYNC_UPDATE | F.DUP_REPLACE
+            assert other.update(key, b"theirs")
+        finally:
+            other.close()
+
+    try:
+        assert update(d, table, "ours1", "1")[b"status"] == b"0"
+        foreign(b"late")            # not drained before the next change
+        assert delete(d, table, "ours1", refresh=False)[b"status"] == b"0"
+        foreign(b"early")           # drained: the whole path
+        assert update(d, table, "ours2", "2")[b"status"] == b"0"
+        for key, value in (("late", b"theirs"), ("early", b"theirs"), ("ours2", b"2")):
+            assert lookup(d, table, key)[b"value"] == value
+        assert lookup(d, table, "ours1")[b"status"] == b"1"
+        assert d._hot_writes        # led to the reopened instance again
+    finally:
+        d.close_all()
+    check = HashTable("hash", str(tmp_path / "map"), 0, False, {})
+    try:
+        assert [check.lookup(k) for k in (b"late", b"early", b"ours2", b"ours1")] == \
+            [b"theirs", b"theirs", b"2", None]
+    finally:
+        check.close()
+
+
+def test_write_lane_waits_for_a_busy_lock_like_the_whole_path(tmp_path, monkeypatch):
+    import fcntl
+    from proxymap.tables import filelock
+    monkeypatch.setattr(filelock, "wait_limit", 0)      # as in the worker's loop
+    table = hash_table(tmp_path)
+    d = make_dispatcher([table], service="proxywrite")
+    try:
+        assert delete(d, table, "k")[b"status"] == b"0"
+        fd = os.open(str(tmp_path / "map.db"), os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            assert delete(d, table, "x", may_wait=True) is None     # asked again later
+            assert delete(d, table, "x")[b"status"] == str(RETRY).encode()
+        finally:
+            os.close(fd)
+        assert update(d, table, "k", "back")[b"status"] == b"0"
+        assert lookup(d, table, "k")[b"value"] == b"back"
+    finally:
+        d.close_all()
+
+
+def test_write_lane_answers_raw_update_and_delete_bytes(tmp_path):
+    """hot_reply on the write service: the bytes of one update or delete
+    list spelled as one the whole path made go through the write lane;
+    anything else is left to the decoder and handle() (None)."""
+    table = hash_table(tmp_path)
+    flags = str(F.LOCK | F.FOLD_FIX).encode()
+
+    def raw(*pairs):
+        return encode([(b"request", pairs[0]), (b"table", table.encode()),
+                       (b"flags", flags)] + list(pairs[1:]))
+
+    d = make_dispatcher([table], service="proxywrite")
+    try:
+        new = raw(b"update", (b"key", b"n"), (b"value", b"1"))
+        assert d.hot_reply(new) is None and not d.hot_spellings     # nothing noted yet
+        assert update(d, table, "k", "v")[b"status"] == b"0"
+        assert d.hot_spellings is d._hot_writes and d.hot_spellings
+        assert d.hot_reply(new) == b"status\0000\0\0"
+        assert d.hot_reply(raw(b"delete", (b"key", b"absent"))) is None    # not noted
+        assert delete(d, table, "absent")[b"status"] == b"1"
+        assert d.hot_reply(raw(b"delete", (b"key", b"K"))) == b"status\0000\0\0"
+        assert d.hot_reply(raw(b"delete", (b"key", b"k"))) == b"status\0001\0\0"
+        assert d.hot_reply(raw(b"lookup", (b"key", b"n"))) is None
+        assert d.hot_reply(new + new) is None       # two lists: the decoder's
+        assert lookup(d, table, "n")[b"value"] == b"1"
+        assert lookup(d, table, "k")[b"status"] == b"1"
+    finally:
+        d.close_all()
+
+
 # -- group commit (proxywrite) ---------------------------------------------------
 
 def lmdb_table(tmp_path):

@@ -7,6 +7,7 @@ real postmap (and pass db5.3_verify for Berkeley DB).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 import shutil
@@ -219,14 +220,23 @@ def test_fcntl_lock_excludes_other_processes(tmp_path):
 
 
 def _record_locks(monkeypatch):
+    """The (style, op) of every lock system call made from now on, as the
+    kernel sees them (TableLock calls flock(2) directly where it can)."""
     calls = []
-    real = filelock.lock
+    ops = {fcntl.LOCK_SH: filelock.SHARED, fcntl.LOCK_EX: filelock.EXCLUSIVE,
+           fcntl.LOCK_UN: filelock.UNLOCK}
+    real_flock, real_lockf = fcntl.flock, fcntl.lockf
 
-    def spy(fd, style, op, wait=True):
-        calls.append((style, op))
-        return real(fd, style, op, wait)
+    def flock(fd, code):
+        calls.append((filelock.FLOCK, ops[code & ~fcntl.LOCK_NB]))
+        return real_flock(fd, code)
 
-    monkeypatch.setattr(filelock, "lock", spy)
+    def lockf(fd, code, *args):
+        calls.append((filelock.FCNTL, ops[code & ~fcntl.LOCK_NB]))
+        return real_lockf(fd, code, *args)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(fcntl, "lockf", lockf)
     return calls
 
 

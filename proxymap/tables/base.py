@@ -177,8 +177,10 @@ class Table:
         knows the file as it is now. The stamp is left as it was: with a
         watch, changed() does not look at it (modified() may then also
         count our own writes, for its log line)."""
-        self.watch.drain()
-        self._take_watch_gen()
+        watch = self.watch
+        watch.watcher.drain()
+        if self.watch_gen != watch.gen:
+            self._take_watch_gen()
 
     def _take_watch_gen(self) -> None:
         watch = self.watch
@@ -193,7 +195,7 @@ class Table:
         """Count the notifications queued so far (a writer does this under
         its exclusive lock, before deciding whether to re-read the file)."""
         if self.watch is not None:
-            self.watch.drain()
+            self.watch.watcher.drain()
 
     def changed(self) -> bool:
         watch = self.watch

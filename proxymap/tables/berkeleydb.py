@@ -77,6 +77,8 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         super().__init__(type_name, name, flags, writable, params)
         path = name + ".db"
         self.label = path
+        #: where require_space looks (the path's directory, computed once)
+        self._directory = os.path.dirname(path) or "."
         self._db = None
         #: (stored key, value before the change or None) of each change
         #: since the last sync: what _abandon restores
@@ -102,8 +104,9 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
 
     # storage hooks
     def _need_space(self, nbytes):
-        self._sync_pending()
-        nulkeys.require_space(self.path, nbytes)
+        if self._unsynced:
+            self._sync_pending()
+        nulkeys.require_space(self.path, nbytes, self._directory)
 
     def _abandon(self):
         # A change failed, most often its sync (a full disk, an I/O error).
@@ -168,7 +171,11 @@ class _BerkeleyTable(nulkeys.NulKeyTable):
         # here (exclusive to write, shared to walk), so a new handle sees a
         # quiet file.
         # Under OPEN_LOCK nobody else could write since we opened it.
-        self.note_changes()
+        watch = self.watch
+        if watch is not None:       # note_changes() and not changed(), inline:
+            watch.watcher.drain()   # the usual case, in the fewest steps
+            if watch.gen == self.watch_gen and self._db is not None:
+                return
         if (self.lock is not None and self.lock.open_locked or self._unsynced
                 or not self.changed()):
             return

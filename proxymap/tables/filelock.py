@@ -189,10 +189,24 @@ class TableLock:
         return (not self.open_locked and bool(self.always or flags & F.LOCK)
                 and self.file_id not in _lifetime_locks)
 
+    # flock(2) first, directly: a lock that is free (the usual case) costs
+    # one call; a busy one, another style or a failure takes _call's way
     def acquire(self, op: str) -> None:
+        if self.style == FLOCK:
+            try:
+                fcntl.flock(self.fd, _FLOCK_OPS[op] | fcntl.LOCK_NB)
+                return
+            except OSError:
+                pass
         self._call(op)
 
     def release(self) -> None:
+        if self.style == FLOCK:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                return
+            except OSError:
+                pass
         self._call(UNLOCK)
 
     def _call(self, op: str) -> None:

@@ -242,10 +242,13 @@ class NulKeyTable(Table):
             raise
 
     def update(self, key: bytes, value: bytes) -> bool:
-        self._require_writable("update")
-        key = self.fold(key)
-        bit = write_bit(self.flags, self.default_write)
-        self.flags = narrow(self.flags, bit)
+        if not self.writable:
+            self._require_writable("update")
+        flags = self.flags
+        if flags & F.FOLD_FIX:   # every NUL-convention table is FIXED (Table.fold)
+            key = F.fold_ascii(key)
+        bit = write_bit(flags, self.default_write)
+        self.flags = narrow(flags, bit)
         if self._group is not None:
             self._need_space(len(key) + len(value) + 2)
             outcome = self._grouped(self._put, encode(bit, key), encode(bit, value),
@@ -276,13 +279,18 @@ class NulKeyTable(Table):
             self.lock.release()
 
     def _update_now(self, key: bytes, value: bytes, bit: int) -> str:
-        locked = self._exclusive()
+        # _exclusive, encode and _unlock inline: this runs once per change
+        lock = self.lock
+        locked = lock is not None and lock.needed(self.flags)
+        if locked:
+            lock.acquire(filelock.EXCLUSIVE)
         try:
             self._refresh()
             self._need_space(len(key) + len(value) + 2)
+            if bit == F.TRY1NULL:
+                key, value = key + b"\0", value + b"\0"
             try:
-                outcome = self._put(encode(bit, key), encode(bit, value),
-                                    bool(self.flags & F.DUP_REPLACE))
+                outcome = self._put(key, value, bool(self.flags & F.DUP_REPLACE))
                 if outcome != REFUSED:
                     self._commit()
             except TableError:
@@ -291,12 +299,15 @@ class NulKeyTable(Table):
             if outcome != REFUSED:
                 self._remember_own_write()
         finally:
-            self._unlock(locked)
+            if locked:
+                lock.release()
         return outcome
 
     def delete(self, key: bytes) -> bool:
-        self._require_writable("delete")
-        key = self.fold(key)
+        if not self.writable:
+            self._require_writable("delete")
+        if self.flags & F.FOLD_FIX:   # as in update
+            key = F.fold_ascii(key)
         if self._group is not None:
             self._need_space(len(key) + 1)
             for bit, stored in probes(self.flags, key):
@@ -305,7 +316,10 @@ class NulKeyTable(Table):
                     self.flags = narrow(self.flags, bit)
                     return True
             return False
-        locked = self._exclusive()
+        lock = self.lock     # _exclusive and _unlock inline, as in _update_now
+        locked = lock is not None and lock.needed(self.flags)
+        if locked:
+            lock.acquire(filelock.EXCLUSIVE)
         try:
             self._refresh()
             self._need_space(len(key) + 1)
@@ -322,7 +336,8 @@ class NulKeyTable(Table):
                     self._remember_own_write()
                     return True
         finally:
-            self._unlock(locked)
+            if locked:
+                lock.release()
         return False
 
     def _remember_own_write(self) -> None:
@@ -345,8 +360,11 @@ class NulKeyTable(Table):
         permitted (a file we do not own), the stamp is still taken as our
         own: treating it as unsettled would reopen the table, and lose its
         sequence cursor, after every update."""
-        if self.watch is not None:
-            self.note_own_write()
+        watch = self.watch
+        if watch is not None:     # note_own_write(), inline
+            watch.watcher.drain()
+            if self.watch_gen != watch.gen:
+                self._take_watch_gen()
             return
         try:
             st = os.stat(self.path)
@@ -399,16 +417,17 @@ def storage_errors(path: str, action: str, library_error: type[Exception],
 SPACE_MARGIN = 128 * 1024
 
 
-def require_space(path: str, nbytes: int) -> None:
+def require_space(path: str, nbytes: int, directory: str | None = None) -> None:
     """Refuse (TableError, so RETRY) a change of `nbytes` bytes to the file
     at `path` when its filesystem has less free space than the change may
     need. Berkeley DB without an environment has no log to undo a write cut
     short: a page it could not add leaves the others pointing at nothing
     (db_verify: bad prev_pgno, unterminated leaf chain), so we do not start
     a write that may not fit. Space counts as the unprivileged user sees it
-    (f_bavail), the one proxywrite runs as."""
+    (f_bavail), the one proxywrite runs as. `directory`: path's directory,
+    where the caller knows it (`os.path.dirname(path) or "."`)."""
     try:
-        st = os.statvfs(os.path.dirname(path) or ".")
+        st = os.statvfs(directory or os.path.dirname(path) or ".")
     except OSError:
         return      # the write itself will tell
     free = st.f_bavail * st.f_frsize
