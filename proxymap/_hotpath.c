@@ -1,7 +1,7 @@
 /*
  * proxymap._hotpath: the compiled form of the worker's hot path, optional.
  *
- * Two functions, each with exactly the behaviour of a pure-Python one that
+ * Functions, each with exactly the behaviour of pure-Python code that
  * stays the reference (and serves when this module was not built, or when
  * PROXYMAP_PURE_PYTHON is set: proxymap/accelerator.py chooses):
  *
@@ -12,6 +12,16 @@
  *                            read of a table file (dispatch._direct_read:
  *                            the shared flock(2), the Berkeley DB handle's
  *                            get, the NUL conventions, the reply encoding)
+ *   read_pass(worker, ...)   server.Worker.run's loop over the ready
+ *                            descriptors (recv of an idle connection's
+ *                            bytes for the hot lane, Worker._read's)
+ *   answer_pass(worker, ...) its loop over the connections read, after the
+ *                            notification drain (Worker._answer_fresh:
+ *                            hot_reply, the send and the bookkeeping)
+ *
+ * The two loop functions do the plain cases in C and call the Worker's own
+ * methods (_read, _decode, _pump, _close) for everything else, in the
+ * order the Python loop would.
  *
  * configure() and configure_reads() receive the facts these need (the
  * request-flag mask and flag bits, the counter layout, the latency buckets,
@@ -26,6 +36,9 @@
 #include <time.h>
 #include <errno.h>
 #include <sys/file.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <structmember.h>
 
 static const char HEAD[] = "request\0lookup\0table\0";
 #define HEAD_LEN (sizeof(HEAD) - 1)
@@ -46,7 +59,9 @@ static PyObject *lifetime_locks;        /* dict: filelock.lifetime_locks() */
 static PyObject *s_hot, *s_woke_at, *s_answers, *s_watch, *s_gen, *s_watch_gen, *s_flags, *s_timed, *s_entries,
     *s_stats, *s_hits, *s_counters, *s_requests, *s_latency, *s_latency_ns,
     *s_direct_get, *s_lock, *s_open_locked, *s_always, *s_file_id, *s_style, *s_fd,
-    *s_put_missed;
+    *s_put_missed, *s_wait_until, *s_waiting, *s_out, *s_decoder, *s_buf, *s_queue, *s_fresh,
+    *s_close, *s_pump, *s_read, *s_decode, *s_answered_at, *s_replied, *s_since, *s_stopping,
+    *s_events, *s_poll, *s_on_change;
 
 /* The value token at q (up to the next NUL, which [q, end) holds): its
  * offset and length into p; the position after its NUL. */
@@ -114,8 +129,23 @@ static PyObject *one;      /* the int 1 */
 static int
 increment(PyObject *obj, PyObject *name, PyObject *amount, int item)
 {
-    PyObject *old = item ? PyObject_GetItem(obj, name) : PyObject_GetAttr(obj, name), *new;
+    PyObject *old, *new;
     int rc;
+    if (item && PyList_CheckExact(obj) && PyLong_CheckExact(name)) {
+        /* a list's item at an index within it: the list's own slot */
+        Py_ssize_t i = PyLong_AsSsize_t(name);
+        if (i >= 0 && i < PyList_GET_SIZE(obj)) {
+            if ((new = PyNumber_Add(PyList_GET_ITEM(obj, i), amount)) == NULL)
+                return -1;
+            old = PyList_GET_ITEM(obj, i);
+            PyList_SET_ITEM(obj, i, new);
+            Py_DECREF(old);
+            return 0;
+        }
+        if (i == -1 && PyErr_Occurred())
+            PyErr_Clear();      /* out of range: as PyObject_GetItem says it */
+    }
+    old = item ? PyObject_GetItem(obj, name) : PyObject_GetAttr(obj, name);
     if (old == NULL)
         return -1;
     new = PyNumber_Add(old, amount);
@@ -343,9 +373,13 @@ hot_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(hot);
         Py_RETURN_NONE;
     }
-    spelling = Py_BuildValue("(y#y#)", p + off[0], len[0], p + off[1], len[1]);
-    if (spelling == NULL)
+    if ((spelling = PyTuple_New(2)) == NULL)
         return NULL;
+    for (found = 0; found < 2; found++) {
+        if ((tmp = PyBytes_FromStringAndSize(p + off[found], len[found])) == NULL)
+            goto done;
+        PyTuple_SET_ITEM(spelling, found, tmp);
+    }
     entry = PyDict_GetItemWithError(hot, spelling);      /* borrowed */
     if (entry == NULL) {
         if (PyErr_Occurred())
@@ -481,12 +515,16 @@ hot_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         nbits = (int64_t)_PyLong_NumBits(elapsed);
         if (nbits < 0 && PyErr_Occurred())
             goto done;
-        if ((bits = PyLong_FromLongLong(nbits)) == NULL)
-            goto done;
-        index = PyObject_GetItem(latency_bucket, bits);
-        Py_DECREF(bits);
-        if (index == NULL)
-            goto done;
+        if (nbits >= 0 && nbits < PyTuple_GET_SIZE(latency_bucket)) {
+            index = Py_NewRef(PyTuple_GET_ITEM(latency_bucket, nbits));
+        } else {
+            if ((bits = PyLong_FromLongLong(nbits)) == NULL)
+                goto done;
+            index = PyObject_GetItem(latency_bucket, bits);
+            Py_DECREF(bits);
+            if (index == NULL)
+                goto done;
+        }
     }
     if ((seq = PyObject_GetAttr(counters, s_latency)) == NULL
             || increment(seq, index, one, 1) < 0)
@@ -586,6 +624,445 @@ configure_reads(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/*
+ * The worker's read-answer-send step (server.Worker.run's pass), for the
+ * compiled loop: read_pass is the pass's loop over the ready descriptors,
+ * answer_pass the loop over the connections that read after the drain.
+ * Each does exactly what the Python loop does: the plain case in C (recv of
+ * an idle connection's bytes for the hot lane; hot_reply, send and
+ * _answer_fresh's bookkeeping), everything else through the Worker's own
+ * methods (_close, _pump, _read, _decode), called in the same order.
+ */
+
+static int
+call1(PyObject *obj, PyObject *name, PyObject *arg)
+{
+    PyObject *r = PyObject_CallMethodOneArg(obj, name, arg);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int
+call2(PyObject *obj, PyObject *name, PyObject *a, PyObject *b)
+{
+    PyObject *args[3] = {obj, a, b};
+    PyObject *r = PyObject_VectorcallMethod(name, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* worker._close(conn, "<what>: <strerror(err)>") */
+static int
+close_for(PyObject *worker, PyObject *conn, const char *what, int err)
+{
+    PyObject *why = PyUnicode_FromFormat("%s: %s", what, strerror(err));
+    int r;
+    if (why == NULL)
+        return -1;
+    r = call2(worker, s_close, conn, why);
+    Py_DECREF(why);
+    return r;
+}
+
+static char read_buffer[65536];
+
+/* The slots of server.Connection that the loop reads and writes, reached
+ * by their offsets (as the interpreter's own slot access does) */
+enum { C_WAIT_UNTIL, C_WAITING, C_OUT, C_DECODER, C_QUEUE, C_FRESH, C_FD, C_ANSWERED_AT,
+       C_REPLIED, C_SINCE, C_EVENTS, C_SLOTS };
+static PyTypeObject *slots_of;          /* the type the offsets are of */
+static Py_ssize_t slot_offset[C_SLOTS];
+
+static int
+learn_slots(PyObject *type)
+{
+    PyObject *names[C_SLOTS] = {s_wait_until, s_waiting, s_out, s_decoder, s_queue, s_fresh,
+                                s_fd, s_answered_at, s_replied, s_since, s_events};
+    PyObject *descr;
+    int i;
+    if ((PyTypeObject *)type == slots_of)
+        return 0;
+    for (i = 0; i < C_SLOTS; i++) {
+        if ((descr = PyObject_GetAttr(type, names[i])) == NULL)
+            return -1;
+        if (!Py_IS_TYPE(descr, &PyMemberDescr_Type)
+                || ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+            Py_DECREF(descr);
+            PyErr_Format(PyExc_TypeError, "connection_type.%U must be a slot", names[i]);
+            return -1;
+        }
+        slot_offset[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        Py_DECREF(descr);
+    }
+    Py_XSETREF(slots_of, (PyTypeObject *)Py_NewRef(type));
+    return 0;
+}
+
+/* conn's slot (borrowed), or NULL with AttributeError when it is unset */
+static PyObject *
+slot_get(PyObject *conn, int slot)
+{
+    PyObject *v = *(PyObject **)((char *)conn + slot_offset[slot]);
+    if (v == NULL)
+        PyErr_SetString(PyExc_AttributeError, "a connection's slot is unset");
+    return v;
+}
+
+static void
+slot_set(PyObject *conn, int slot, PyObject *value)
+{
+    PyObject **p = (PyObject **)((char *)conn + slot_offset[slot]);
+    Py_XSETREF(*p, Py_NewRef(value));
+}
+
+/* the truth of conn's slot: 1, 0, -1 */
+static int
+slot_true(PyObject *conn, int slot)
+{
+    PyObject *v = slot_get(conn, slot);
+    return v == NULL ? -1 : PyObject_IsTrue(v);
+}
+
+/* Worker._read of a connection the hot lane may serve (spellings: the
+ * dispatcher's hot map, or None when the lane is off) */
+static int
+read_one(PyObject *worker, PyObject *conn, int fd, PyObject *readers, PyObject *spellings,
+         Py_ssize_t hot_max, Py_ssize_t chunk)
+{
+    PyObject *decoder, *data;
+    Py_ssize_t n;
+    int t;
+
+    if (spellings == Py_None || !PyDict_Check(spellings) || PyDict_GET_SIZE(spellings) == 0
+            || chunk > (Py_ssize_t)sizeof read_buffer)
+        return call1(worker, s_read, conn);
+    if ((decoder = slot_get(conn, C_DECODER)) == NULL)
+        return -1;
+    if ((t = attr_true(decoder, s_buf)) < 0)
+        return -1;
+    if (t == 0 && (t = slot_true(conn, C_QUEUE)) < 0)
+        return -1;
+    if (t)
+        return call1(worker, s_read, conn);
+    for (;;) {
+        n = recv(fd, read_buffer, (size_t)chunk, 0);
+        if (n >= 0 || errno != EINTR)
+            break;
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+    }
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return 0;
+        return close_for(worker, conn, "read", errno);
+    }
+    if ((data = PyBytes_FromStringAndSize(read_buffer, n)) == NULL)
+        return -1;
+    if (n == 0 || n > hot_max) {       /* the end, or more than the lane takes */
+        t = call2(worker, s_read, conn, data);
+        Py_DECREF(data);
+        return t;
+    }
+    slot_set(conn, C_FRESH, data);
+    Py_DECREF(data);
+    return PyList_Append(readers, conn);
+}
+
+/*
+ * read_pass(worker, ready, handlers, conns, readers, connection_type,
+ *           spellings, hot_max, read_chunk): Worker.run's loop over the
+ * ready (fd, events) list; returns the other handlers' [(fd, handler)] in
+ * order, or None.
+ */
+static PyObject *
+read_pass(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *worker, *ready, *handlers, *conns, *readers, *conn_type, *spellings;
+    PyObject *others = NULL, *item, *handler, *v;
+    Py_ssize_t hot_max, chunk, i;
+    long fd, events;
+    int t;
+
+    if (nargs != 9 || !PyList_Check(args[1]) || !PyDict_Check(args[2]) || !PyDict_Check(args[3])
+            || !PyList_Check(args[4]) || !PyType_Check(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "read_pass(worker, ready: list, handlers: dict,"
+                        " conns: dict, readers: list, connection_type, spellings, hot_max,"
+                        " read_chunk)");
+        return NULL;
+    }
+    worker = args[0]; ready = args[1]; handlers = args[2]; conns = args[3];
+    readers = args[4]; conn_type = args[5]; spellings = args[6];
+    if ((hot_max = PyLong_AsSsize_t(args[7])) == -1 && PyErr_Occurred())
+        return NULL;
+    if ((chunk = PyLong_AsSsize_t(args[8])) == -1 && PyErr_Occurred())
+        return NULL;
+    if (learn_slots(conn_type) < 0)
+        return NULL;
+    for (i = 0; i < PyList_GET_SIZE(ready); i++) {
+        item = PyList_GET_ITEM(ready, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            PyErr_SetString(PyExc_TypeError, "ready holds (fd, events) pairs");
+            goto fail;
+        }
+        if ((fd = PyLong_AsLong(PyTuple_GET_ITEM(item, 0))) == -1 && PyErr_Occurred())
+            goto fail;
+        if ((events = PyLong_AsLong(PyTuple_GET_ITEM(item, 1))) == -1 && PyErr_Occurred())
+            goto fail;
+        handler = PyDict_GetItemWithError(handlers, PyTuple_GET_ITEM(item, 0));
+        if (handler == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            continue;
+        }
+        Py_INCREF(handler);
+        if (Py_TYPE(handler) != (PyTypeObject *)conn_type) {
+            if (others == NULL && (others = PyList_New(0)) == NULL)
+                goto fail_handler;
+            v = PyTuple_Pack(2, PyTuple_GET_ITEM(item, 0), handler);
+            if (v == NULL || PyList_Append(others, v) < 0) {
+                Py_XDECREF(v);
+                goto fail_handler;
+            }
+            Py_DECREF(v);
+            Py_DECREF(handler);
+            continue;
+        }
+        /* a request waiting for a lock or an offloaded reply: a hang-up only */
+        if ((v = slot_get(handler, C_WAIT_UNTIL)) == NULL)
+            goto fail_handler;
+        t = v != Py_None;
+        if (!t) {
+            if ((t = slot_true(handler, C_WAITING)) < 0)
+                goto fail_handler;
+            if (t && (t = slot_true(handler, C_OUT)) >= 0)
+                t = !t;
+            if (t < 0)
+                goto fail_handler;
+        }
+        if (t) {
+            if (events & (EPOLLERR | EPOLLHUP) && call1(worker, s_close, handler) < 0)
+                goto fail_handler;
+            Py_DECREF(handler);
+            continue;
+        }
+        if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) {
+            if ((t = slot_true(handler, C_OUT)) < 0)
+                goto fail_handler;
+            if (t && call1(worker, s_pump, handler) < 0)
+                goto fail_handler;
+        }
+        if (events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
+            if ((t = slot_true(handler, C_OUT)) < 0)
+                goto fail_handler;
+            if (!t) {
+                if ((t = PyDict_Contains(conns, PyTuple_GET_ITEM(item, 0))) < 0)
+                    goto fail_handler;
+                if (t && read_one(worker, handler, (int)fd, readers, spellings, hot_max,
+                                  chunk) < 0)
+                    goto fail_handler;
+            }
+        }
+        Py_DECREF(handler);
+    }
+    if (others == NULL)
+        Py_RETURN_NONE;
+    return others;
+fail_handler:
+    Py_DECREF(handler);
+fail:
+    Py_XDECREF(others);
+    return NULL;
+}
+
+/* the monotonic clock as time.monotonic() reads it */
+static PyObject *
+monotonic_now(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyFloat_FromDouble((double)ts.tv_sec + ts.tv_nsec * 1e-9);
+}
+
+/* Worker._answer_fresh of conn, whose fresh bytes were taken: data */
+static int
+answer_one(PyObject *worker, PyObject *dispatcher, PyObject *conn, int fd, PyObject *data)
+{
+    PyObject *hargs[2] = {dispatcher, data};
+    PyObject *reply, *v, *w, *now = NULL, *out;
+    Py_ssize_t n, sent;
+    const char *bytes;
+    int t, rc = -1;
+
+    if ((reply = hot_reply(NULL, hargs, 2)) == NULL)
+        return -1;
+    if (reply == Py_None) {          /* decoded and answered by _pump */
+        PyObject *dargs[3] = {worker, conn, data};
+        Py_DECREF(reply);
+        v = PyObject_VectorcallMethod(s_decode, dargs, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        if (v == NULL)
+            return -1;
+        t = PyObject_IsTrue(v);
+        Py_DECREF(v);
+        if (t <= 0)
+            return t;
+        return call1(worker, s_pump, conn);
+    }
+    if ((v = PyObject_GetAttr(worker, s_requests)) == NULL)
+        goto done;
+    w = PyNumber_Add(v, one);
+    Py_DECREF(v);
+    if (w == NULL)
+        goto done;
+    t = PyObject_SetAttr(worker, s_requests, w);
+    Py_DECREF(w);
+    if (t < 0)
+        goto done;
+    bytes = PyBytes_AS_STRING(reply);
+    n = PyBytes_GET_SIZE(reply);
+    for (;;) {
+        sent = send(fd, bytes, (size_t)n, 0);
+        if (sent >= 0 || errno != EINTR)
+            break;
+        if (PyErr_CheckSignals() < 0)
+            goto done;
+    }
+    if (sent < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            sent = 0;
+        else {
+            if (errno == EPIPE || errno == ECONNRESET)
+                rc = call2(worker, s_close, conn, Py_None);
+            else
+                rc = close_for(worker, conn, "write", errno);
+            goto done;
+        }
+    }
+    if ((now = monotonic_now()) == NULL)
+        goto done;
+    slot_set(conn, C_ANSWERED_AT, now);
+    if (sent == n) {
+        slot_set(conn, C_REPLIED, now);
+        slot_set(conn, C_SINCE, Py_None);
+        if ((t = attr_true(worker, s_stopping)) < 0)
+            goto done;
+        if (t) {
+            rc = call1(worker, s_close, conn);
+            goto done;
+        }
+    } else {
+        /* the rest when the client reads: back-pressure as in _pump */
+        if ((out = slot_get(conn, C_OUT)) == NULL)
+            goto done;
+        v = PyBytes_FromStringAndSize(bytes + sent, n - sent);
+        w = v == NULL ? NULL : PyNumber_InPlaceAdd(out, v);
+        Py_XDECREF(v);
+        if (w == NULL)
+            goto done;
+        slot_set(conn, C_OUT, w);
+        Py_DECREF(w);
+        if ((v = PyObject_GetAttr(worker, s_poll)) == NULL)
+            goto done;
+        w = PyObject_CallMethod(v, "modify", "ii", fd, (int)EPOLLOUT);
+        Py_DECREF(v);
+        if (w == NULL)
+            goto done;
+        Py_DECREF(w);
+        if ((v = PyLong_FromLong(EPOLLOUT)) == NULL)
+            goto done;
+        slot_set(conn, C_EVENTS, v);
+        Py_DECREF(v);
+        slot_set(conn, C_SINCE, now);
+    }
+    if ((v = PyObject_GetAttr(worker, s_on_change)) == NULL)
+        goto done;
+    if (v != Py_None) {
+        w = PyObject_CallOneArg(v, worker);
+        Py_DECREF(v);
+        if (w == NULL)
+            goto done;
+        Py_DECREF(w);
+    } else
+        Py_DECREF(v);
+    rc = 0;
+done:
+    Py_XDECREF(now);
+    Py_DECREF(reply);
+    return rc;
+}
+
+/*
+ * answer_pass(worker, readers, conns, dispatcher): Worker.run's loop over
+ * the connections that read in this pass, after the drain: each one still
+ * served has its fresh bytes answered (_answer_fresh) or its queue pumped.
+ */
+static PyObject *
+answer_pass(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *worker, *readers, *conns, *dispatcher, *conn, *fdobj, *cur, *data;
+    Py_ssize_t i;
+    long fd;
+    int t;
+
+    if (nargs != 5 || !PyList_Check(args[1]) || !PyDict_Check(args[2])
+            || !PyType_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "answer_pass(worker, readers: list, conns: dict,"
+                        " dispatcher, connection_type)");
+        return NULL;
+    }
+    if (learn_slots(args[4]) < 0)
+        return NULL;
+    if (rqst_mask == NULL || lifetime_locks == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "proxymap._hotpath is not configured");
+        return NULL;
+    }
+    worker = args[0]; readers = args[1]; conns = args[2]; dispatcher = args[3];
+    for (i = 0; i < PyList_GET_SIZE(readers); i++) {
+        conn = PyList_GET_ITEM(readers, i);
+        Py_INCREF(conn);
+        if (Py_TYPE(conn) != slots_of) {
+            PyErr_SetString(PyExc_TypeError, "readers holds connections");
+            goto fail;
+        }
+        if ((fdobj = slot_get(conn, C_FD)) == NULL)
+            goto fail;
+        cur = PyDict_GetItemWithError(conns, fdobj);
+        fd = cur == conn ? PyLong_AsLong(fdobj) : 0;
+        if (cur != conn) {
+            if (PyErr_Occurred())
+                goto fail;
+            Py_DECREF(conn);
+            continue;
+        }
+        if (fd == -1 && PyErr_Occurred())
+            goto fail;
+        if ((data = slot_get(conn, C_FRESH)) == NULL)
+            goto fail;
+        if (data == Py_None)
+            t = call1(worker, s_pump, conn);
+        else if (!PyBytes_Check(data)) {
+            PyErr_SetString(PyExc_TypeError, "a connection's fresh bytes must be bytes");
+            goto fail;
+        } else {
+            Py_INCREF(data);
+            slot_set(conn, C_FRESH, Py_None);
+            t = answer_one(worker, dispatcher, conn, (int)fd, data);
+            Py_DECREF(data);
+        }
+        if (t < 0)
+            goto fail;
+        Py_DECREF(conn);
+    }
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(conn);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"split_hot_lookup", split_hot_lookup, METH_O,
      "(table, flags, key) of data that is exactly one 3.6-3.10 lookup list, else None."},
@@ -596,6 +1073,12 @@ static PyMethodDef methods[] = {
     {"configure_reads", (PyCFunction)(void (*)(void))configure_reads, METH_FASTCALL,
      "configure_reads(fold_fix, try0null, try1null, lock, ok, nokey, flock_style,"
      " lifetime_locks): the facts hot_reply's direct reads need."},
+    {"read_pass", (PyCFunction)(void (*)(void))read_pass, METH_FASTCALL,
+     "read_pass(worker, ready, handlers, conns, readers, connection_type, spellings, hot_max,"
+     " read_chunk): Worker.run's loop over the ready descriptors; the others, or None."},
+    {"answer_pass", (PyCFunction)(void (*)(void))answer_pass, METH_FASTCALL,
+     "answer_pass(worker, readers, conns, dispatcher, connection_type): Worker.run's answers"
+     " after the drain."},
     {NULL, NULL, 0, NULL}
 };
 
@@ -631,6 +1114,24 @@ PyInit__hotpath(void)
     INTERN(s_style, "style");
     INTERN(s_fd, "fd");
     INTERN(s_put_missed, "put_missed");
+    INTERN(s_wait_until, "wait_until");
+    INTERN(s_waiting, "waiting");
+    INTERN(s_out, "out");
+    INTERN(s_decoder, "decoder");
+    INTERN(s_buf, "buf");
+    INTERN(s_queue, "queue");
+    INTERN(s_fresh, "fresh");
+    INTERN(s_close, "_close");
+    INTERN(s_pump, "_pump");
+    INTERN(s_read, "_read");
+    INTERN(s_decode, "_decode");
+    INTERN(s_answered_at, "answered_at");
+    INTERN(s_replied, "replied");
+    INTERN(s_since, "since");
+    INTERN(s_stopping, "stopping");
+    INTERN(s_events, "events");
+    INTERN(s_poll, "_poll");
+    INTERN(s_on_change, "on_change");
 #undef INTERN
     if ((one = PyLong_FromLong(1)) == NULL)
         return NULL;

@@ -37,7 +37,7 @@ from proxymap.dispatch import READ_SERVICE, WRITE_SERVICE, Dispatcher
 from proxymap.filewatch import FileWatcher
 from proxymap.offload import Offloader
 from proxymap import protocol
-from proxymap.protocol import GREETING, Decoder, ProtocolError, is_bad_reply
+from proxymap.protocol import GREETING, HOTPATH, Decoder, ProtocolError, is_bad_reply
 from proxymap.tables import filelock, strip_proxy
 from proxymap.util import fdlimit
 from proxymap.util.logical_lines import logical_lines
@@ -163,6 +163,10 @@ class Worker:
         self._hot_lane = max_attrs >= 4 and not getattr(dispatcher, "writable", True)
         self._hot_spellings = getattr(dispatcher, "hot_spellings", None)
         self._hot_max = max_message + 1
+        # the compiled loop (proxymap/_hotpath.c: read_pass, answer_pass),
+        # which does what the loop below does; None: the Python loop
+        self._compiled = HOTPATH if HOTPATH is not None and (not self._hot_lane or getattr(
+            getattr(dispatcher, "hot_reply", None), "func", None) is HOTPATH.hot_reply) else None
         self.offload = getattr(dispatcher, "offload", None)
         if self.offload is not None:
             self.watch(self.offload, self._offload_done)
@@ -255,6 +259,8 @@ class Worker:
         dispatcher = self.dispatcher
         # proxywrite: one sync per table and pass (nothing to do for proxymap)
         batches = getattr(dispatcher, "writable", True)
+        compiled = self._compiled
+        spellings = self._hot_spellings if self._hot_lane else None
         while not (self.stopping and not self.conns):
             waiting = self.lock_waiting
             if batches:
@@ -262,7 +268,12 @@ class Worker:
             ready = self._poll.poll(LOCK_RETRY if waiting else TICK)
             # the start of every request's latency (proxymap/metrics.py)
             woke = dispatcher.woke_at = time.monotonic_ns()
-            others = None
+            if compiled is not None:    # the loop below, in C
+                others = compiled.read_pass(self, ready, handlers, self.conns, self._readers,
+                                            Connection, spellings, self._hot_max, READ_CHUNK)
+                ready = ()
+            else:
+                others = None
             for fd, events in ready:
                 handler = handlers.get(fd)
                 if handler is None:
@@ -285,6 +296,9 @@ class Worker:
                 # every request read above was sent before this drain: a
                 # change completed before it was sent is counted now
                 self.dispatcher.refresh()
+                if compiled is not None:    # the loop below, in C
+                    compiled.answer_pass(self, readers, self.conns, dispatcher, Connection)
+                    readers = ()
                 for conn in readers:
                     if self.conns.get(conn.fd) is conn:
                         if conn.fresh is not None:
@@ -348,14 +362,17 @@ class Worker:
 
     # -- per-connection I/O ---------------------------------------------------------
 
-    def _read(self, conn: Connection) -> None:
-        try:
-            data = conn.sock.recv(READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._close(conn, f"read: {exc.strerror}")
-            return
+    def _read(self, conn: Connection, data: bytes | None = None) -> None:
+        """Read what the client sent (`data`: what the compiled loop read
+        already, the end of input or more than the hot lane takes)."""
+        if data is None:
+            try:
+                data = conn.sock.recv(READ_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._close(conn, f"read: {exc.strerror}")
+                return
         if not data:
             if conn.decoder.pending:
                 maillog.warning(f"premature end-of-input from {conn.peer}"
