@@ -60,7 +60,7 @@ static PyObject *s_hot, *s_woke_at, *s_answers, *s_watch, *s_gen, *s_watch_gen, 
     *s_stats, *s_hits, *s_counters, *s_requests, *s_latency, *s_latency_ns,
     *s_direct_get, *s_lock, *s_open_locked, *s_always, *s_file_id, *s_style, *s_fd,
     *s_put_missed, *s_wait_until, *s_waiting, *s_out, *s_decoder, *s_buf, *s_queue, *s_fresh,
-    *s_close, *s_pump, *s_read, *s_decode, *s_answered_at, *s_replied, *s_since, *s_stopping,
+    *s_close, *s_pump, *s_read, *s_decode, *s_open_reply, *s_answered_at, *s_replied, *s_since, *s_stopping,
     *s_events, *s_poll, *s_on_change;
 
 /* The value token at q (up to the next NUL, which [q, end) holds): its
@@ -900,6 +900,11 @@ answer_one(PyObject *worker, PyObject *dispatcher, PyObject *conn, int fd, PyObj
 
     if ((reply = hot_reply(NULL, hargs, 2)) == NULL)
         return -1;
+    if (reply == Py_None) {          /* a client's first request: often an open */
+        Py_DECREF(reply);
+        if ((reply = PyObject_CallMethodOneArg(dispatcher, s_open_reply, data)) == NULL)
+            return -1;
+    }
     if (reply == Py_None) {          /* decoded and answered by _pump */
         PyObject *dargs[3] = {worker, conn, data};
         Py_DECREF(reply);
@@ -1125,6 +1130,7 @@ PyInit__hotpath(void)
     INTERN(s_pump, "_pump");
     INTERN(s_read, "_read");
     INTERN(s_decode, "_decode");
+    INTERN(s_open_reply, "open_reply");
     INTERN(s_answered_at, "answered_at");
     INTERN(s_replied, "replied");
     INTERN(s_since, "since");
