@@ -69,7 +69,7 @@ from proxymap.metrics import (LATENCY_BUCKET, NO_TABLE, REPLY_STATUS_OFFSET, REQ
 from proxymap.offload import DeferredReply
 from proxymap.protocol import (BAD, CONFIG, DENY, NOKEY, OK, RETRY, SEQ_FIRST, SEQ_NEXT,
                                HOTPATH, BadRequest, Request, encode_reply, parse_request,
-                               split_hot_change, split_hot_lookup, split_hot_open)
+                               split_hot_lookup, split_hot_open)
 from proxymap.tables import Table, TableError, TableOpenError, filelock, nulkeys, open_table, \
     strip_proxy
 from proxymap.tables.base import END, START, Unsupported, file_stamp, stamp_is_settled
@@ -281,8 +281,6 @@ class Dispatcher:
         # cannot answer differently for the same spelling). Emptied
         # whenever an instance is closed (_close).
         self._hot_writes: dict[tuple[bytes, ...], HotWrite] = {}
-        if self.writable:       # what hot_reply can answer on the write service
-            self.hot_spellings = self._hot_writes
         # commit groups of this loop pass (None: no batch, every change is
         # synced on its own): table -> its GroupedReply list; and replies
         # whose group has ended, for the worker to deliver
@@ -524,13 +522,7 @@ class Dispatcher:
         anything else: the caller then decodes `data` and calls handle().
         Its replies are OK or NOKEY (all that the answer cache keeps). A
         read service with the compiled hot path has proxymap._hotpath's
-        hot_reply in its place, which behaves the same. On the write
-        service: the reply of the write lane (_hot_write) to bytes that are
-        one update or delete list (never BAD; `hot_spellings` is then the
-        lane's), for a worker whose hot lane serves writes too."""
-        if self.writable:
-            attrs = split_hot_change(data)
-            return None if attrs is None else self._hot_write(attrs)
+        hot_reply in its place, which behaves the same."""
         parts = split_hot_lookup(data)
         if parts is None:
             return None

@@ -12,9 +12,7 @@ Postfix 3.6-3.10 and of 3.11+ (which adds `instance_flags`), detected per
 request.
 
 `split_hot_lookup` recognises raw bytes that are exactly one 3.6-3.10
-lookup, for the worker's hot path (Dispatcher.hot_reply), and
-`split_hot_change` those of one list as long as an update or delete, for
-the write service's (pure Python only). The lookup path has an
+lookup, for the worker's hot path (Dispatcher.hot_reply). That path has an
 optional compiled form, proxymap/_hotpath.c, built by `pip install` where a
 C compiler is available: `HOTPATH` is that module when it was built and the
 environment does not set PROXYMAP_PURE_PYTHON (to anything but "" or "0"),
@@ -311,20 +309,6 @@ def split_hot_open(data: bytes) -> tuple[bytes, bytes] | None:
     if len(tokens) != 8 or tokens[4] != b"flags":
         return None
     return tokens[3], tokens[5]
-
-
-def split_hot_change(data: bytes) -> list[tuple[bytes, bytes]] | None:
-    """The attribute list of `data` when it is exactly one complete list of
-    four or five attributes (as many as a 3.6-3.10 delete or update has),
-    as Decoder.feed would decode it; None for anything else. For the write
-    service's hot path (Dispatcher.hot_reply), which checks the names."""
-    if not data.endswith(b"\0\0"):
-        return None
-    tokens = data.split(b"\0")
-    n = len(tokens)
-    if n != 12 and n != 10 or b"" in tokens[0:-2:2]:
-        return None
-    return list(zip(tokens[0:-2:2], tokens[1:-2:2]))
 
 
 #: set to anything but "" or "0": the pure-Python hot path even where the

@@ -581,36 +581,6 @@ def test_write_lane_waits_for_a_busy_lock_like_the_whole_path(tmp_path, monkeypa
         d.close_all()
 
 
-def test_write_lane_answers_raw_update_and_delete_bytes(tmp_path):
-    """hot_reply on the write service: the bytes of one update or delete
-    list spelled as one the whole path made go through the write lane;
-    anything else is left to the decoder and handle() (None)."""
-    table = hash_table(tmp_path)
-    flags = str(F.LOCK | F.FOLD_FIX).encode()
-
-    def raw(*pairs):
-        return encode([(b"request", pairs[0]), (b"table", table.encode()),
-                       (b"flags", flags)] + list(pairs[1:]))
-
-    d = make_dispatcher([table], service="proxywrite")
-    try:
-        new = raw(b"update", (b"key", b"n"), (b"value", b"1"))
-        assert d.hot_reply(new) is None and not d.hot_spellings     # nothing noted yet
-        assert update(d, table, "k", "v")[b"status"] == b"0"
-        assert d.hot_spellings is d._hot_writes and d.hot_spellings
-        assert d.hot_reply(new) == b"status\0000\0\0"
-        assert d.hot_reply(raw(b"delete", (b"key", b"absent"))) is None    # not noted
-        assert delete(d, table, "absent")[b"status"] == b"1"
-        assert d.hot_reply(raw(b"delete", (b"key", b"K"))) == b"status\0000\0\0"
-        assert d.hot_reply(raw(b"delete", (b"key", b"k"))) == b"status\0001\0\0"
-        assert d.hot_reply(raw(b"lookup", (b"key", b"n"))) is None
-        assert d.hot_reply(new + new) is None       # two lists: the decoder's
-        assert lookup(d, table, "n")[b"value"] == b"1"
-        assert lookup(d, table, "k")[b"status"] == b"1"
-    finally:
-        d.close_all()
-
-
 # -- group commit (proxywrite) ---------------------------------------------------
 
 def lmdb_table(tmp_path):

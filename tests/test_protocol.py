@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from proxymap.protocol import (BAD, GREETING, BadRequest, Decoder, ProtocolError, encode,
-                               encode_reply, parse_request, parse_uint, split_hot_change)
+                               encode_reply, parse_request, parse_uint)
 
 LOOKUP = b"request\0lookup\0table\0hash:/etc/aliases\0flags\x00524353\0key\0foo\0\0"
 
@@ -138,17 +138,3 @@ def test_garbage_never_raises_anything_but_protocol_error(data):
                 pass
     except ProtocolError:
         pass
-
-
-def test_split_hot_change_takes_one_list_of_four_or_five_attributes():
-    update = encode([("request", "update"), ("table", "btree:/m"), ("flags", "64"),
-                     ("key", "k"), ("value", "")])
-    delete = encode([("request", "delete"), ("table", "btree:/m"), ("flags", "64"),
-                     ("key", "k")])
-    for data in (update, delete):
-        assert split_hot_change(data) == Decoder().feed(data)[0]
-    assert split_hot_change(update + delete) is None        # two lists
-    assert split_hot_change(update[:-1]) is None            # unfinished
-    assert split_hot_change(encode([("request", "lookup"), ("table", "t"), ("flags", "0")])) \
-        is None                                             # three attributes
-    assert split_hot_change(b"request\0delete\0\0x\0flags\0000\0key\0k\0\0") is None
